@@ -1,0 +1,61 @@
+"""Shared plumbing for the ``jobs/*.py`` entry points (``python jobs/X.py`` or ``ray job submit``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from any working directory
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``--address`` / ``RAY_ADDRESS`` (what ``ray job submit`` sets), else start Ray in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """Flags common to both stages; each overrides the YAML value of the same name."""
+    parser.add_argument("--config", help="YAML file of TrainConfig fields (jobs/configs/...)")
+    parser.add_argument("--preset", choices=["tiny", "small", "full"])
+    parser.add_argument("--data", nargs="+", help="shard directories (local or s3://)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: beside the first shard dir)")
+    parser.add_argument("--out", help="Ray Train storage path (local or s3://)")
+    parser.add_argument("--run-name", dest="run_name")
+    parser.add_argument("--experiment", help="MLflow experiment name")
+    parser.add_argument("--parent-run-id", dest="parent_run_id", help="MLflow parent (pipeline) run")
+    parser.add_argument("--num-workers", dest="num_workers", type=int)
+    parser.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"])
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", dest="batch_size", type=int)
+    parser.add_argument("--grad-accum", dest="grad_accum", type=int)
+    parser.add_argument("--seq-len", dest="seq_len", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--optimizer", choices=["adamw", "muon"])
+    parser.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    parser.add_argument("--max-failures", dest="max_failures", type=int)
+    parser.add_argument("--resume-from", dest="resume_from", help="checkpoint dir: weights + optimizer + step")
+    parser.add_argument("--export-dir", dest="export_dir", help="copy the final checkpoint here")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local in-process Ray)")
+
+
+TRAIN_FIELDS = ("preset", "data", "tokenizer", "out", "run_name", "experiment", "parent_run_id", "num_workers",
+                "use_gpu", "strategy", "steps", "batch_size", "grad_accum", "seq_len", "lr", "optimizer",
+                "checkpoint_every", "max_failures", "resume_from", "export_dir")
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k, None) for k in TRAIN_FIELDS}

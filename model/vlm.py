@@ -1,0 +1,231 @@
+"""NanoDeepseekOCR: DeepEncoder (SAM -> compressor -> CLIP) + linear projector + GPT.
+
+The vision half turns each view into grid features, the projector maps
+``[CLIP out ; SAM flat]`` (2048-d at full size) to the GPT width, and the features are laid
+out in DeepSeek-OCR's order: the stitched local tiles with a newline embedding after each
+row, then the global view with a newline after each row, then the view separator. Those
+embeddings replace the ``<image>`` slots of the prompt in order.
+
+Submodule names follow the released checkpoint (``sam_model``, ``vision_model``,
+``projector.layers``, ``image_newline``, ``view_seperator`` [sic]) so DeepSeek-OCR's vision
+weights import by stripping the ``model.`` prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from model.clip import CLIPEncoder
+from model.config import VLMConfig
+from model.gpt import GPT
+from model.sam import SAMEncoder
+
+
+@dataclass
+class ImageViews:
+    """The uint8 views of one image, as the processor cut them (normalised on the device)."""
+
+    global_view: torch.Tensor  # uint8 [3, S, S]
+    tiles: torch.Tensor  # uint8 [N, 3, t, t] (N may be 0)
+    spatial_crop: tuple[int, int] = (1, 1)  # (cols, rows)
+
+    @classmethod
+    def from_arrays(cls, global_view: np.ndarray | torch.Tensor, tiles: np.ndarray | torch.Tensor | None,
+                    spatial_crop: Sequence[int] = (1, 1)) -> "ImageViews":
+        """From HWC / NHWC uint8 arrays (the processor's and the shards' layout)."""
+        g = torch.as_tensor(np.ascontiguousarray(global_view)).permute(2, 0, 1).contiguous()
+        if tiles is None or len(tiles) == 0:
+            t = torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+        else:
+            t = torch.as_tensor(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).contiguous()
+        cols, rows = (int(v) for v in spatial_crop)
+        if t.shape[0] and t.shape[0] != cols * rows:
+            raise ValueError(f"{t.shape[0]} tiles do not fill a {cols}x{rows} grid")
+        return cls(g, t, (cols, rows))
+
+    @classmethod
+    def from_processed(cls, processed) -> "ImageViews":
+        return cls.from_arrays(processed.global_view, processed.tiles, processed.spatial_crop)
+
+    def to(self, device: torch.device | str) -> "ImageViews":
+        return ImageViews(self.global_view.to(device, non_blocking=True),
+                          self.tiles.to(device, non_blocking=True), self.spatial_crop)
+
+
+def normalize(views_u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NCHW -> float with mean = std = 0.5 (DeepSeek-OCR's normalisation)."""
+    return views_u8.to(dtype).div(127.5).sub(1.0)
+
+
+def slot_count(global_grid: int, tile_grid: int = 0, crop: Sequence[int] = (1, 1), n_tiles: int = 0) -> int:
+    """Vision slots of one image: g*(g+1)+1, plus (q*rows)*(q*cols+1) when tiled."""
+    n = global_grid * (global_grid + 1) + 1
+    if n_tiles:
+        cols, rows = crop
+        n += (tile_grid * rows) * (tile_grid * cols + 1)
+    return n
+
+
+class Projector(nn.Module):
+    """Linear map from [CLIP ; SAM] features to the GPT width (checkpoint key ``projector.layers``)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.layers = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class NanoDeepseekOCR(nn.Module):
+    """The whole vision-language model. ``forward(input_ids, images, targets)`` trains it."""
+
+    def __init__(self, config: VLMConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.sam_model = SAMEncoder(config.sam)
+        self.vision_model = CLIPEncoder(config.clip)
+        self.projector = Projector(config.projector_in, config.gpt.n_embd)
+        std = config.gpt.n_embd ** -0.5
+        self.image_newline = nn.Parameter(torch.randn(config.gpt.n_embd) * std)
+        self.view_seperator = nn.Parameter(torch.randn(config.gpt.n_embd) * std)
+        self.gpt = GPT(config.gpt)
+
+    # ----------------------------------------------------------------- setup
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT with nanochat's init; vision parts keep their module defaults."""
+        self.gpt.init_weights()
+        std = self.config.gpt.n_embd ** -0.5
+        self.image_newline.normal_(0.0, std)
+        self.view_seperator.normal_(0.0, std)
+
+    def freeze_stage2(self) -> list[str]:
+        """Stage 2: freeze SAM + neck + compressor (net_2, net_3); returns the frozen names."""
+        frozen = []
+        for name, p in self.sam_model.named_parameters():
+            p.requires_grad_(False)
+            frozen.append(f"sam_model.{name}")
+        return frozen
+
+    def component_params(self) -> dict[str, int]:
+        """Parameter count per component (works on the meta device)."""
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {
+            "sam+compressor": count(self.sam_model),
+            "clip": count(self.vision_model),
+            "projector": count(self.projector),
+            "newline+separator": self.image_newline.numel() + self.view_seperator.numel(),
+            "gpt": count(self.gpt),
+        }
+
+    # ---------------------------------------------------------------- vision
+    def _encode_views(self, views: torch.Tensor) -> torch.Tensor:
+        """[N,3,S,S] normalised -> [N, h*w, n_embd] projected grid features (row-major)."""
+        sam_features = self.sam_model(views)  # [N, C, h, w]
+        clip_out = self.vision_model(None, sam_features)  # [N, 1 + h*w, C]
+        features = torch.cat([clip_out[:, 1:], sam_features.flatten(2).transpose(1, 2)], dim=-1)
+        return self.projector(features)
+
+    def encode_images(self, images: Sequence[ImageViews]) -> list[torch.Tensor]:
+        """Vision embeddings per image, [n_slots, n_embd] each, in DeepSeek-OCR's slot order.
+
+        Views of equal size across the batch are encoded in one call (globals together,
+        tiles together), which is where batching pays off on a GPU.
+        """
+        if not images:
+            return []
+        device = self.image_newline.device
+        dtype = self.projector.layers.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        groups: dict[tuple[int, int], list[tuple[int, str, torch.Tensor]]] = {}
+        for i, im in enumerate(images):
+            if im.global_view.dim() != 3 or im.global_view.shape[0] != 3:
+                raise ValueError(f"image {i}: global view must be uint8 [3, S, S], got {tuple(im.global_view.shape)}")
+            groups.setdefault(tuple(im.global_view.shape[-2:]), []).append((i, "global", im.global_view[None]))
+            if im.tiles.shape[0]:
+                groups.setdefault(tuple(im.tiles.shape[-2:]), []).append((i, "tiles", im.tiles))
+        encoded: dict[tuple[int, str], torch.Tensor] = {}
+        for members in groups.values():
+            batch = torch.cat([t for _, _, t in members]).to(device)
+            feats = self._encode_views(normalize(batch, dtype))
+            start = 0
+            for i, kind, t in members:
+                encoded[(i, kind)] = feats[start:start + t.shape[0]]
+                start += t.shape[0]
+        out = []
+        for i, im in enumerate(images):
+            pieces = []
+            if (i, "tiles") in encoded:
+                cols, rows = im.spatial_crop
+                pieces.append(self._arrange_tiles(encoded[(i, "tiles")], cols, rows))
+            pieces.append(self._arrange_grid(encoded[(i, "global")][0]))
+            pieces.append(self.view_seperator[None].to(pieces[0].dtype))
+            out.append(torch.cat(pieces, dim=0))
+        return out
+
+    def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
+        h, w, d = grid.shape
+        newline = self.image_newline.to(grid.dtype)[None, None].expand(h, 1, d)
+        return torch.cat([grid, newline], dim=1).reshape(h * (w + 1), d)
+
+    def _arrange_grid(self, feats: torch.Tensor) -> torch.Tensor:
+        n, d = feats.shape
+        g = int(round(n ** 0.5))
+        if g * g != n:
+            raise ValueError(f"view features of {n} positions are not a square grid")
+        return self._with_newlines(feats.view(g, g, d))
+
+    def _arrange_tiles(self, feats: torch.Tensor, cols: int, rows: int) -> torch.Tensor:
+        n, hw, d = feats.shape
+        q = int(round(hw ** 0.5))
+        stitched = feats.view(rows, cols, q, q, d).permute(0, 2, 1, 3, 4).reshape(rows * q, cols * q, d)
+        return self._with_newlines(stitched)
+
+    # ------------------------------------------------------------- language
+    def merge_embeddings(self, input_ids: torch.Tensor, vision: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """Token embeddings with the ``<image>`` slots filled by vision embeddings, in order."""
+        embeds = self.gpt.embed(input_ids)
+        slots = input_ids == self.config.image_token_id
+        n_slots = int(slots.sum())
+        n_vision = sum(v.shape[0] for v in vision) if vision else 0
+        if n_slots != n_vision:
+            raise ValueError(
+                f"the prompt has {n_slots} <image> slots but the images give {n_vision} embeddings "
+                "(mode or tokenizer mismatch between processor and prompt?)")
+        if n_slots:
+            flat = torch.cat(list(vision)).to(embeds.dtype)
+            embeds = embeds.masked_scatter(slots[..., None], flat)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images: Sequence[ImageViews] | None = None,
+        targets: torch.Tensor | None = None,
+        *,
+        vision_embeds: Sequence[torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Logits, or the loss when ``targets`` are given (-1 = no loss).
+
+        ``images`` are the images whose slots appear in ``input_ids`` in row-major order;
+        pass ``vision_embeds`` instead when they were encoded elsewhere (Serve's encoder).
+        """
+        if vision_embeds is None:
+            vision_embeds = self.encode_images(images or [])
+        embeds = self.merge_embeddings(input_ids, vision_embeds)
+        return self.gpt(targets=targets, inputs_embeds=embeds, positions=positions,
+                        segment_ids=segment_ids, loss_reduction=loss_reduction)
+
+    def flops_per_token(self, context: int) -> float:
+        return self.gpt.flops_per_token(context)

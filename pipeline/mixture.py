@@ -1,0 +1,121 @@
+"""Task mixtures and packing of token rows into fixed-length training sequences.
+
+Packing keeps each sample intact and self-contained: positions restart at 0 and a segment id
+per sample limits attention to the sample itself (see ``model.gpt``), so a packed sample
+trains exactly what the model sees at inference, while the sequence stays full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from model.vlm import ImageViews
+
+
+@dataclass
+class Sample:
+    """One tokenised record: ids, loss mask and the images whose slots the ids contain."""
+
+    input_ids: np.ndarray  # int
+    loss_mask: np.ndarray  # 0/1, 1 where the token is a training target
+    images: list[ImageViews] = field(default_factory=list)
+    task: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class PackedBatch:
+    """[B, T] tensors for ``NanoDeepseekOCR.forward`` and the images in row-major slot order."""
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor
+    segment_ids: torch.Tensor
+    images: list[ImageViews]
+    n_samples: int
+    n_target_tokens: int
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
+                           self.positions.to(device, non_blocking=True), self.segment_ids.to(device, non_blocking=True),
+                           [im.to(device) for im in self.images], self.n_samples, self.n_target_tokens)
+
+
+def sample_targets(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """Next-token targets: ``ids[t+1]`` where ``mask[t+1]`` is set, else -1; the last is -1."""
+    targets = np.full(len(input_ids), -1, dtype=np.int64)
+    nxt = np.asarray(input_ids[1:], dtype=np.int64)
+    targets[:-1] = np.where(np.asarray(loss_mask[1:]) > 0, nxt, -1)
+    return targets
+
+
+def pack_sequences(samples: Iterable[Sample], seq_len: int) -> Iterator[list[Sample]]:
+    """Greedy first-fit in arrival order: groups of samples whose total length fits ``seq_len``."""
+    group: list[Sample] = []
+    used = 0
+    for s in samples:
+        if len(s) > seq_len:
+            raise ValueError(f"a sample of {len(s)} tokens does not fit seq_len {seq_len} "
+                             "(preprocess with --max-seq-len <= the training seq_len)")
+        if used + len(s) > seq_len and group:
+            yield group
+            group, used = [], 0
+        group.append(s)
+        used += len(s)
+    if group:
+        yield group
+
+
+def collate(groups: Sequence[list[Sample]], seq_len: int) -> PackedBatch:
+    """Lay packed groups out as rows of one batch (padding: id 0, target -1, own segment)."""
+    B = len(groups)
+    ids = torch.zeros(B, seq_len, dtype=torch.long)
+    targets = torch.full((B, seq_len), -1, dtype=torch.long)
+    positions = torch.zeros(B, seq_len, dtype=torch.long)
+    segments = torch.full((B, seq_len), -1, dtype=torch.long)
+    images: list[ImageViews] = []
+    n_samples = 0
+    for b, group in enumerate(groups):
+        start = 0
+        for seg, s in enumerate(group):
+            n = len(s)
+            ids[b, start:start + n] = torch.as_tensor(np.asarray(s.input_ids, dtype=np.int64))
+            targets[b, start:start + n] = torch.as_tensor(sample_targets(s.input_ids, s.loss_mask))
+            positions[b, start:start + n] = torch.arange(n)
+            segments[b, start:start + n] = seg
+            images.extend(s.images)
+            start += n
+            n_samples += 1
+    return PackedBatch(ids, targets, positions, segments, images, n_samples, int((targets >= 0).sum()))
+
+
+def batches(samples: Iterable[Sample], seq_len: int, batch_size: int) -> Iterator[PackedBatch]:
+    """Packed batches of ``batch_size`` rows each (the last one may be smaller)."""
+    rows: list[list[Sample]] = []
+    for group in pack_sequences(samples, seq_len):
+        rows.append(group)
+        if len(rows) == batch_size:
+            yield collate(rows, seq_len)
+            rows = []
+    if rows:
+        yield collate(rows, seq_len)
+
+
+def mixture_counts(n_vision: int, n_text: int, text_ratio: float) -> tuple[int, int]:
+    """How many vision and text rows make a ``text_ratio`` mixture using all vision rows.
+
+    Text rows repeat when there are too few; with no vision rows the text rows are used as is.
+    """
+    if not 0 <= text_ratio < 1:
+        raise ValueError(f"text_ratio must be in [0, 1), got {text_ratio}")
+    if n_text == 0 or text_ratio == 0:
+        return n_vision, 0
+    if n_vision == 0:
+        return 0, n_text
+    return n_vision, max(1, round(n_vision * text_ratio / (1 - text_ratio)))

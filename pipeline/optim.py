@@ -1,0 +1,140 @@
+"""Optimizers and learning-rate schedules for both training stages.
+
+- ``adamw``: AdamW on everything (DeepSeek-OCR's recipe); fused on CUDA.
+- ``muon``: nanochat's hybrid: Muon (momentum + Newton-Schulz orthogonalised updates) for the
+  GPT's block matrices, AdamW for embeddings, the head, norms and the whole vision side.
+
+Schedules return a multiplier of each group's base lr: warmup + cosine (stage 1) and step
+decay (stage 2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximate the nearest semi-orthogonal matrix (U V^T of the SVD) by a quintic
+    Newton-Schulz iteration; its coefficients push singular values towards 1 quickly."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.mT if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum SGD whose update for each 2-D weight is orthogonalised (Muon)."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float = 0.02, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only takes matrices; got a parameter of shape {tuple(p.shape)}")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.add_(orthogonalize(update, group["ns_steps"]).to(p.dtype), alpha=-group["lr"] * scale)
+
+
+class CombinedOptimizer:
+    """Several optimizers stepped together, exposing one state dict (for checkpoints)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["optimizers"]
+        if len(saved) != len(self.optimizers):
+            raise ValueError(f"optimizer state has {len(saved)} parts, this optimizer {len(self.optimizers)}")
+        for o, s in zip(self.optimizers, saved):
+            o.load_state_dict(s)
+
+
+def _is_muon_param(name: str, p: nn.Parameter) -> bool:
+    return p.ndim == 2 and ".transformer.h." in f".{name}" and "gpt." in f"{name}"
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
+                    betas: tuple[float, float] = (0.9, 0.95), muon_lr: float = 0.02) -> CombinedOptimizer:
+    """The named optimizer over the trainable parameters; each group remembers its base lr."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    fused = all(p.is_cuda for _, p in params)
+    if name == "adamw":
+        decay = [p for _, p in params if p.ndim >= 2]
+        no_decay = [p for _, p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opts = [torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused)]
+    elif name == "muon":
+        matrices = [p for n, p in params if _is_muon_param(n, p)]
+        rest = [p for n, p in params if not _is_muon_param(n, p)]
+        opts = []
+        if rest:
+            opts.append(torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused))
+        if matrices:
+            opts.append(Muon(matrices, lr=muon_lr))
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose adamw or muon")
+    for o in opts:
+        for g in o.param_groups:
+            g["base_lr"] = g["lr"]
+    return CombinedOptimizer(opts)
+
+
+def lr_multiplier(step: int, total: int, schedule: str, warmup: int = 0, min_frac: float = 0.1,
+                  milestones: Iterable[float] = (0.5, 0.8), gamma: float = 0.1) -> float:
+    """Multiplier of the base lr at ``step`` (0-based) of ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "step":
+        passed = sum(step >= m * total for m in milestones)
+        return gamma ** passed
+    raise ValueError(f"unknown schedule {schedule!r}; choose cosine, step or constant")
+
+
+def set_lr(optimizer: CombinedOptimizer, multiplier: float) -> float:
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * multiplier
+    return optimizer.param_groups[0]["lr"]

@@ -1,0 +1,506 @@
+"""Both training stages on Ray Train: the per-worker loop and the ``TorchTrainer`` around it.
+
+Stage 1 trains everything on vision data. Stage 2 starts from a stage-1 checkpoint, freezes
+SAM + neck + compressor and trains on a vision/text mixture. Each worker streams its shard of
+the Parquet dataset, packs samples into fixed-length sequences, and steps with gradient
+accumulation, clipping and DDP (FSDP selectable); bf16 autocast on GPU. Checkpoints go through
+``ray.train.report`` so a restarted worker group resumes from the latest one. Rank 0 logs to
+the MLflow run that the driver created (RAY_NOTES: never let workers create runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+
+from model.config import preset as model_preset
+from model.vlm import ImageViews, NanoDeepseekOCR
+from pipeline.mixture import Sample, batches, mixture_counts
+from pipeline.optim import build_optimizer, lr_multiplier, set_lr
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+
+
+@dataclass
+class TrainConfig:
+    """Everything a stage needs; YAML files under ``jobs/configs/`` set these fields."""
+
+    stage: int = 1
+    preset: str = "tiny"
+    data: list[str] = field(default_factory=lambda: ["artifacts/shards"])
+    tokenizer: str | None = None  # default: tokenizer.json beside the first shard directory
+    out: str = "artifacts/runs"  # Ray Train storage_path (local or s3://)
+    run_name: str | None = None
+    experiment: str = "nano-deepseek-ocr"
+    parent_run_id: str | None = None
+    tracking_uri: str | None = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    strategy: str = "ddp"  # ddp | fsdp
+    seq_len: int = 1024
+    batch_size: int = 4  # packed rows per micro-step per worker
+    grad_accum: int = 1
+    steps: int = 100
+    optimizer: str = "adamw"  # adamw | muon
+    lr: float = 1e-3
+    muon_lr: float = 0.02
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    schedule: str | None = None  # default: cosine for stage 1, step for stage 2
+    min_lr_frac: float = 0.1
+    step_milestones: list[float] = field(default_factory=lambda: [0.6, 0.85])
+    step_gamma: float = 0.3
+    grad_clip: float = 1.0
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    init_from: str | None = None  # weights only (stage 2 starts from stage 1)
+    resume_from: str | None = None  # weights + optimizer + step
+    text_ratio: float = 0.1  # stage 2 mixture
+    shuffle: bool = True
+    seed: int = 0
+    max_failures: int = 0
+    log_every: int = 1
+    compile: bool = False
+    sample_prediction: bool = True
+    register_model: str | None = None  # a model-registry name (stage 2 default: nano-deepseek-ocr)
+    export_dir: str | None = None  # where the final checkpoint is copied (default <out>/<run>/final)
+    inject_failure_at_step: int | None = None  # testing: rank 0 dies once at this step
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.betas = tuple(self.betas)
+        if self.schedule is None:
+            self.schedule = "cosine" if self.stage == 1 else "step"
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.stage == 2 and not (self.init_from or self.resume_from):
+            raise ValueError("stage 2 starts from a stage-1 checkpoint: set init_from (or resume_from)")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.run_name is None:
+            self.run_name = f"stage{self.stage}-{self.preset}"
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or str(Path(self.data[0]) / "tokenizer.json")
+
+    @property
+    def final_dir(self) -> str:
+        return self.export_dir or str(Path(self.out) / self.run_name / "final")
+
+
+def load_train_config(path: str | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a YAML file plus overrides (``None`` overrides are ignored)."""
+    values: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown training config fields: {sorted(unknown)}")
+    return TrainConfig(**values)
+
+
+# ------------------------------------------------------------------ worker side
+
+def row_to_sample(row: dict) -> Sample:
+    """A shard row (see ``pipeline.preprocess``) as a training sample."""
+    from pipeline.preprocess import decode_row
+
+    r = decode_row(row)
+    images = []
+    if r.get("global_view") is not None:
+        images.append(ImageViews.from_arrays(r["global_view"], r.get("tiles"), r.get("spatial_crop") or (1, 1)))
+    return Sample(np.asarray(r["input_ids"]), np.asarray(r["loss_mask"]), images, r.get("task", ""))
+
+
+def _samples(shard, seed: int) -> Iterator[Sample]:
+    """Endless samples from the worker's shard, epoch after epoch."""
+    epoch = 0
+    while True:
+        n = 0
+        for row in shard.iter_rows():
+            n += 1
+            yield row_to_sample(row)
+        if n == 0:
+            raise RuntimeError("this worker's dataset shard is empty: fewer rows than workers?")
+        epoch += 1
+
+
+def _build_model(cfg: TrainConfig, tokenizer) -> NanoDeepseekOCR:
+    config = model_preset(cfg.preset)
+    config.gpt.vocab_size = tokenizer.vocab_size
+    config.gpt.sequence_len = max(config.gpt.sequence_len, cfg.seq_len)
+    config.image_token_id = tokenizer.token_id("<image>")
+    torch.manual_seed(cfg.seed)
+    model = NanoDeepseekOCR(config)
+    model.init_weights()
+    return model
+
+
+def _unwrap(model: torch.nn.Module) -> NanoDeepseekOCR:
+    return model.module if hasattr(model, "module") else model
+
+
+def _full_state_and_optim(model, optimizer, strategy: str):
+    """Model and optimizer state for a checkpoint (gathered to rank 0 under FSDP)."""
+    if strategy == "fsdp" and not isinstance(model, NanoDeepseekOCR):
+        from torch.distributed.fsdp import FullStateDictConfig, FullOptimStateDictConfig
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import StateDictType
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+                                  FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            state = model.state_dict()
+            optim = {"optimizers": [FSDP.optim_state_dict(model, o) for o in optimizer.optimizers]}
+        return state, optim
+    return _unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def _save(cfg: TrainConfig, model, optimizer, tokenizer, step: int, mode: str | None, rank: int) -> str | None:
+    from model.weights import save_checkpoint
+
+    state, optim = _full_state_and_optim(model, optimizer, cfg.strategy)
+    if rank != 0:
+        return None
+    directory = tempfile.mkdtemp(prefix="ckpt-")
+    inner = _unwrap(model)
+
+    class _View(torch.nn.Module):  # save_checkpoint wants .config and .state_dict()
+        def __init__(self):
+            super().__init__()
+            self.config = inner.config
+
+        def state_dict(self, *a, **k):
+            return state
+
+    save_checkpoint(directory, _View(), tokenizer=tokenizer,
+                    optimizer_state={"optimizer": optim, "step": step},
+                    extra={"processor": {"mode": mode}, "step": step, "stage": cfg.stage,
+                           "train": dataclasses.asdict(cfg)})
+    return directory
+
+
+def _restore(cfg: TrainConfig, tokenizer, device) -> tuple[NanoDeepseekOCR, dict | None, int, str | None]:
+    """Model (+ optimizer state, step) from Ray's latest checkpoint, resume_from, init_from or scratch."""
+    import ray.train
+
+    from model.weights import load_checkpoint, load_optimizer_state
+
+    source, resume = None, False
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        source, resume = checkpoint.to_directory(), True
+    elif cfg.resume_from:
+        source, resume = cfg.resume_from, True
+    elif cfg.init_from:
+        source = cfg.init_from
+    if source is None:
+        return _build_model(cfg, tokenizer).to(device), None, 0, None
+    model, _, meta = load_checkpoint(source, device=device, with_tokenizer=False)
+    if model.config.gpt.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"checkpoint {source} has vocab {model.config.gpt.vocab_size} but the tokenizer "
+                         f"{cfg.tokenizer_path} has {tokenizer.vocab_size}")
+    mode = (meta.get("processor") or {}).get("mode")
+    if not resume:
+        return model, None, 0, mode
+    state = load_optimizer_state(source)
+    return model, state, int(meta.get("step", 0)), mode
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class _Tracker:
+    """Rank 0's MLflow logging into the run the driver created."""
+
+    def __init__(self, run_id: str | None, tracking_uri: str | None, rank: int) -> None:
+        self.active = bool(run_id) and rank == 0
+        self.run_id = run_id
+        self.uri = tracking_uri
+        self.pending: dict[int, dict[str, float]] = {}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        from pipeline import tracking
+
+        tracking.log_metrics(self.run_id, metrics, step=step, tracking_uri=self.uri)
+
+    def artifact(self, path: str, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        from pipeline import tracking
+
+        tracking.log_artifact(self.run_id, path, artifact_path=artifact_path, tracking_uri=self.uri)
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    """The Ray Train worker function (also callable directly in one process for debugging)."""
+    import ray.train
+    import ray.train.torch
+
+    from model.tokenizer import Tokenizer
+
+    cfg = TrainConfig(**loop_config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    tokenizer = Tokenizer.load(cfg.tokenizer_path)
+    model, optim_state, start_step, ckpt_mode = _restore(cfg, tokenizer, device)
+    mode = loop_config.get("mode") or ckpt_mode
+    model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)  # bypassed by SAM features
+    if cfg.stage == 2:
+        model.freeze_stage2()
+    model.train()
+    if world > 1:
+        kwargs = {"find_unused_parameters": True} if cfg.stage == 2 else {}
+        model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy,
+                                              parallel_strategy_kwargs=kwargs)
+    else:
+        model = model.to(device)
+    if cfg.compile:
+        model = torch.compile(model)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.muon_lr)
+    if optim_state is not None:
+        optimizer.load_state_dict(optim_state["optimizer"])
+        start_step = int(optim_state.get("step", start_step))
+    tracker = _Tracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
+    inner = _unwrap(model)
+    flops_per_token = inner.flops_per_token(cfg.seq_len)
+    peak = _peak_flops(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    shard = ray.train.get_dataset_shard("train")
+    stream = batches(_samples(shard, cfg.seed), cfg.seq_len, cfg.batch_size)
+    for _ in range(start_step * cfg.grad_accum):  # resume: skip what the finished steps consumed
+        next(stream)
+    first_sample = None
+    metrics: dict[str, float] = {}
+    step = start_step
+    t_last = time.perf_counter()
+    while step < cfg.steps:
+        if cfg.inject_failure_at_step == step and rank == 0:
+            marker = Path(loop_config["fault_marker"])
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"worker died at step {step}\n")
+                print(f"[fault injection] rank 0 dies at step {step}", flush=True)
+                os._exit(1)
+        lr = set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.schedule, cfg.warmup_steps, cfg.min_lr_frac,
+                                             cfg.step_milestones, cfg.step_gamma))
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        if first_sample is None:
+            first_sample = micro[0]
+        n_targets = max(1, sum(b.n_target_tokens for b in micro))
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            batch = batch.to(device)
+            sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
+            ctx_sync = model.no_sync() if not sync else _nullcontext()
+            with ctx_sync, autocast:
+                loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
+                             segment_ids=batch.segment_ids, loss_reduction="sum")
+            (loss / n_targets).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        now = time.perf_counter()
+        tokens = sum(b.input_ids.numel() for b in micro) * world
+        tok_per_s = tokens / max(now - t_last, 1e-9)
+        t_last = now
+        metrics = {"loss": loss_sum / n_targets, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": tok_per_s, "step": step}
+        if peak:
+            metrics["mfu"] = flops_per_token * tok_per_s / (peak * world)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            if rank == 0:
+                print(f"stage{cfg.stage} step {step}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                      f"grad_norm {metrics['grad_norm']:.3f} tok/s {tok_per_s:.0f}", flush=True)
+            tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            directory = _save(cfg, model, optimizer, tokenizer, step, mode, rank)
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
+    if rank == 0 and cfg.sample_prediction and first_sample is not None and loop_config.get("run_id"):
+        try:
+            _log_sample_prediction(inner, tokenizer, first_sample, tracker)
+        except Exception as exc:  # a picture must never fail a finished run
+            print(f"sample prediction skipped: {exc}", flush=True)
+    return metrics
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _prompt_text(tokenizer, ids: torch.Tensor, targets: torch.Tensor) -> str:
+    """The prompt of the first packed sample, with runs of image slots folded back to <image>."""
+    image_id = tokenizer.token_id("<image>")
+    first_target = int((targets >= 0).nonzero()[0]) + 1 if (targets >= 0).any() else len(ids)
+    prompt_ids, prev = [], None
+    for t in ids[:first_target].tolist():
+        if t == image_id and prev == image_id:
+            continue
+        prompt_ids.append(t)
+        prev = t
+    if prompt_ids and prompt_ids[0] == tokenizer.bos_id:
+        prompt_ids = prompt_ids[1:]
+    return tokenizer.decode(prompt_ids)
+
+
+def _log_sample_prediction(model: NanoDeepseekOCR, tokenizer, batch, tracker: _Tracker) -> None:
+    """Greedy OCR of the first training image, drawn with its boxes, as an MLflow artifact."""
+    from PIL import Image
+
+    from model.engine import Engine, GenerationRequest, SamplingParams
+    from model.grounding import draw_boxes, parse_grounding
+
+    if not batch.images:
+        return
+    model.eval()
+    seg0 = batch.segment_ids[0] == 0
+    prompt = _prompt_text(tokenizer, batch.input_ids[0][seg0].cpu(), batch.targets[0][seg0].cpu())
+    image = batch.images[0]
+    result = Engine(model, tokenizer).generate(
+        [GenerationRequest(prompt, [image], params=SamplingParams(max_new_tokens=256))])[0]
+    page = Image.fromarray(image.global_view.permute(1, 2, 0).cpu().numpy())
+    parsed = parse_grounding(result.text)
+    drawn = draw_boxes(page, parsed.boxes)
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn.save(Path(tmp) / "sample_prediction.png")
+        (Path(tmp) / "sample_prediction.txt").write_text(result.text)
+        tracker.artifact(str(Path(tmp) / "sample_prediction.png"), "samples")
+        tracker.artifact(str(Path(tmp) / "sample_prediction.txt"), "samples")
+
+
+# ------------------------------------------------------------------ driver side
+
+@dataclass
+class StageResult:
+    checkpoint_dir: str
+    metrics: dict[str, float]
+    run_id: str | None
+    model_version: str | None = None
+
+
+def _datasets(cfg: TrainConfig):
+    """The training dataset: stage 1 vision rows; stage 2 the vision/text mixture."""
+    from pipeline.preprocess import read_shards
+
+    ds = None
+    for path in cfg.data:
+        part = read_shards(path)
+        ds = part if ds is None else ds.union(part)
+    if cfg.stage == 1:
+        ds = ds.filter(lambda r: r["task"] != "text")
+    else:
+        vision = ds.filter(lambda r: r["task"] != "text").materialize()
+        text = ds.filter(lambda r: r["task"] == "text").materialize()
+        n_vision, n_text = mixture_counts(vision.count(), text.count(), cfg.text_ratio)
+        parts = [vision] if n_vision else []
+        if n_text:
+            repeats = -(-n_text // max(1, text.count()))
+            texts = text.union(*([text] * (repeats - 1))) if repeats > 1 else text
+            parts.append(texts.limit(n_text))
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if cfg.shuffle:
+        ds = ds.random_shuffle(seed=cfg.seed)
+    return ds
+
+
+def _shard_mode(cfg: TrainConfig) -> str | None:
+    stats = Path(cfg.data[0]) / "stats.json"
+    if stats.is_file():
+        return json.loads(stats.read_text()).get("mode")
+    return None
+
+
+def run_stage(cfg: TrainConfig) -> StageResult:
+    """Train one stage on the connected Ray cluster; returns the exported final checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline import tracking
+
+    if cfg.stage == 2 and cfg.init_from and not Path(cfg.init_from).exists() and "://" not in cfg.init_from:
+        raise FileNotFoundError(f"stage 2: init_from checkpoint {cfg.init_from} does not exist (run stage 1 first)")
+    if not Path(cfg.tokenizer_path).is_file():
+        raise FileNotFoundError(f"tokenizer {cfg.tokenizer_path} not found: preprocess writes it beside the shards")
+    uri = cfg.tracking_uri or tracking.tracking_uri()
+    mode = _shard_mode(cfg)
+    run_id = tracking.start_run(cfg.experiment, run_name=cfg.run_name,
+                                tags={"stage": str(cfg.stage), "preset": cfg.preset},
+                                parent_run_id=cfg.parent_run_id, tracking_uri=uri)
+    params = {"train": dataclasses.asdict(cfg), "model": model_preset(cfg.preset).to_dict(),
+              "git_commit": tracking.git_commit(), "mode": mode}
+    stats = Path(cfg.data[0]) / "stats.json"
+    if stats.is_file():
+        data_stats = json.loads(stats.read_text())
+        params["data"] = {k: v for k, v in data_stats.items() if isinstance(v, (int, float, str))}
+    tracking.log_params_flat(run_id, params, tracking_uri=uri)
+    storage = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": dataclasses.asdict(cfg), "run_id": run_id, "tracking_uri": uri, "mode": mode,
+                           "fault_marker": str(Path(storage) / cfg.run_name / "fault_injected")},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(name=cfg.run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        datasets={"train": _datasets(cfg)},
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.end_run(run_id, status="FAILED", tracking_uri=uri)
+        raise
+    if result.checkpoint is None:
+        tracking.end_run(run_id, status="FAILED", tracking_uri=uri)
+        raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint: {result.error}")
+    final = Path(cfg.final_dir)
+    if final.exists():
+        shutil.rmtree(final)
+    result.checkpoint.to_directory(str(final))
+    metrics = dict(result.metrics or {})
+    tracking.log_artifact(run_id, str(final / "config.json"), artifact_path="checkpoint", tracking_uri=uri)
+    version = None
+    name = cfg.register_model or ("nano-deepseek-ocr" if cfg.stage == 2 else None)
+    if name:
+        tracking.log_artifact(run_id, str(final), artifact_path="model", tracking_uri=uri)
+        version = tracking.register_model(run_id, "model", name, tracking_uri=uri)
+    tracking.end_run(run_id, status="FINISHED", tracking_uri=uri)
+    return StageResult(str(final), metrics, run_id, version)

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny checkpoint (random weights, real tokenizer) and a local Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SAMPLE_TEXT = [
+    "Convert the document to markdown.", "Free OCR.", "Describe this image in detail.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "# Title\n\nA paragraph with <b>HTML</b> and a table <table><tr><td>1</td><td>2</td></tr></table>",
+    "- item one\n- item two\n1. first\n2. second",
+]
+
+
+def build_tiny_checkpoint(directory: Path, mode: str = "tiny", seed: int = 0) -> Path:
+    """A random-weight tiny-preset checkpoint with a tokenizer trained on a few strings."""
+    import torch
+
+    from model.config import preset
+    from model.tokenizer import Tokenizer
+    from model.vlm import NanoDeepseekOCR
+    from model.weights import save_checkpoint
+
+    tokenizer = Tokenizer.train(SAMPLE_TEXT * 4, vocab_size=512)
+    config = preset("tiny")
+    config.gpt.vocab_size = tokenizer.vocab_size
+    config.image_token_id = tokenizer.token_id("<image>")
+    torch.manual_seed(seed)
+    model = NanoDeepseekOCR(config)
+    model.init_weights()
+    with torch.no_grad():  # nanochat zero-inits the head: give it something to say
+        torch.nn.init.normal_(model.gpt.lm_head.weight, std=0.02)
+    return save_checkpoint(directory, model, tokenizer=tokenizer, extra={"processor": {"mode": mode}})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process local Ray for the whole session (Ray Data / Train / Serve tests share it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()

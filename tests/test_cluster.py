@@ -1,0 +1,535 @@
+"""Cluster configurations are tested, not just written.
+
+* cluster/aws.yaml passes the Ray cluster launcher's own schema validation, after
+  the same default fill-out `ray up` does.
+* The KubeRay manifests carry the fields the operator needs, their Serve config
+  passes Ray Serve's deploy schema, and their runtime envs pass Ray's parser.
+* An autoscaling cluster on this machine (fake multi-node provider, worker types
+  mirroring aws.yaml's single-GPU type, scaled down) starts GPU nodes for a Ray
+  Train job whose workers ask for a GPU, and removes them once idle.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+import yaml
+
+import ray
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.cluster_utils import AutoscalingCluster
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+
+# The serving node type of aws.yaml that the fake cluster mirrors, and the
+# deployments the Serve app builder `serve.app:build_app` must expose.
+SERVE_NODE_TYPE = "gpu_1x"
+TRAIN_NODE_TYPE = "gpu_8x"
+SERVE_IMPORT_PATH = "serve.app:build_app"
+DEPLOYMENTS = {"OCRIngress": 0, "VisionEncoder": 0.5, "TextDecoder": 0.5}
+# Flags that must reach every GPU process: no NVLink multicast (NVLS).
+NO_MULTICAST_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def _load_yaml(path: Path) -> Dict[str, Any]:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _load_all(path: Path) -> List[Dict[str, Any]]:
+    with open(path) as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+# --------------------------------------------------------------------------- #
+# cluster/aws.yaml
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def aws() -> Dict[str, Any]:
+    return _load_yaml(CLUSTER / "aws.yaml")
+
+
+def test_aws_yaml_passes_ray_validation(aws: Dict[str, Any]) -> None:
+    # `ray up` fills out the provider defaults and merges setup commands
+    # (prepare_config), then validates against ray-schema.json plus its own checks.
+    prepared = prepare_config(copy.deepcopy(aws))
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "aws"
+    # The head runs no worker types of its own; every worker type starts at zero.
+    assert prepared["available_node_types"][prepared["head_node_type"]]["max_workers"] == 0
+
+
+def test_aws_yaml_validation_rejects_a_broken_config(aws: Dict[str, Any]) -> None:
+    # Guards the test above: validation must actually bite on this file's shape.
+    import jsonschema
+
+    broken = copy.deepcopy(aws)
+    broken["available_node_types"][SERVE_NODE_TYPE]["resources"]["GPU"] = 0.5
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+    broken = copy.deepcopy(aws)
+    broken["head_node_type"] = "no_such_type"
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(broken))
+
+
+def test_aws_yaml_worker_types_scale_from_zero(aws: Dict[str, Any]) -> None:
+    types = aws["available_node_types"]
+    head = types[aws["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "the head must be a CPU node"
+    workers = {k: v for k, v in types.items() if k != aws["head_node_type"]}
+    assert workers, "no worker types"
+    for name, spec in workers.items():
+        assert spec["min_workers"] == 0, f"{name} must scale from zero"
+        assert spec["max_workers"] >= 1, f"{name} can never be launched"
+    assert sum(w["max_workers"] for w in workers.values()) <= aws["max_workers"]
+    assert types[SERVE_NODE_TYPE]["resources"]["GPU"] == 1
+    assert types[TRAIN_NODE_TYPE]["resources"]["GPU"] == 8
+    assert aws["idle_timeout_minutes"] > 0
+
+
+def test_aws_yaml_installs_the_project_and_starts_services(aws: Dict[str, Any]) -> None:
+    setup = "\n".join(aws["setup_commands"])
+    assert "pip install --no-cache-dir torch" in setup
+    remote = next(r for r, local in aws["file_mounts"].items() if local == ".")
+    assert f"pip install --no-cache-dir -e {remote}" in setup
+    head = "\n".join(aws["head_start_ray_commands"])
+    assert "--dashboard-port=8265" in head and "--autoscaling-config=" in head
+    assert "mlflow server" in head and "--port 5000" in head
+    assert "--backend-store-uri sqlite:///" in head
+    assert "--default-artifact-root s3://" in head
+    for cmds in (aws["head_start_ray_commands"], aws["worker_start_ray_commands"]):
+        start = next(c for c in cmds if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start, "every node must require the token"
+    for excluded in (".venv", "artifacts", ".gpu"):
+        assert excluded in aws["rsync_exclude"]
+
+
+# --------------------------------------------------------------------------- #
+# cluster/runtime_env.yaml
+# --------------------------------------------------------------------------- #
+
+
+def test_runtime_env_yaml_is_a_valid_job_runtime_env() -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    raw = _load_yaml(CLUSTER / "runtime_env.yaml")
+    env = RuntimeEnv(**raw)  # Ray's own field validation
+    assert env["working_dir"] == "."
+    for pattern in ("artifacts/", ".venv/", ".gpu/"):
+        assert pattern in env["excludes"]
+    env_vars = env["env_vars"]
+    assert all(isinstance(v, str) for v in env_vars.values())
+    assert env_vars["MLFLOW_TRACKING_URI"].startswith("http://")
+    for key, value in NO_MULTICAST_ENV.items():
+        assert env_vars[key] == value
+    assert "pip" not in raw and "conda" not in raw, "the image already has the package"
+
+
+# --------------------------------------------------------------------------- #
+# cluster/kuberay/*.yaml
+# --------------------------------------------------------------------------- #
+
+
+def _kind(path: Path, kind: str) -> Dict[str, Any]:
+    docs = [d for d in _load_all(path) if d.get("kind") == kind]
+    assert len(docs) == 1, f"{path.name}: expected one {kind}, found {len(docs)}"
+    return docs[0]
+
+
+def _check_cluster_spec(spec: Dict[str, Any], aws: Dict[str, Any], where: str) -> None:
+    """A RayClusterSpec: autoscaled, CPU head, GPU groups from zero, same image and GPUs as aws.yaml."""
+    assert spec["enableInTreeAutoscaling"] is True, where
+    assert spec["rayVersion"] == ray.__version__, where
+    assert spec.get("authOptions", {}).get("mode") == "token", where
+    head = spec["headGroupSpec"]
+    head_container = head["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head_container["resources"].get("limits", {}), where
+    ports = {p["containerPort"] for p in head_container["ports"]}
+    assert {6379, 8265, 8000} <= ports, where
+    base_image = aws["docker"]["image"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert groups, where
+    gpu_groups = 0
+    for name, group in groups.items():
+        assert group["minReplicas"] == 0, f"{where}/{name}: minReplicas"
+        assert group["maxReplicas"] >= 1, f"{where}/{name}: maxReplicas"
+        assert group.get("replicas", 0) <= group["maxReplicas"]
+        container = group["template"]["spec"]["containers"][0]
+        assert container["image"] == head_container["image"], f"{where}/{name}: image"
+        aws_type = aws["available_node_types"][name.replace("-", "_")]
+        assert group["maxReplicas"] == aws_type["max_workers"], f"{where}/{name}"
+        gpus = aws_type["resources"].get("GPU", 0)
+        limits = container["resources"]["limits"]
+        if gpus:
+            gpu_groups += 1
+            assert int(limits["nvidia.com/gpu"]) == gpus, f"{where}/{name}: GPU limit"
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            for key, value in NO_MULTICAST_ENV.items():
+                assert env.get(key) == value, f"{where}/{name}: {key}"
+        else:
+            assert "nvidia.com/gpu" not in limits
+    assert gpu_groups >= 2, f"{where}: needs a 1-GPU and an 8-GPU group"
+    # The image is the project image built on top of aws.yaml's Ray image.
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert f"FROM {base_image}" in dockerfile
+
+
+def test_raycluster_manifest(aws: Dict[str, Any]) -> None:
+    cluster = _kind(KUBERAY / "raycluster.yaml", "RayCluster")
+    assert cluster["apiVersion"] == "ray.io/v1"
+    assert cluster["metadata"]["name"]
+    _check_cluster_spec(cluster["spec"], aws, "raycluster.yaml")
+
+
+def test_rayjob_stage1_manifest(aws: Dict[str, Any]) -> None:
+    job = _kind(KUBERAY / "rayjob-stage1.yaml", "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["metadata"]["name"]
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith(
+        "python jobs/stage1.py --config jobs/configs/stage1_full.yaml"
+    )
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec)
+    _check_cluster_spec(spec["rayClusterSpec"], aws, "rayjob-stage1.yaml")
+    from ray.runtime_env import RuntimeEnv
+
+    runtime_env = RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http://")
+
+
+def test_rayservice_manifest(aws: Dict[str, Any]) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    service = _kind(KUBERAY / "rayservice.yaml", "RayService")
+    assert service["apiVersion"] == "ray.io/v1"
+    assert service["metadata"]["name"]
+    spec = service["spec"]
+    _check_cluster_spec(spec["rayClusterConfig"], aws, "rayservice.yaml")
+    serve_config = yaml.safe_load(spec["serveConfigV2"])
+    schema = ServeDeploySchema.parse_obj(serve_config)  # Ray Serve's own check
+    (app,) = schema.applications
+    assert app.import_path == SERVE_IMPORT_PATH
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == set(DEPLOYMENTS)
+    for name, gpus in DEPLOYMENTS.items():
+        options = serve_config["applications"][0]["deployments"]
+        raw = next(d for d in options if d["name"] == name)
+        assert raw["autoscaling_config"]["min_replicas"] <= raw["autoscaling_config"]["max_replicas"]
+        assert raw["ray_actor_options"].get("num_gpus", 0) == gpus, name
+    # The Serve config for `serve deploy` on the VM cluster is the same document.
+    assert _load_yaml(CLUSTER / "serve_config.yaml") == serve_config
+
+
+def test_mlflow_manifest_serves_the_tracking_uri_the_jobs_use() -> None:
+    docs = _load_all(KUBERAY / "mlflow.yaml")
+    kinds = {d["kind"]: d for d in docs}
+    assert {"Deployment", "Service"} <= set(kinds)
+    service = kinds["Service"]
+    port = service["spec"]["ports"][0]["port"]
+    uri = f"http://{service['metadata']['name']}:{port}"
+    job = _kind(KUBERAY / "rayjob-stage1.yaml", "RayJob")
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"] == uri
+    args = " ".join(kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--backend-store-uri sqlite:///" in args
+    assert service["metadata"]["name"] in args, "the service name must be an allowed host"
+
+
+# --------------------------------------------------------------------------- #
+# Autoscaling on this machine
+# --------------------------------------------------------------------------- #
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class LocalAutoscalingCluster(AutoscalingCluster):
+    """An AutoscalingCluster whose config is built here and whose processes are its own.
+
+    Ray's class reads fake_multi_node/example.yaml (missing from the wheel) and
+    starts and stops with `ray stop --force`, which would kill every Ray process
+    on the machine. This one starts `ray start --head --block` in a new session
+    on free ports with a private temp dir, and tears down only that session's
+    processes (the fake worker nodes are started by its autoscaler, inside it).
+    """
+
+    def __init__(
+        self,
+        head_resources: Dict[str, int],
+        worker_node_types: Dict[str, Any],
+        **config_kwargs: Any,
+    ) -> None:
+        self.node_ip = ray.util.get_node_ip_address()
+        self.gcs_port = _free_port()
+        self.temp_dir = tempfile.mkdtemp(prefix="ndocr-ray-")
+        self._process: Optional[subprocess.Popen] = None
+        super().__init__(head_resources, worker_node_types, **config_kwargs)
+
+    @property
+    def address(self) -> str:
+        return f"{self.node_ip}:{self.gcs_port}"
+
+    def _generate_config(
+        self,
+        head_resources: Dict[str, int],
+        worker_node_types: Dict[str, Any],
+        autoscaler_v2: bool = False,
+        **config_kwargs: Any,
+    ) -> Dict[str, Any]:
+        if autoscaler_v2:
+            raise ValueError("the fake provider here is driven by the v1 autoscaler")
+        types = copy.deepcopy(worker_node_types)
+        types["ray.head.default"] = {
+            "resources": dict(head_resources),
+            "node_config": {},
+            "max_workers": 0,
+        }
+        config = {
+            "cluster_name": "ndocr-fake",
+            "max_workers": sum(t.get("max_workers", 0) for t in types.values()),
+            "upscaling_speed": 1.0,
+            "idle_timeout_minutes": 1.0,
+            "provider": {
+                "type": "fake_multinode",
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+                "gcs_address": self.address,
+            },
+            "auth": {},
+            "docker": {},
+            "head_node_type": "ray.head.default",
+            "available_node_types": types,
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            "rsync_exclude": [],
+            "rsync_filter": [],
+            "initialization_commands": [],
+            "setup_commands": [],
+            "head_setup_commands": [],
+            "worker_setup_commands": [],
+            "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }
+        config.update(config_kwargs)
+        validate_config(config)  # the monitor reads this file as is
+        return config
+
+    def start(self, _system_config: Optional[Dict] = None, override_env: Optional[Dict] = None) -> None:
+        config_path = os.path.join(self.temp_dir, "autoscaling.json")
+        with open(config_path, "w") as f:
+            json.dump(self._config, f)
+        resources = dict(self._head_resources)
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        cmd = [
+            ray_cli, "start", "--head", "--block",
+            f"--node-ip-address={self.node_ip}",
+            f"--port={self.gcs_port}",
+            f"--temp-dir={self.temp_dir}",
+            f"--autoscaling-config={config_path}",
+            f"--num-cpus={resources.pop('CPU', 1)}",
+            f"--num-gpus={resources.pop('GPU', 0)}",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            "--disable-usage-stats",
+        ]
+        if resources:
+            cmd.append(f"--resources={json.dumps(resources)}")
+        if _system_config:
+            cmd.append(f"--system-config={json.dumps(_system_config)}")
+        env = dict(os.environ, AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1")
+        env.update(override_env or {})
+        self._log = open(os.path.join(self.temp_dir, "ray-start.log"), "w+")
+        self._process = subprocess.Popen(
+            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            self._log.seek(0)
+            log = self._log.read()
+            if "Ray runtime started" in log:
+                return
+            if self._process.poll() is not None:
+                raise RuntimeError(f"ray start --head exited early:\n{log}")
+            time.sleep(0.5)
+        raise TimeoutError(f"ray start --head did not come up in 60 s:\n{log}")
+
+    def _own_pids(self) -> List[int]:
+        """Processes of this cluster: its session, or anything naming its temp dir (Linux /proc)."""
+        sid = self._process.pid if self._process else None
+        mine = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().decode(errors="replace")
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if state == "Z":  # already dead, waiting for its parent to reap it
+                    continue
+                if (sid is not None and os.getsid(pid) == sid) or self.temp_dir in cmdline:
+                    mine.append(pid)
+            except (OSError, IndexError):
+                continue
+        return mine
+
+    def _signal_and_wait(self, pids: List[int], sig: int, timeout: float) -> List[int]:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            alive = set(self._own_pids()) & set(pids)
+            if not alive:
+                return []
+            time.sleep(0.2)
+        return sorted(set(self._own_pids()) & set(pids))
+
+    def shutdown(self) -> None:
+        """Stop the head gracefully, then end whatever of this cluster is left, by pid."""
+        try:
+            if self._process is not None and self._process.poll() is None:
+                self._process.send_signal(signal.SIGTERM)
+                try:
+                    self._process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait(timeout=10)
+            alive = self._signal_and_wait(self._own_pids(), signal.SIGTERM, timeout=10)
+            alive = self._signal_and_wait(alive, signal.SIGKILL, timeout=10)
+            if alive:
+                raise RuntimeError(f"processes of the test cluster survived shutdown: {alive}")
+        finally:
+            if getattr(self, "_log", None):
+                self._log.close()
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _fake_worker_types(aws: Dict[str, Any]) -> Dict[str, Any]:
+    """aws.yaml's serving GPU type, scaled down to 1 CPU + 1 logical GPU per node."""
+    real = aws["available_node_types"][SERVE_NODE_TYPE]
+    assert real["resources"]["GPU"] == 1
+    return {
+        SERVE_NODE_TYPE: {
+            "resources": {"CPU": 1, "GPU": 1},
+            "node_config": {},
+            "min_workers": real["min_workers"],
+            "max_workers": 2,
+        }
+    }
+
+
+def _gpu_nodes() -> List[Dict[str, Any]]:
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
+
+
+def _wait_for(predicate, timeout: float, interval: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture
+def autoscaling_cluster(aws: Dict[str, Any], monkeypatch) -> Iterator[LocalAutoscalingCluster]:
+    # A throwaway head on this machine: no token (RAY_NOTES), on both sides.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = LocalAutoscalingCluster(
+        head_resources={"CPU": 1, "GPU": 0},
+        worker_node_types=_fake_worker_types(aws),
+        idle_timeout_minutes=0.2,
+    )
+    try:
+        cluster.start()
+        ray.init(address=cluster.address)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_gpu_nodes_scale_up_for_training_and_down_when_idle(
+    autoscaling_cluster: LocalAutoscalingCluster, tmp_path: Path
+) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def report_node(config: Dict[str, Any]) -> List[str]:
+        """Train function: gather every worker's node id over the gloo group, report them.
+
+        Defined here so that it is pickled by value: tests/ is not importable on workers.
+        """
+        import torch.distributed as dist
+
+        import ray.train
+
+        node_id = ray.get_runtime_context().get_node_id()
+        gathered: List[Optional[str]] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, node_id)
+        ray.train.report({"world_size": dist.get_world_size()})
+        return gathered
+
+    head_id = ray.get_runtime_context().get_node_id()
+    assert _gpu_nodes() == [], "the cluster must start without GPU nodes"
+    assert ray.cluster_resources().get("GPU", 0) == 0
+
+    trainer = TorchTrainer(
+        report_node,
+        # The fake GPU is a logical resource: workers reserve it, torch stays on CPU.
+        scaling_config=ScalingConfig(
+            num_workers=2, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1}
+        ),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name="fake-gpu-scaleup", storage_path=str(tmp_path)),
+    )
+    result = trainer.fit()
+    worker_nodes = result.return_value
+    assert len(worker_nodes) == 2
+    assert len(set(worker_nodes)) == 2, f"both workers on one node: {worker_nodes}"
+    assert head_id not in worker_nodes
+
+    launched = {n["NodeID"]: n for n in ray.nodes()}
+    for node_id in worker_nodes:
+        node = launched[node_id]
+        assert node["Resources"].get("GPU") == 1, node["Resources"]
+        print(node["Labels"], node["NodeManagerAddress"])
+
+    # Idle for idle_timeout_minutes (12 s) -> the autoscaler removes both.
+    assert _wait_for(lambda: _gpu_nodes() == [], timeout=90), (
+        f"GPU nodes still alive after 90 s: {[n['NodeID'] for n in _gpu_nodes()]}"
+    )

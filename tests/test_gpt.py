@@ -1,0 +1,88 @@
+"""GPT: parameter count, KV-cache decode == full forward, packed segments == separate rows."""
+
+import torch
+
+from model.config import GPTConfig, preset
+from model.gpt import GPT, KVCache
+
+
+def _tiny_gpt(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_head=4, n_kv_head=kw.pop("n_kv_head", 4),
+                    n_embd=64, **kw)
+    model = GPT(cfg)
+    model.init_weights()
+    # nanochat zero-inits the output projections; randomise so the test sees real attention
+    for p in model.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def test_d20_parameter_count_on_meta():
+    with torch.device("meta"):
+        model = GPT(preset("full").gpt)
+    assert model.num_params() == 560_988_160
+
+
+def test_kv_cache_decode_reproduces_full_logits():
+    for n_kv_head in (4, 2):  # MHA and GQA
+        model = _tiny_gpt(n_kv_head=n_kv_head)
+        idx = torch.randint(0, 97, (2, 12))
+        full = model(idx)
+        cache = KVCache(model.config, batch_size=2, max_len=32)
+        prefill = model(idx[:, :5], kv_cache=cache)
+        steps = [prefill]
+        for t in range(5, 12):
+            steps.append(model(idx[:, t:t + 1], kv_cache=cache))
+        stitched = torch.cat(steps, dim=1)
+        assert torch.allclose(stitched, full, atol=1e-5), (stitched - full).abs().max()
+        assert cache.lengths.tolist() == [12, 12]
+
+
+def test_rows_of_different_lengths_in_one_cache():
+    model = _tiny_gpt()
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 4))
+    ref_a, ref_b = model(a)[0, -1], model(b)[0, -1]
+    padded = torch.zeros(2, 9, dtype=torch.long)
+    padded[0], padded[1, :4] = a[0], b[0]
+    cache = KVCache(model.config, batch_size=2, max_len=16)
+    logits = model(padded, kv_cache=cache, logits_rows=torch.tensor([8, 3]))
+    assert torch.allclose(logits[0, 0], ref_a, atol=1e-5)
+    assert torch.allclose(logits[1, 0], ref_b, atol=1e-5)
+    # next step: each row continues at its own position, padding garbage stays masked
+    cache.lengths = torch.tensor([9, 4])
+    nxt = torch.tensor([[5], [7]])
+    step = model(nxt, kv_cache=cache)
+    assert torch.allclose(step[0, 0], model(torch.cat([a, nxt[:1]], 1))[0, -1], atol=1e-5)
+    assert torch.allclose(step[1, 0], model(torch.cat([b, nxt[1:]], 1))[0, -1], atol=1e-5)
+
+
+def test_packed_segments_match_separate_sequences():
+    model = _tiny_gpt()
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    seg = torch.tensor([[0] * 7 + [1] * 5])
+    pos = torch.tensor([list(range(7)) + list(range(5))])
+    out = model(packed, positions=pos, segment_ids=seg)
+    assert torch.allclose(out[:, :7], model(a), atol=1e-5)
+    assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
+
+
+def test_inputs_embeds_path_equals_token_path_and_loss_ignores_minus_one():
+    model = _tiny_gpt()
+    idx = torch.randint(0, 97, (2, 6))
+    assert torch.allclose(model(idx), model(inputs_embeds=model.embed(idx)))
+    targets = idx.clone()
+    targets[:, :3] = -1
+    loss = model(idx, targets)
+    logits = model(idx)
+    manual = torch.nn.functional.cross_entropy(logits[:, 3:].reshape(-1, 97), idx[:, 3:].reshape(-1))
+    assert torch.allclose(loss, manual, atol=1e-6)
+
+
+def test_logits_are_softcapped():
+    model = _tiny_gpt()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)
+    assert model(torch.randint(0, 97, (1, 4))).abs().max() <= 15.0

@@ -1,0 +1,115 @@
+"""The assembled VLM: slot layout in DeepSeek-OCR's order, stage-2 freezing, it learns."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import preset, processor_config
+from model.processor import ImageProcessor
+from model.vlm import ImageViews, NanoDeepseekOCR, slot_count
+
+
+def _model(seed=0, image_token_id=5, vocab=64):
+    cfg = preset("tiny")
+    cfg.gpt.vocab_size = vocab
+    cfg.image_token_id = image_token_id
+    torch.manual_seed(seed)
+    m = NanoDeepseekOCR(cfg)
+    m.init_weights()
+    return m
+
+
+def _views(size=512, tiles=0, crop=(1, 1), tile=640, seed=0):
+    g = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    t = np.random.default_rng(seed + 1).integers(0, 256, (tiles, tile, tile, 3), dtype=np.uint8) if tiles else None
+    return ImageViews.from_arrays(g, t, crop)
+
+
+def test_slot_counts_match_reference_table():
+    m = _model()
+    for size, expected in [(512, 73), (640, 111), (1024, 273)]:
+        assert m.encode_images([_views(size)])[0].shape == (expected, 128)
+    gundam = m.encode_images([_views(1024, tiles=4, crop=(2, 2))])[0]
+    assert gundam.shape[0] == 693 == slot_count(16, 10, (2, 2), 4)
+
+
+def test_layout_is_local_rows_then_global_rows_then_separator():
+    m = _model()
+    views = _views(1024, tiles=6, crop=(3, 2), seed=3)  # 3 cols x 2 rows
+    seq = m.encode_images([views])[0]
+    nl, sep = m.image_newline, m.view_seperator
+    q, g = 10, 16
+    local_rows, local_width = 2 * q, 3 * q + 1
+    local = seq[: local_rows * local_width].view(local_rows, local_width, -1)
+    assert torch.equal(local[:, -1], nl.expand(local_rows, -1))  # newline closes every stitched row
+    glob = seq[local_rows * local_width: -1].view(g, g + 1, -1)
+    assert torch.equal(glob[:, -1], nl.expand(g, -1))
+    assert torch.equal(seq[-1], sep)
+    # the stitched local grid: tile (row r, col c) lands at rows r*q.., cols c*q..
+    tile_feats = m._encode_views((views.tiles.float() / 127.5) - 1)  # [6, q*q, C]
+    for r in range(2):
+        for c in range(3):
+            expect = tile_feats[r * 3 + c].view(q, q, -1)
+            got = local[r * q:(r + 1) * q, c * q:(c + 1) * q]
+            assert torch.allclose(got, expect, atol=1e-5)
+
+
+def test_batched_encoding_equals_one_by_one():
+    m = _model()
+    imgs = [_views(512, seed=1), _views(1024, tiles=2, crop=(2, 1), seed=2), _views(512, seed=4)]
+    together = m.encode_images(imgs)
+    for im, t in zip(imgs, together):
+        assert torch.allclose(m.encode_images([im])[0], t, atol=1e-5)
+
+
+def test_slot_mismatch_is_a_clear_error():
+    m = _model()
+    ids = torch.tensor([[1] + [5] * 10 + [2]])
+    with pytest.raises(ValueError, match="10 <image> slots but the images give 73"):
+        m(ids, [_views(512)])
+
+
+def test_wrong_view_shape_is_a_clear_error():
+    m = _model()
+    bad = ImageViews(torch.zeros(4, 512, 512, dtype=torch.uint8), torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="global view"):
+        m.encode_images([bad])
+
+
+def test_freeze_stage2_freezes_exactly_sam_and_compressor():
+    m = _model()
+    frozen = set(m.freeze_stage2())
+    for name, p in m.named_parameters():
+        assert p.requires_grad == (name not in frozen)
+        assert (name in frozen) == name.startswith("sam_model.")
+    assert any("net_2" in n for n in frozen) and any("net_3" in n for n in frozen)
+
+
+def test_tiny_forward_backward_is_fast_and_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    m = _model(image_token_id=63)
+    processor = ImageProcessor(processor_config("tiny"))
+    page = np.full((300, 400, 3), 255, dtype=np.uint8)
+    page[100:140, 50:350] = 0
+    from PIL import Image
+
+    views = ImageViews.from_processed(processor.process(Image.fromarray(page)))
+    prompt = [1] + [63] * 73 + [7, 8]
+    answer = [10, 11, 12, 13, 14, 15, 16, 17, 18, 2]
+    ids = torch.tensor([prompt + answer])
+    targets = torch.full_like(ids, -1)
+    targets[0, len(prompt) - 1:-1] = torch.tensor(answer)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    start = time.perf_counter()
+    loss = m(ids, [views], targets)
+    loss.backward()
+    first_step = time.perf_counter() - start
+    assert first_step < 5.0, f"tiny forward+backward took {first_step:.2f}s"
+    for _ in range(50):
+        opt.zero_grad()
+        loss = m(ids, [views], targets)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()
