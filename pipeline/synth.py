@@ -905,9 +905,10 @@ def _degrade(image: Image.Image, cfg: SynthConfig, rng: random.Random, nrng: np.
 # ---------------------------------------------------------------------------------- records
 
 
-def _crop(image: Image.Image, box: tuple[int, int, int, int], pad: int) -> Image.Image:
+def _crop(image: Image.Image, box: tuple[int, int, int, int], pad_x: int, pad_y: int) -> Image.Image:
     x1, y1, x2, y2 = box
-    return image.crop((max(0, x1 - pad), max(0, y1 - pad), min(image.width, x2 + pad), min(image.height, y2 + pad)))
+    return image.crop((max(0, x1 - pad_x), max(0, y1 - pad_y), min(image.width, x2 + pad_x),
+                       min(image.height, y2 + pad_y)))
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -978,7 +979,7 @@ def _crop_records(page: SynthPage, out: Path, task: str, pieces: list[TextPiece]
     for k in chosen:
         p = pieces[k]
         h = p.box_px[3] - p.box_px[1]
-        crop = _crop(page.image, p.box_px, max(2, h // 4))
+        crop = _crop(page.image, p.box_px, max(2, h // 4), 2)  # little vertical pad: lines sit close
         rel = f"images/{page.page_id}-{task}{k:03d}.png"
         save_png(crop, out / rel)
         records.append({"id": f"{page.page_id}-{task}{k:03d}", "image": rel, "prompt": PROMPT_FREE,
