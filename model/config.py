@@ -141,8 +141,10 @@ def _build(klass: type, values: dict[str, Any], where: str) -> Any:
 
 def _tiny() -> VLMConfig:
     return VLMConfig(
-        sam=SAMConfig(img_size=512, embed_dim=32, depth=2, num_heads=2, window_size=4,
-                      global_attn_indexes=(1,), neck_dim=16, net2_dim=32, net3_dim=64),
+        # window attention only: a global block over 1024 patches would dominate CPU time,
+        # and CLIP already attends globally over the compressed grid
+        sam=SAMConfig(img_size=512, embed_dim=32, depth=2, num_heads=2, window_size=8,
+                      global_attn_indexes=(), neck_dim=16, net2_dim=32, net3_dim=64),
         clip=CLIPConfig(hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=128),
         gpt=GPTConfig(sequence_len=1024, vocab_size=2048, n_layer=2, n_head=2, n_kv_head=2, n_embd=128),
         preset="tiny",

@@ -5,6 +5,13 @@ request, per-row positions, sampling, the reference's windowed n-gram blocker, a
 rows whenever they arrive and every :meth:`DecodeBatch.step` advances all active rows by one
 token, so Serve's decoder can admit new requests between decode steps. :class:`Engine` wraps
 it for the common cases (``generate`` and ``stream`` over a list of requests).
+
+On CUDA the defaults are the fast paths: bf16 weights, prefill through causal flash attention,
+and decoding through :class:`model.gpt.GraphedDecoder` (one CUDA-graph replay per step, greedy
+argmax and the n-gram blocker on the device, one small device-to-host copy of the chosen token
+ids per step for stop detection and events). The CPU runs the plain path, token for token as
+before. In bf16 the fast path rounds differently from the eager one, so greedy outputs agree
+except where two logits nearly tie.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from model.gpt import KVCache
+from model.gpt import GraphedDecoder, KVCache
 from model.vlm import ImageViews, NanoDeepseekOCR
 
 
@@ -83,6 +90,23 @@ def banned_ngram_tokens(tokens: Sequence[int], n: int, window: int) -> set[int]:
     return banned
 
 
+def block_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int,
+                 whitelist: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`banned_ngram_tokens` for many rows at once on the device: logits [r, V] with the
+    banned tokens at -inf. ``history`` [r, W] holds each row's last W generated tokens (W = the
+    window), right-aligned, -1 where the row has generated fewer."""
+    r, W = history.shape
+    if n <= 0 or W < n:
+        return logits
+    grams = history.unfold(1, n, 1)  # [r, W-n+1, n]: every n-gram inside the window
+    follow = grams[..., n - 1]
+    match = (grams[..., :n - 1] == history[:, None, W - n + 1:]).all(-1) & (follow >= 0)
+    if whitelist is not None and whitelist.numel():
+        match &= ~torch.isin(follow, whitelist)
+    inf = torch.tensor(float("inf"), device=logits.device, dtype=logits.dtype)
+    return logits.scatter_reduce(1, follow.clamp(min=0), torch.where(match, -inf, inf), "amin")
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token from a [V] logits row."""
     if params.temperature == 0:
@@ -120,10 +144,15 @@ class _Row:
 
 
 class DecodeBatch:
-    """A fixed-capacity set of KV-cache rows that requests join and leave between steps."""
+    """A fixed-capacity set of KV-cache rows that requests join and leave between steps.
+
+    ``fast`` (default: on CUDA) decodes through a :class:`GraphedDecoder` captured for this
+    batch's cache; otherwise every step runs ``GPT.forward`` and picks tokens on the host.
+    """
 
     def __init__(self, model: NanoDeepseekOCR, capacity: int, max_len: int, eos_id: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 fast: bool | None = None) -> None:
         self.model = model
         self.device = torch.device(device) if device is not None else model.image_newline.device
         self.dtype = dtype or model.gpt.lm_head.weight.dtype
@@ -132,7 +161,12 @@ class DecodeBatch:
         self.eos_id = eos_id
         self.cache = KVCache(model.config.gpt, capacity, self.max_len, self.device, self.dtype)
         self.rows: dict[int, _Row] = {}
+        self.lengths = [0] * capacity  # host copy of each active row's cache length (no syncs)
         self.next_token = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self.fast = self.device.type == "cuda" if fast is None else fast
+        self.decoder = GraphedDecoder(model.gpt, self.cache) if self.fast else None
+        self.history: torch.Tensor | None = None  # fast path: [capacity, W] recent tokens per row
+        self._whitelists: dict[frozenset[int], torch.Tensor] = {}
 
     @property
     def active(self) -> int:
@@ -141,6 +175,7 @@ class DecodeBatch:
     def free_rows(self) -> list[int]:
         return [r for r in range(self.capacity) if r not in self.rows]
 
+    # ------------------------------------------------------------ host path
     def _choose(self, row: _Row, logits: torch.Tensor) -> int:
         p = row.params
         if p.ngram_size:
@@ -151,21 +186,77 @@ class DecodeBatch:
         return sample(logits, p, row.generator)
 
     def _emit(self, slot: int, logits: torch.Tensor) -> TokenEvent:
+        return self._record(slot, self._choose(self.rows[slot], logits))
+
+    def _record(self, slot: int, token: int) -> TokenEvent:
+        """Append ``token`` to the row and decide whether the row is done."""
         row = self.rows[slot]
-        token = self._choose(row, logits)
         row.generated.append(token)
         reason = None
         if token in row.stop_ids:
             reason = "stop"
-        elif len(row.generated) >= row.params.max_new_tokens or int(self.cache.lengths[slot]) + 1 >= self.max_len:
+        elif len(row.generated) >= row.params.max_new_tokens or self.lengths[slot] + 1 >= self.max_len:
             reason = "length"
         event = TokenEvent(row.request_id, token, reason is not None, reason)
         if reason is not None:
             del self.rows[slot]
-        else:
+        elif not self.fast:
             self.next_token[slot] = token
         return event
 
+    # ---------------------------------------------------------- device path
+    def _history_for(self, window: int) -> torch.Tensor:
+        if self.history is None or self.history.shape[1] < window:
+            grown = torch.full((self.capacity, window), -1, dtype=torch.long, device=self.device)
+            if self.history is not None:
+                grown[:, window - self.history.shape[1]:] = self.history
+            self.history = grown
+        return self.history
+
+    def _choose_on_device(self, slots: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Token ids [len(slots)] (on the device) for rows ``slots`` given their logits rows.
+
+        Greedy argmax for all; rows with n-gram blocking get their bans applied on the device
+        (grouped by their blocker settings); sampling rows are drawn on the host.
+        """
+        chosen = logits.argmax(dim=-1)
+        groups: dict[tuple, list[int]] = {}
+        sampled = []
+        for i, slot in enumerate(slots):
+            p = self.rows[slot].params
+            if p.ngram_size:
+                groups.setdefault((p.ngram_size, p.ngram_window, p.whitelist_ids), []).append(i)
+            if p.temperature > 0:
+                sampled.append(i)
+        if not groups and not sampled:
+            return chosen
+        logits = logits.clone() if groups else logits
+        for (n, window, whitelist), members in groups.items():
+            idx = torch.tensor(members, device=self.device)
+            rows = torch.tensor([slots[i] for i in members], device=self.device)
+            hist = self._history_for(window)[rows][:, -window:]
+            if whitelist and whitelist not in self._whitelists:
+                self._whitelists[whitelist] = torch.tensor(sorted(whitelist), device=self.device)
+            blocked = block_ngrams(logits[idx], hist, n, self._whitelists.get(whitelist))
+            logits[idx] = blocked
+            chosen[idx] = blocked.argmax(dim=-1)
+        for i in sampled:
+            row = self.rows[slots[i]]
+            chosen[i] = sample(logits[i].float().cpu(), row.params, row.generator)
+        return chosen
+
+    def _remember(self, slots: list[int], tokens: torch.Tensor) -> None:
+        """Shift the chosen tokens into the n-gram history of rows that block n-grams."""
+        if self.history is None:
+            return
+        keep = [i for i, s in enumerate(slots) if s in self.rows and self.rows[s].params.ngram_size]
+        if not keep:
+            return
+        rows = torch.tensor([slots[i] for i in keep], device=self.device)
+        hist = self.history[rows]
+        self.history[rows] = torch.cat([hist[:, 1:], tokens[torch.tensor(keep, device=self.device)][:, None]], 1)
+
+    # --------------------------------------------------------------- public
     @torch.inference_mode()
     def add(self, prompts: Sequence[tuple[object, torch.Tensor, SamplingParams]]) -> list[TokenEvent]:
         """Prefill ``(request_id, prompt_embeds [L, C], params)`` into free rows; first tokens out."""
@@ -183,21 +274,34 @@ class DecodeBatch:
         embeds = torch.zeros(len(prompts), T, C, device=self.device, dtype=self.dtype)
         for i, (_, e, _) in enumerate(prompts):
             embeds[i, :e.shape[0]] = e.to(self.device, self.dtype)
-        slots = torch.tensor(free[:len(prompts)], device=self.device)
+        slot_list = free[:len(prompts)]
+        slots = torch.tensor(slot_list, device=self.device)
         positions = torch.arange(T, device=self.device)[None].expand(len(prompts), T)
         last = torch.tensor(lengths, device=self.device) - 1
         logits = self.model.gpt(inputs_embeds=embeds, positions=positions, kv_cache=self.cache,
                                 cache_rows=slots, logits_rows=last)[:, 0]
         self.cache.lengths[slots] = last + 1  # padding beyond each prompt stays masked
-        events = []
         for i, (rid, _, p) in enumerate(prompts):
-            slot = int(slots[i])
+            slot = slot_list[i]
             gen = None
             if p.seed is not None:
                 gen = torch.Generator(device="cpu").manual_seed(p.seed)
             stop = p.stop_ids if p.stop_ids is not None else frozenset({self.eos_id})
             self.rows[slot] = _Row(rid, p, stop, generator=gen)
-            events.append(self._emit(slot, logits[i].float().cpu()))
+            self.lengths[slot] = lengths[i]
+        if not self.fast:
+            return [self._emit(slot, logits[i].float().cpu()) for i, slot in enumerate(slot_list)]
+        if self.history is not None:
+            self.history[slots] = -1
+        if any(p.ngram_size for _, _, p in prompts):
+            self._history_for(max(p.ngram_window for _, _, p in prompts))
+        tokens = self._choose_on_device(slot_list, logits)
+        self._remember(slot_list, tokens)
+        self.decoder.tokens[slots] = tokens
+        events = [self._record(slot, t) for slot, t in zip(slot_list, tokens.tolist())]
+        started = [s for s in slot_list if s in self.rows]
+        if started:
+            self.decoder.active[torch.tensor(started, device=self.device)] = True
         return events
 
     @torch.inference_mode()
@@ -205,6 +309,8 @@ class DecodeBatch:
         """Advance every active row by one token."""
         if not self.rows:
             return []
+        if self.fast:
+            return self._step_fast()
         positions = self.cache.lengths.clone()
         inactive = [r for r in range(self.capacity) if r not in self.rows]
         if inactive:  # idle rows run a dummy token at position 0; their slot is reset on reuse
@@ -213,7 +319,29 @@ class DecodeBatch:
                                 kv_cache=self.cache)[:, 0].float().cpu()
         events = []
         for slot in sorted(self.rows):
+            self.lengths[slot] += 1
             events.append(self._emit(slot, logits[slot]))
+        return events
+
+    def _step_fast(self) -> list[TokenEvent]:
+        dec = self.decoder
+        slots = sorted(self.rows)
+        dec.step()  # one graph replay; greedy tokens already in dec.tokens
+        special = [s for s in slots if self.rows[s].params.ngram_size or self.rows[s].params.temperature > 0]
+        if special:
+            rows = torch.tensor(special, device=self.device)
+            tokens = self._choose_on_device(special, dec.logits[rows])
+            dec.tokens[rows] = tokens
+            self._remember(special, tokens)
+        chosen = dec.tokens.tolist()  # the step's one host sync
+        events, finished = [], []
+        for slot in slots:
+            self.lengths[slot] += 1
+            events.append(self._record(slot, chosen[slot]))
+            if events[-1].finished:
+                finished.append(slot)
+        if finished:
+            dec.active[torch.tensor(finished, device=self.device)] = False
         return events
 
 
@@ -221,16 +349,27 @@ class Engine:
     """Generation for lists of requests on one model (see the module docstring)."""
 
     def __init__(self, model: NanoDeepseekOCR, tokenizer, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
+                 dtype: torch.dtype | None = None, fast: bool | None = None, encode_batch: int = 8) -> None:
+        """``dtype`` defaults to bf16 on CUDA (the model is cast in place) and to the model's own
+        dtype elsewhere; ``fast`` (default: on CUDA) selects the graphed decode path;
+        ``encode_batch`` bounds the images the vision encoder takes at once (memory)."""
         self.device = torch.device(device) if device is not None else model.image_newline.device
+        if dtype is None and self.device.type == "cuda":
+            dtype = torch.bfloat16
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
         self.dtype = dtype
+        self.fast = self.device.type == "cuda" if fast is None else fast
+        self.encode_batch = max(1, encode_batch)
+        self._batch: DecodeBatch | None = None  # kept between calls on the fast path (graph + cache)
 
     # ------------------------------------------------------------ building
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageViews]) -> list[torch.Tensor]:
-        return self.model.encode_images([im.to(self.device) for im in images])
+        out: list[torch.Tensor] = []
+        for i in range(0, len(images), self.encode_batch):
+            out.extend(self.model.encode_images([im.to(self.device) for im in images[i:i + self.encode_batch]]))
+        return out
 
     @torch.inference_mode()
     def prompt_embeds(self, prompt: str, vision: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -255,13 +394,25 @@ class Engine:
             prepared.append((embeds, n_prompt, sum(v.shape[0] for v in vision)))
         return prepared
 
+    def _decode_batch(self, capacity: int, max_len: int) -> DecodeBatch:
+        """A DecodeBatch for ``capacity`` rows of ``max_len``; the fast path reuses its last one
+        (cache and captured graph) when it is idle and large enough."""
+        dtype = self.dtype or self.model.gpt.lm_head.weight.dtype
+        b = self._batch
+        if b is not None and not b.active and b.capacity == capacity and b.max_len >= max_len:
+            return b
+        self._batch = None  # free the old cache before allocating the new one
+        batch = DecodeBatch(self.model, capacity, max_len, self.tokenizer.eos_id, self.device, dtype, fast=self.fast)
+        if self.fast:
+            self._batch = batch
+        return batch
+
     # ---------------------------------------------------------- generation
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, str, TokenEvent]]:
         """Yield ``(request_index, text_delta, event)`` as tokens are generated."""
         prepared = self._prepare(requests)
         max_len = max(e.shape[0] + r.params.max_new_tokens for (e, _, _), r in zip(prepared, requests)) + 1
-        batch = DecodeBatch(self.model, len(requests), max_len, self.tokenizer.eos_id, self.device,
-                            self.dtype or self.model.gpt.lm_head.weight.dtype)
+        batch = self._decode_batch(len(requests), max_len)
         tokens: list[list[int]] = [[] for _ in requests]
         texts = ["" for _ in requests]
 
@@ -286,8 +437,7 @@ class Engine:
         start = time.perf_counter()
         prepared = self._prepare(requests)
         max_len = max(e.shape[0] + r.params.max_new_tokens for (e, _, _), r in zip(prepared, requests)) + 1
-        batch = DecodeBatch(self.model, len(requests), max_len, self.tokenizer.eos_id, self.device,
-                            self.dtype or self.model.gpt.lm_head.weight.dtype)
+        batch = self._decode_batch(len(requests), max_len)
         tokens: list[list[int]] = [[] for _ in requests]
         reasons: list[str] = ["length" for _ in requests]
         events = batch.add([(i, e, r.params) for i, ((e, _, _), r) in enumerate(zip(prepared, requests))])

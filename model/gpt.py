@@ -10,11 +10,26 @@ Beyond nanochat: ``positions`` (per-row RoPE positions), ``segment_ids`` (block-
 causal attention for packed sequences, so a packed sample sees exactly what it would see
 alone) and a preallocated :class:`KVCache` with per-row lengths for batched generation of
 prompts of different lengths.
+
+Fast paths on CUDA (CPU results are unchanged; the CPU always takes the plain SDPA path):
+
+- packed training (``segment_ids``): FlashAttention over variable-length segments
+  (``torch.nn.attention.varlen``) instead of SDPA with a dense [B,1,T,T] mask, which would
+  rule flash attention out;
+- prefill from position 0 into a KV cache: causal flash attention over the new keys only
+  (the cache rows hold nothing older), instead of a masked pass over the whole cache;
+- decoding: :class:`GraphedDecoder` runs one token for every cache row in a single CUDA-graph
+  replay, with fused Triton kernels (RoPE + QK-norm + cache write; split-K flash decoding that
+  reads only each row's own valid keys; residual add + RMSNorm; ReLU^2). Its rotary and
+  attention arithmetic is fp32, so in bf16 it rounds differently from the eager path (greedy
+  tokens agree except at near-ties).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +79,67 @@ class KVCache:
         self.lengths[torch.as_tensor(rows, device=self.lengths.device, dtype=torch.long)] = 0
 
 
+@dataclass
+class AttentionPlan:
+    """How every layer of one forward attends (worked out once per forward, not per layer).
+
+    ``mask``: a dense boolean mask for SDPA (KV cache, or packed segments on the CPU);
+    ``cu_seqlens``/``max_seqlen``: segment boundaries over the flattened batch for varlen flash
+    attention; ``causal_new``: attend causally over this call's own keys (prefill from 0).
+    Everything unset: plain causal attention.
+    """
+
+    mask: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    causal_new: bool = False
+
+
+_VARLEN = None  # the resolved varlen flash-attention call; False when this torch has none
+
+
+def _varlen_causal_fn():
+    """torch's varlen flash attention with causal masking, across its API versions (or None)."""
+    global _VARLEN
+    if _VARLEN is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            params = inspect.signature(varlen_attn).parameters
+            if "is_causal" in params:
+                _VARLEN = lambda q, k, v, cu, m: varlen_attn(q, k, v, cu, cu, m, m, is_causal=True)  # noqa: E731
+            elif "window_size" in params:
+                _VARLEN = lambda q, k, v, cu, m: varlen_attn(q, k, v, cu, cu, m, m, window_size=(-1, 0))  # noqa: E731
+            else:
+                _VARLEN = False
+        except Exception:  # older torch: no varlen API
+            _VARLEN = False
+    return _VARLEN or None
+
+
+def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype flash attention would run in here (autocast's, or the tensor's own)."""
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    else:
+        dtype = x.dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def packed_plan(segment_ids: torch.Tensor) -> AttentionPlan:
+    """Segment boundaries of packed rows for varlen attention (one host sync per forward).
+
+    Each maximal run of equal ids in a row is one sequence; rows never share a sequence. Packing
+    (``pipeline.mixture.collate``) lays every sample out as one such run.
+    """
+    B, T = segment_ids.shape
+    starts = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = starts.flatten().nonzero().flatten()
+    cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
+    return AttentionPlan(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -77,14 +153,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, cache: KVCache | None,
+                plan: AttentionPlan | torch.Tensor | None, cache: KVCache | None,
                 positions: torch.Tensor | None, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(plan, AttentionPlan):  # a bare mask (or None) as before
+            plan = AttentionPlan(mask=plan)
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = rms_norm(q), rms_norm(k)
+        if plan.cu_seqlens is not None:  # packed segments through varlen flash attention (CUDA)
+            dtype = _half_dtype(q)
+            y = _varlen_causal_fn()(q.reshape(B * T, self.n_head, self.head_dim).to(dtype),
+                                    k.reshape(B * T, self.n_kv_head, self.head_dim).to(dtype),
+                                    v.reshape(B * T, self.n_kv_head, self.head_dim).to(dtype),
+                                    plan.cu_seqlens, plan.max_seqlen)
+            return self.c_proj(y.reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         gqa = self.n_kv_head != self.n_head
         if cache is not None:
@@ -94,14 +179,16 @@ class CausalSelfAttention(nn.Module):
             index = rows[:, None].expand(B, T)
             ck[index, :, positions] = k.transpose(1, 2).to(ck.dtype)
             cv[index, :, positions] = v.transpose(1, 2).to(cv.dtype)
-            if cache_rows is None:  # the whole cache is this batch: attend in place, no gather
+            if plan.causal_new:  # prefill from 0: the new keys are all the row has
+                k, v = k.to(ck.dtype).to(q.dtype), v.to(cv.dtype).to(q.dtype)
+            elif cache_rows is None:  # the whole cache is this batch: attend in place, no gather
                 k, v = ck.to(q.dtype), cv.to(q.dtype)
             else:
                 k, v = ck[cache_rows].to(q.dtype), cv[cache_rows].to(q.dtype)
-        if attn_mask is None:
+        if plan.mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.c_proj(y)
 
@@ -122,8 +209,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn_mask, cache, positions, cache_rows=None):
-        x = x + self.attn(rms_norm(x), cos, sin, attn_mask, cache, positions, cache_rows)
+    def forward(self, x, cos, sin, plan, cache, positions, cache_rows=None):
+        x = x + self.attn(rms_norm(x), cos, sin, plan, cache, positions, cache_rows)
         return x + self.mlp(rms_norm(x))
 
 
@@ -213,30 +300,43 @@ class GPT(nn.Module):
             else:
                 base = 0
             positions = base + torch.arange(T, device=device)[None, :].expand(B, T)
-        if int(positions.max()) >= self.rotary_len:
-            raise ValueError(f"position {int(positions.max())} beyond the rotary table ({self.rotary_len})")
+        if kv_cache is not None and x.is_cuda and T > 1:
+            # one sync for both checks: the largest position, and "prefill from position 0"
+            steps = torch.arange(T, device=device)
+            pmax, shifted = torch.stack([positions.max(), (positions != steps).any().long()]).tolist()
+            fresh = not shifted
+        else:
+            pmax, fresh = int(positions.max()), False
+        if pmax >= self.rotary_len:
+            raise ValueError(f"position {pmax} beyond the rotary table ({self.rotary_len})")
         cos = self.cos[positions][:, :, None, :].to(x.dtype)
         sin = self.sin[positions][:, :, None, :].to(x.dtype)
 
-        attn_mask = None
+        plan = AttentionPlan()
         if kv_cache is not None:
-            if int(positions.max()) >= kv_cache.max_len:
-                raise ValueError(f"KV cache full: position {int(positions.max())} >= {kv_cache.max_len}")
-            key_pos = torch.arange(kv_cache.max_len, device=device)
-            attn_mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,L]
+            if pmax >= kv_cache.max_len:
+                raise ValueError(f"KV cache full: position {pmax} >= {kv_cache.max_len}")
+            if fresh:  # CUDA: causal flash attention over the new keys, no [B,1,T,L] mask
+                plan = AttentionPlan(causal_new=True)
+            else:
+                key_pos = torch.arange(kv_cache.max_len, device=device)
+                plan = AttentionPlan(mask=(key_pos[None, None, :] <= positions[:, :, None])[:, None])  # [B,1,T,L]
         elif segment_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            same = segment_ids[:, :, None] == segment_ids[:, None, :]
-            attn_mask = (causal[None] & same)[:, None]
+            if x.is_cuda and _half_dtype(x) is not None and _varlen_causal_fn() is not None:
+                plan = packed_plan(segment_ids)
+            else:
+                causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]
+                plan = AttentionPlan(mask=(causal[None] & same)[:, None])
 
         x = rms_norm(x)
         for block in self.transformer.h:
-            x = block(x, cos, sin, attn_mask, kv_cache, positions, cache_rows)
+            x = block(x, cos, sin, plan, kv_cache, positions, cache_rows)
         x = rms_norm(x)
         if kv_cache is not None:
             new_lengths = positions.max(dim=1).values + 1
             if cache_rows is None:
-                kv_cache.lengths = new_lengths
+                kv_cache.lengths.copy_(new_lengths)  # in place: a captured decode graph holds this tensor
             else:
                 kv_cache.lengths[cache_rows] = new_lengths
         if logits_rows is not None:
@@ -258,3 +358,341 @@ class GPT(nn.Module):
         n_matmul = sum(p.numel() for n, p in self.named_parameters() if "wte" not in n)
         t = context or cfg.sequence_len
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * t
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode fast path: one token for every KV-cache row per call, as fused kernels in a CUDA graph.
+# Each op has a torch reference (used on the CPU and wherever Triton is missing) that computes
+# what the eager GPT.forward computes, so the two are interchangeable and testable on a laptop.
+
+try:  # Triton ships with CUDA builds of torch; the CPU wheels lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def rope_norm_store_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q [B, H, D] rotated and normed; k (rotated, normed) and v written to the caches at ``pos``.
+
+    ``qkv`` is [B, (H + 2 Hkv) D] (c_q, c_k, c_v outputs side by side); caches [B, Hkv, L, D].
+    """
+    B = qkv.shape[0]
+    n_kv, D = k_cache.shape[1], k_cache.shape[3]
+    q, k, v = qkv.split([n_head * D, n_kv * D, n_kv * D], dim=-1)
+    c, s = cos[pos][:, None, :].to(qkv.dtype), sin[pos][:, None, :].to(qkv.dtype)
+    q = rms_norm(apply_rotary(q.reshape(B, n_head, D), c, s))
+    k = rms_norm(apply_rotary(k.reshape(B, n_kv, D), c, s))
+    rows = torch.arange(B, device=qkv.device)
+    k_cache[rows, :, pos] = k.to(k_cache.dtype)
+    v_cache[rows, :, pos] = v.reshape(B, n_kv, D).to(v_cache.dtype)
+    return q
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         n_keys: torch.Tensor) -> torch.Tensor:
+    """[B, H*D]: each row's query over its first ``n_keys[b]`` cached keys (the eager masking)."""
+    B, H, D = q.shape
+    L = k_cache.shape[2]
+    mask = (torch.arange(L, device=q.device)[None, :] < n_keys[:, None])[:, None, None, :]
+    y = F.scaled_dot_product_attention(q[:, :, None], k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask,
+                                       enable_gqa=k_cache.shape[1] != H)
+    return y.reshape(B, H * D)
+
+
+def add_rms_norm_ref(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x += y in place; returns (x, rms_norm(x))."""
+    x.add_(y)
+    return x, rms_norm(x)
+
+
+def relu_square_ref(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_norm_store_kernel(QKV, COS, SIN, POS, QOUT, KC, VC,
+                                s_qkv, s_qo_b, s_qo_h, s_c_b, s_c_h, s_c_t, eps,
+                                H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0)
+        j = tl.program_id(1)  # q heads, then k heads, then v heads
+        half = tl.arange(0, D // 2)
+        pos = tl.load(POS + b)
+        src = QKV + b * s_qkv + j * D
+        if j < H + HKV:
+            x1 = tl.load(src + half).to(tl.float32)
+            x2 = tl.load(src + D // 2 + half).to(tl.float32)
+            c = tl.load(COS + pos * (D // 2) + half).to(tl.float32)
+            s = tl.load(SIN + pos * (D // 2) + half).to(tl.float32)
+            o1 = x1 * c + x2 * s
+            o2 = x2 * c - x1 * s
+            r = 1.0 / tl.sqrt((tl.sum(o1 * o1, 0) + tl.sum(o2 * o2, 0)) / D + eps)
+            if j < H:
+                dst = QOUT + b * s_qo_b + j * s_qo_h
+                tl.store(dst + half, (o1 * r).to(QOUT.dtype.element_ty))
+                tl.store(dst + D // 2 + half, (o2 * r).to(QOUT.dtype.element_ty))
+            else:
+                dst = KC + b * s_c_b + (j - H) * s_c_h + pos * s_c_t
+                tl.store(dst + half, (o1 * r).to(KC.dtype.element_ty))
+                tl.store(dst + D // 2 + half, (o2 * r).to(KC.dtype.element_ty))
+        else:
+            full = tl.arange(0, D)
+            dst = VC + b * s_c_b + (j - H - HKV) * s_c_h + pos * s_c_t
+            tl.store(dst + full, tl.load(src + full).to(VC.dtype.element_ty))
+
+    @triton.jit
+    def _decode_attn_split_kernel(Q, KC, VC, NKEYS, MOUT, LOUT, AOUT,
+                                  s_q_b, s_q_h, s_c_b, s_c_h, s_c_t, scale_log2, n_split,
+                                  H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                                  SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+        # flash decoding: program (b, h, s) reduces keys [s*SPLIT, min((s+1)*SPLIT, n_b)) to a
+        # partial (max, sum, weighted values); splits past a row's length do no loads at all
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        n = tl.load(NKEYS + b)
+        start = sp * SPLIT
+        end = tl.minimum(start + SPLIT, n)
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * s_q_b + h * s_q_h + d).to(tl.float32) * scale_log2
+        kv = b * s_c_b + (h // GROUP) * s_c_h
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([D], dtype=tl.float32)
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            valid = t < end
+            offs = kv + t[:, None] * s_c_t + d[None, :]
+            k = tl.load(KC + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            scores = tl.where(valid, tl.sum(k * q[None, :], 1), -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            p = tl.exp2(scores - m_new)
+            alpha = tl.exp2(m_i - m_new)
+            v = tl.load(VC + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            m_i = m_new
+        o = (b * H + h) * n_split + sp
+        tl.store(MOUT + o, m_i)
+        tl.store(LOUT + o, l_i)
+        tl.store(AOUT + o * D + d, acc)
+
+    @triton.jit
+    def _decode_attn_merge_kernel(MOUT, LOUT, AOUT, OUT, s_o_b, n_split,
+                                  H: tl.constexpr, D: tl.constexpr, NSPLIT_P2: tl.constexpr):
+        bh = tl.program_id(0)
+        sp = tl.arange(0, NSPLIT_P2)
+        ok = sp < n_split
+        m = tl.load(MOUT + bh * n_split + sp, mask=ok, other=-float("inf"))
+        l = tl.load(LOUT + bh * n_split + sp, mask=ok, other=0.0)
+        d = tl.arange(0, D)
+        acc = tl.load(AOUT + (bh * n_split + sp)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        w = tl.exp2(m - tl.max(m, 0))  # split 0 always holds key 0, so the max is finite
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(OUT + (bh // H) * s_o_b + (bh % H) * D + d, out.to(OUT.dtype.element_ty))
+
+    @triton.jit
+    def _add_rms_norm_kernel(X, Y, HOUT, s_x, s_y, s_h, eps, C: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        c = tl.arange(0, BLOCK)
+        ok = c < C
+        x = tl.load(X + b * s_x + c, mask=ok, other=0.0).to(tl.float32)
+        x = x + tl.load(Y + b * s_y + c, mask=ok, other=0.0).to(tl.float32)
+        x = x.to(X.dtype.element_ty)  # the residual stream is stored rounded, as eagerly
+        tl.store(X + b * s_x + c, x, mask=ok)
+        xf = x.to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / C + eps)
+        tl.store(HOUT + b * s_h + c, (xf * r).to(HOUT.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _relu_square_kernel(X, N, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < N
+        x = tl.maximum(tl.load(X + i, mask=ok, other=0.0).to(tl.float32), 0.0)
+        tl.store(X + i, (x * x).to(X.dtype.element_ty), mask=ok)
+
+
+def _norm_eps(dtype: torch.dtype) -> float:
+    """The eps F.rms_norm uses when given none: the input dtype's machine epsilon."""
+    return torch.finfo(dtype).eps
+
+
+class DecodeKernels:
+    """The decode step's fused ops: Triton kernels, or their torch references (``use_triton=False``)."""
+
+    def __init__(self, use_triton: bool) -> None:
+        if use_triton and triton is None:
+            raise RuntimeError("Triton is not installed; use the torch reference ops")
+        self.use_triton = use_triton
+
+    def rope_norm_store(self, qkv, cos, sin, pos, k_cache, v_cache, n_head):
+        if not self.use_triton:
+            return rope_norm_store_ref(qkv, cos, sin, pos, k_cache, v_cache, n_head)
+        B = qkv.shape[0]
+        n_kv, D = k_cache.shape[1], k_cache.shape[3]
+        q = torch.empty(B, n_head, D, device=qkv.device, dtype=qkv.dtype)
+        _rope_norm_store_kernel[(B, n_head + 2 * n_kv)](
+            qkv, cos, sin, pos, q, k_cache, v_cache, qkv.stride(0), q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), _norm_eps(qkv.dtype),
+            H=n_head, HKV=n_kv, D=D, num_warps=1)
+        return q
+
+    @staticmethod
+    def split_size(batch: int, heads: int, max_len: int) -> int:
+        """Keys per split-K program: enough programs to fill the GPU, at most 64 splits a row."""
+        want_splits = max(1, -(-1024 // (batch * heads)))
+        split = _next_pow2(-(-max_len // want_splits))
+        return max(64, min(split, 512), _next_pow2(-(-max_len // 64)))
+
+    def decode_attention(self, q, k_cache, v_cache, n_keys, scratch=None):
+        if not self.use_triton:
+            return decode_attention_ref(q, k_cache, v_cache, n_keys)
+        B, H, D = q.shape
+        L = k_cache.shape[2]
+        split = self.split_size(B, H, L)
+        n_split = -(-L // split)
+        if scratch is None:
+            scratch = self.attention_scratch(B, H, D, L, q.device)
+        m, lsum, acc = scratch
+        _decode_attn_split_kernel[(B, H, n_split)](
+            q, k_cache, v_cache, n_keys, m, lsum, acc, q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D ** -0.5 * 1.4426950408889634, n_split,
+            H=H, GROUP=H // k_cache.shape[1], D=D, SPLIT=split, BLOCK_N=64, num_warps=4)
+        out = torch.empty(B, H * D, device=q.device, dtype=q.dtype)
+        _decode_attn_merge_kernel[(B * H,)](m, lsum, acc, out, out.stride(0), n_split,
+                                            H=H, D=D, NSPLIT_P2=_next_pow2(n_split), num_warps=4)
+        return out
+
+    def attention_scratch(self, B: int, H: int, D: int, L: int, device) -> tuple[torch.Tensor, ...]:
+        n_split = -(-L // self.split_size(B, H, L))
+        return (torch.empty(B * H * n_split, device=device, dtype=torch.float32),
+                torch.empty(B * H * n_split, device=device, dtype=torch.float32),
+                torch.empty(B * H * n_split * D, device=device, dtype=torch.float32))
+
+    def add_rms_norm(self, x, y):
+        if not self.use_triton:
+            return add_rms_norm_ref(x, y)
+        B, C = x.shape
+        h = torch.empty_like(x)
+        _add_rms_norm_kernel[(B,)](x, y, h, x.stride(0), y.stride(0), h.stride(0), _norm_eps(x.dtype),
+                                   C=C, BLOCK=_next_pow2(C), num_warps=4)
+        return x, h
+
+    def relu_square(self, x):
+        if not self.use_triton:
+            return relu_square_ref(x)
+        n = x.numel()
+        _relu_square_kernel[(triton.cdiv(n, 1024),)](x, n, BLOCK=1024, num_warps=4)
+        return x
+
+
+class GraphedDecoder:
+    """One decode step for every row of a :class:`KVCache`: the serving hot loop.
+
+    Inputs live in static buffers: ``tokens`` [B] (each row's last token) and ``active`` [B]
+    (rows that hold a request). :meth:`step` embeds the tokens, runs all layers at each active
+    row's own position (``cache.lengths``; idle rows compute a throwaway token at position 0),
+    advances the active rows' lengths, and leaves softcapped fp32 ``logits`` [B, V] and their
+    ``greedy`` argmax [B] in static buffers, which it also copies into ``tokens`` for the next
+    step. Nothing in it synchronises with the host. On CUDA it is captured once as a CUDA graph
+    (at construction, so every row must be idle then) and replayed; with ``use_triton`` the
+    elementwise work runs as fused Triton kernels, else as the torch references, which is how
+    the CPU runs it.
+    """
+
+    def __init__(self, gpt: "GPT", cache: KVCache, use_graph: bool | None = None,
+                 use_triton: bool | None = None) -> None:
+        device = cache.k.device
+        cuda = device.type == "cuda"
+        self.gpt = gpt
+        self.cache = cache
+        self.kernels = DecodeKernels(cuda and triton is not None if use_triton is None else use_triton)
+        self.use_graph = cuda if use_graph is None else use_graph
+        cfg = gpt.config
+        B, dtype = cache.batch_size, cache.k.dtype
+        weight = lambda w: w.detach().to(dtype)  # noqa: E731
+        self.layers = []
+        for block in gpt.transformer.h:
+            a, m = block.attn, block.mlp
+            qkv = torch.cat([weight(a.c_q.weight), weight(a.c_k.weight), weight(a.c_v.weight)])
+            self.layers.append((qkv, weight(a.c_proj.weight), weight(m.c_fc.weight), weight(m.c_proj.weight)))
+        self.wte = weight(gpt.transformer.wte.weight)
+        self.lm_head = weight(gpt.lm_head.weight)
+        self.cos, self.sin = gpt.cos.float(), gpt.sin.float()
+        self.n_head = cfg.n_head
+        self.tokens = torch.zeros(B, dtype=torch.long, device=device)
+        self.active = torch.zeros(B, dtype=torch.bool, device=device)
+        self.lengths = cache.lengths
+        self.scratch = (self.kernels.attention_scratch(B, cfg.n_head, cfg.head_dim, cache.max_len, device)
+                        if self.kernels.use_triton else None)
+        self.logits = torch.zeros(B, cfg.vocab_size, dtype=torch.float32, device=device)
+        self.greedy = torch.zeros(B, dtype=torch.long, device=device)
+        self.graph = None
+        if self.use_graph:
+            try:
+                self._capture()
+            except Exception as exc:  # a Triton build problem must not take decoding down
+                if not self.kernels.use_triton:
+                    raise
+                warnings.warn(f"Triton decode kernels failed ({type(exc).__name__}: {exc}); using torch ops")
+                self.kernels, self.scratch = DecodeKernels(False), None
+                self._capture()
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one step reads (every matrix once; the embedding rows are negligible)."""
+        mats = [w for layer in self.layers for w in layer] + [self.lm_head]
+        return sum(w.numel() * w.element_size() for w in mats)
+
+    def _forward(self) -> None:
+        k = self.kernels
+        cache, n_head = self.cache, self.n_head
+        active = self.active.long()
+        pos = self.lengths * active  # idle rows: a dummy token at position 0
+        n_keys = pos + 1
+        x = F.embedding(self.tokens, self.wte)
+        x = rms_norm(x)
+        h = rms_norm(x)
+        for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(self.layers):
+            kc, vc = cache.k[i], cache.v[i]
+            q = k.rope_norm_store(F.linear(h, w_qkv), self.cos, self.sin, pos, kc, vc, n_head)
+            y = k.decode_attention(q, kc, vc, n_keys, self.scratch)
+            x, h = k.add_rms_norm(x, F.linear(y, w_o))
+            x, h = k.add_rms_norm(x, F.linear(k.relu_square(F.linear(h, w_fc)), w_proj))
+        cap = self.gpt.config.logit_softcap
+        self.logits.copy_(cap * torch.tanh(F.linear(h, self.lm_head).float() / cap))
+        torch.argmax(self.logits, dim=-1, out=self.greedy)
+        self.tokens.copy_(self.greedy)
+        self.lengths.add_(active)
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        if self.active.any():
+            raise RuntimeError("GraphedDecoder captures with every row idle")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._forward()
+        self.tokens.zero_()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Advance every active row by one token (results in ``logits`` and ``greedy``)."""
+        if self.cache.lengths is not self.lengths:  # someone rebound it: keep the captured tensor
+            self.lengths.copy_(self.cache.lengths)
+            self.cache.lengths = self.lengths
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._forward()

@@ -11,6 +11,7 @@ is kept. Pure PIL/numpy; no Ray or MLflow.
 
 from __future__ import annotations
 
+import colorsys
 import math
 import os
 import re
@@ -268,8 +269,6 @@ def label_color(label: str) -> tuple[int, int, int]:
     if label in _LABEL_COLORS:
         return _LABEL_COLORS[label]
     h = sum((i + 1) * ord(c) for i, c in enumerate(label)) % 360
-    import colorsys
-
     r, g, b = colorsys.hsv_to_rgb(h / 360, 0.8, 0.75)
     return int(r * 255), int(g * 255), int(b * 255)
 

@@ -33,7 +33,7 @@ import sys
 import warnings
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -470,16 +470,15 @@ def _lay_paragraph(text: str, font: Any, width: int, ink, spacing: float, justif
                    max_h: int | None, label: str = "text", md_prefix: str = "") -> _Laid | None:
     """Wrapped text; with max_h, keeps only the lines that fit (None if not even one does)."""
     wr = _Writer(font, ink, spacing)
-    if max(_text_len(font, w) for w in text.split()) > width:
-        return None  # a word wider than the column
-    lines = _wrap(text.split(), font, width)
+    words = text.split()
+    if not words or max(_text_len(font, w) for w in words) > width:
+        return None  # nothing to draw, or a word wider than the column
+    lines = _wrap(words, font, width)
     if max_h is not None:
-        fit = max(0, (max_h - (wr.ascent + wr.descent)) // wr.line_h + 1) if max_h >= wr.ascent + wr.descent else 0
+        fit = (max_h - (wr.ascent + wr.descent)) // wr.line_h + 1 if max_h >= wr.ascent + wr.descent else 0
         if fit < len(lines):
-            if fit < (1 if label == "title" else 2):
-                return None
-            if label == "title":
-                return None  # never cut a heading
+            if label == "title" or fit < 2:
+                return None  # never cut a heading; a cut paragraph keeps at least two lines
             lines = lines[:fit]
     for i, ws in enumerate(lines):
         wr.line(ws, 0, i * wr.line_h, width, justify=justify and i < len(lines) - 1)
@@ -494,6 +493,8 @@ def _lay_list(items: list[str], numbered: bool, font: Any, width: int, ink, spac
     wr = _Writer(font, ink, spacing)
     markers = [f"{i + 1}." if numbered else BULLET for i in range(len(items))]
     indent = max(_text_len(font, m) for m in markers) + _text_len(font, "  ")
+    if not items or max(_text_len(font, w) for it in items for w in it.split()) > width - indent:
+        return None
     item_gap = wr.line_h * 0.25
     y = 0.0
     kept: list[int] = []
@@ -749,7 +750,7 @@ def make_page(index: int, config: SynthConfig | None = None, seed: int | None = 
     x0 = margin
     attempts = 0
     target = n_blocks + len(placed)  # the page title does not count
-    while len(placed) < target and attempts < 3 * n_blocks:
+    while (len(placed) < target or col < ncols - 1) and attempts < 3 * n_blocks + 20:  # reach the last column
         attempts += 1
         label = rng.choices(labels, weights)[0]
         last = len(placed) + 1 >= target
@@ -769,6 +770,8 @@ def make_page(index: int, config: SynthConfig | None = None, seed: int | None = 
             continue
         placed.append((laid, x0, y))
         y += laid.height + gap
+    while len(placed) > 1 and placed[-1][0].markdown.startswith("## "):
+        placed.pop()  # a section heading with nothing after it
 
     if not placed:  # a page always has at least one block
         title, size, laid = src.title(), body, None

@@ -1,0 +1,273 @@
+"""Shared helpers for the GPU benchmarks: device facts and ceilings, model FLOP counts, synthetic
+inputs, timing, and writing result tables.
+
+Every benchmark prints a Markdown table and appends it, headed by the device, torch version and
+date, to ``bench/RESULTS.md`` (``--results`` elsewhere), plus one JSON line per run to
+``--json`` when given. All of them also run on the CPU with ``--preset tiny --quick`` (a smoke
+test of the code path, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python bench/x.py` from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from model.config import VLMConfig, preset as preset_config  # noqa: E402
+from model.vlm import ImageViews, NanoDeepseekOCR  # noqa: E402
+
+# dense bf16 tensor-core peaks from the vendors' datasheets (what MFU is quoted against)
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+RESULTS = ROOT / "bench" / "RESULTS.md"
+TODAY = "2026-11-22"
+
+# A4 page (1191 x 1684) in Gundam mode: 1024 global view + 2 cols x 3 rows of 640 tiles = 903 slots
+A4_CROP = (2, 3)
+
+
+# --------------------------------------------------------------------------------- arguments
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the code path (CPU)")
+    p.add_argument("--results", default=str(RESULTS), help="Markdown file the table is appended to ('' = none)")
+    p.add_argument("--json", default="", help="append one JSON line of raw numbers to this file")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# ------------------------------------------------------------------------------------ device
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def datasheet_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in DATASHEET_BF16.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 1) -> list[float]:
+    """Wall seconds of each of ``repeat`` calls (device synchronised around each)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeat: int = 10) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 1 << 26)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = timed(lambda: dst.copy_(src), device, repeat=repeat, warmup=2)
+    return 2 * nbytes / median(times)
+
+
+def matmul_peak(device: torch.device, n: int = 8192, repeat: int = 10) -> float:
+    """Measured bf16 matrix-product rate (FLOP/s) on random data (fp32 on the CPU)."""
+    if device.type != "cuda":
+        n, dtype = 512, torch.float32
+    else:
+        dtype = torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = timed(lambda: a @ b, device, repeat=repeat, warmup=3)
+    return 2 * n ** 3 / median(times)
+
+
+# ------------------------------------------------------------------------------------- model
+def build_model(preset: str, device: torch.device, dtype: torch.dtype | None = None, seed: int = 0,
+                vocab_size: int | None = None, image_token_id: int = 3) -> NanoDeepseekOCR:
+    """A random-weight model built directly on ``device``.
+
+    nanochat zero-initialises the output projections and the head; those get small random
+    values here so that activations, logits and timings are those of a real network (never
+    benchmark on zeros).
+    """
+    cfg = preset_config(preset)
+    if vocab_size is not None:
+        cfg.gpt.vocab_size = vocab_size
+    cfg.image_token_id = image_token_id
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = NanoDeepseekOCR(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and p.abs().max() == 0:
+                p.normal_(0.0, 0.02)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+def gpt_matmul_params(cfg: VLMConfig) -> int:
+    """Parameters of the GPT's matrices (blocks + lm_head; the embedding is a lookup)."""
+    g = cfg.gpt
+    d = g.head_dim
+    per_layer = g.n_embd * d * (g.n_head + 2 * g.n_kv_head) + g.n_embd * g.n_embd + 8 * g.n_embd * g.n_embd
+    return g.n_layer * per_layer + g.vocab_size * g.n_embd
+
+
+def gpt_train_flops(cfg: VLMConfig, segment_lengths: Sequence[int]) -> float:
+    """Training FLOPs of one packed batch: 6 * matmul params per token + causal attention
+    counted per segment (what each packed sample really attends to)."""
+    g = cfg.gpt
+    tokens = sum(segment_lengths)
+    attn = 12 * g.n_layer * g.n_head * g.head_dim * sum(s * s / 2 for s in segment_lengths)
+    return 6 * gpt_matmul_params(cfg) * tokens + attn
+
+
+def vision_flops(cfg: VLMConfig, size: int) -> float:
+    """Forward FLOPs of one square view through SAM + compressor + CLIP + projector.
+
+    Matrix products (linears, convolutions) and attention (QK^T and PV, plus SAM's decomposed
+    relative-position terms); window blocks run on the window-padded grid as SAM does.
+    """
+    s, c = cfg.sam, cfg.clip
+    g = size // s.patch_size
+    n = g * g
+    e = s.embed_dim
+    hidden = int(round(e * s.mlp_ratio))
+    f = 2 * n * 3 * s.patch_size ** 2 * e  # patch embedding
+    for i in range(s.depth):
+        if i in s.global_attn_indexes or s.window_size <= 0:
+            tokens, attn_keys, side = n, n, g
+        else:
+            w = s.window_size
+            padded = -(-g // w) * w
+            tokens, attn_keys, side = padded * padded, w * w, w
+        f += 2 * tokens * e * 3 * e + 2 * tokens * e * e  # qkv, proj
+        f += 4 * tokens * attn_keys * e  # QK^T, PV
+        f += 2 * 2 * tokens * side * e  # relative positions, both axes
+        f += 2 * 2 * n * e * hidden  # MLP
+    f += 2 * n * e * s.neck_dim + 2 * n * 9 * s.neck_dim ** 2  # neck
+    f += 2 * (n // 4) * 9 * s.neck_dim * s.net2_dim + 2 * (n // 16) * 9 * s.net2_dim * s.net3_dim  # compressor
+    m = n // 16 + 1  # CLIP tokens (CLS + compressed grid)
+    f += c.num_layers * (2 * m * c.hidden_size * 4 * c.hidden_size + 2 * 2 * m * c.hidden_size * c.ffn_hidden_size
+                         + 4 * m * m * c.hidden_size)
+    f += 2 * (n // 16) * cfg.projector_in * cfg.gpt.n_embd  # projector
+    return float(f)
+
+
+def image_flops(cfg: VLMConfig, views: ImageViews) -> float:
+    """Forward FLOPs of all views of one image."""
+    f = vision_flops(cfg, views.global_view.shape[-1])
+    if views.tiles.shape[0]:
+        f += views.tiles.shape[0] * vision_flops(cfg, views.tiles.shape[-1])
+    return f
+
+
+# ------------------------------------------------------------------------------------ inputs
+def random_views(size: int, tiles: int = 0, tile_size: int = 640, crop: tuple[int, int] = (1, 1),
+                 rng: np.random.Generator | None = None) -> ImageViews:
+    """Random uint8 views (noise: the encoder's cost does not depend on content)."""
+    rng = rng or np.random.default_rng(0)
+    g = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    t = rng.integers(0, 256, (tiles, tile_size, tile_size, 3), dtype=np.uint8) if tiles else None
+    return ImageViews.from_arrays(g, t, crop)
+
+
+def a4_page(rng: np.random.Generator | None = None) -> ImageViews:
+    """An A4 page as Gundam mode cuts it: 1024 global view + 2x3 tiles of 640 (903 slots)."""
+    return random_views(1024, tiles=6, tile_size=640, crop=A4_CROP, rng=rng)
+
+
+def mode_views(mode: str, rng: np.random.Generator | None = None) -> ImageViews:
+    from model.config import MODES
+
+    spec = MODES[mode]
+    if spec["crop_mode"]:
+        return a4_page(rng)
+    return random_views(spec["base_size"], rng=rng)
+
+
+# ----------------------------------------------------------------------------------- results
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[object]]
+    notes: list[str]
+
+    def markdown(self) -> str:
+        def cell(v: object) -> str:
+            if isinstance(v, float):
+                return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+            return str(v)
+
+        lines = ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def environment(device: torch.device) -> str:
+    return f"{device_name(device)}, torch {torch.__version__}, {TODAY}"
+
+
+def report(table: Table, device: torch.device, args: argparse.Namespace, raw: dict | None = None) -> None:
+    """Print the table; append it (with device, torch and date) to the results file and JSON."""
+    text = f"### {table.title}\n\n_{environment(device)}{' (quick smoke run)' if args.quick else ''}_\n\n"
+    text += table.markdown() + "\n"
+    if table.notes:
+        text += "\n" + "\n".join(f"- {n}" for n in table.notes) + "\n"
+    print("\n" + text, flush=True)
+    if args.results:
+        path = Path(args.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_text("# Benchmark results\n\nTables appended by the scripts in `bench/`.\n")
+        with path.open("a") as f:
+            f.write("\n" + text)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"bench": table.title, "device": device_name(device), "torch": torch.__version__,
+                                "date": TODAY, "quick": bool(args.quick), **(raw or {})}) + "\n")
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,227 @@
+"""Stage-1 training step: tokens/s, step time, peak memory and MFU.
+
+The step is the trainer's (``pipeline/train.py``) in one process: fp32 master weights, bf16
+autocast, ``model(input_ids, images, targets, positions=, segment_ids=, loss_reduction="sum")``
+on a packed batch from ``pipeline.mixture.collate``, backward of the mean loss, gradient
+clipping, fused AdamW (``pipeline.optim.build_optimizer``), and the trainer's one host read of the
+loss. Each packed row of ``--seq`` tokens holds two A4 Gundam pages (903 vision slots + prompt +
+~1000 response tokens each) and a text sample. The batch is already on the device (the loader's
+host-to-device copy is not timed).
+
+MFU = model FLOPs per step / step time / the datasheet's dense bf16 peak, where the model FLOPs
+are the vision encoder's (3x its forward: SAM + compressor + CLIP + projector) plus the GPT's
+(6 x matrix params per token + causal attention within each packed sample).
+
+    python bench/train_step.py                  # full and small presets on CUDA
+    python bench/train_step.py --preset tiny --quick --device cpu
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+
+from common import (Table, a4_page, base_parser, build_model, datasheet_peak, free_memory, gpt_train_flops,
+                    image_flops, is_oom, matmul_peak, report, sync)
+
+from pipeline.mixture import Sample, collate, pack_sequences
+from pipeline.optim import build_optimizer
+
+IMAGE_ID = 3
+
+
+def make_batch(cfg, rows: int, seq_len: int, rng: np.random.Generator, response: int = 1000):
+    """``rows`` packed rows: per row two A4 pages (+ prompt + response) and a text sample filling up."""
+    vocab = cfg.gpt.vocab_size
+    page_views = a4_page(rng)
+
+    def ids(n):
+        x = rng.integers(10, vocab, n)
+        x[x == IMAGE_ID] = 11
+        return x
+
+    samples = []
+    for _ in range(rows):
+        used = 0
+        for _ in range(2):
+            prompt = np.concatenate([[1], np.full(903, IMAGE_ID), ids(8)])
+            resp = ids(response)
+            s_ids = np.concatenate([prompt, resp])
+            if used + len(s_ids) > seq_len:
+                break
+            mask = np.concatenate([np.zeros(len(prompt)), np.ones(len(resp))]).astype(np.uint8)
+            samples.append(Sample(s_ids, mask, [page_views], "page"))
+            used += len(s_ids)
+        text = max(16, seq_len - used - int(rng.integers(0, 40)))
+        samples.append(Sample(ids(text), np.ones(text, dtype=np.uint8), [], "text"))
+    groups = list(pack_sequences(samples, seq_len))
+    if len(groups) != rows:
+        raise RuntimeError(f"packing made {len(groups)} rows, wanted {rows}")
+    return collate(groups, seq_len), samples
+
+
+def segment_lengths(batch) -> list[int]:
+    out = []
+    for row in batch.segment_ids:
+        ids, counts = torch.unique_consecutive(row, return_counts=True)
+        out += [int(c) for i, c in zip(ids.tolist(), counts.tolist()) if i >= 0]  # -1 = padding
+    return out
+
+
+def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args, dense: bool = False) -> dict:
+    import model.gpt as gpt_module
+
+    saved = gpt_module._VARLEN
+    if dense:
+        gpt_module._VARLEN = False  # force the dense-mask SDPA path (the pre-fast-path baseline)
+    try:
+        return _run(preset, rows, seq_len, steps, warmup, device, args)
+    finally:
+        gpt_module._VARLEN = saved
+
+
+def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args) -> dict:
+    rng = np.random.default_rng(args.seed)
+    model = build_model(preset, device, seed=args.seed, image_token_id=IMAGE_ID)  # fp32 master weights
+    model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)  # bypassed, as in the trainer
+    model.train()
+    opt = build_optimizer(model, "adamw", lr=1e-4)  # fused on CUDA
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch, _ = make_batch(model.config, rows, seq_len, rng)
+    batch = batch.to(device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    n_targets = max(1, batch.n_target_tokens)
+
+    def step() -> float:
+        with autocast:
+            loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
+                         segment_ids=batch.segment_ids, loss_reduction="sum")
+        (loss / n_targets).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())  # the trainer's one host read per step
+
+    losses = [step() for _ in range(warmup)]
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        losses.append(step())
+    sync(device)
+    step_s = (time.perf_counter() - t0) / steps
+    if not all(np.isfinite(losses)):
+        raise RuntimeError(f"non-finite loss: {losses}")
+    cfg = model.config
+    seg = segment_lengths(batch)
+    pages = len(batch.images)
+    vision = 3 * sum(image_flops(cfg, im) for im in batch.images)
+    gpt = gpt_train_flops(cfg, seg)
+    tokens = batch.input_ids.numel()
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
+    del model, opt, batch
+    return dict(preset=preset, rows=rows, seq=seq_len, tokens=tokens, pages=pages, step_s=step_s,
+                tok_s=tokens / step_s, flops=vision + gpt, vision_flops=vision, gpt_flops=gpt,
+                achieved=(vision + gpt) / step_s, peak_gib=mem, loss=losses[-1])
+
+
+def check_varlen(device) -> str:
+    """Packed-segment attention: varlen flash path vs the dense-mask path (loss and gradients)."""
+    import model.gpt as gpt_module
+    from model.config import GPTConfig
+    from model.gpt import GPT
+
+    if device.type != "cuda" or gpt_module._varlen_causal_fn() is None:
+        return "check: varlen flash attention not available here (dense-mask path only)"
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(sequence_len=1024, vocab_size=512, n_layer=2, n_head=4, n_kv_head=4, n_embd=256)).to(device)
+    gpt.init_weights()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    B, T = 2, 1024
+    idx = torch.randint(0, 512, (B, T), device=device)
+    seg = torch.tensor([[0] * 300 + [1] * 500 + [2] * 200 + [-1] * 24, [0] * 1000 + [-1] * 24], device=device)
+    pos = torch.cat([torch.arange(n) for n in (300, 500, 200, 24, 1000, 24)]).view(B, T).to(device)
+    out = {}
+    for name, fn in (("dense", False), ("varlen", None)):
+        saved = gpt_module._VARLEN
+        if fn is False:
+            gpt_module._VARLEN = False
+        try:
+            gpt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = gpt(idx, idx, positions=pos, segment_ids=seg, loss_reduction="sum")
+            loss.backward()
+            out[name] = (loss.detach().float(), torch.cat([p.grad.flatten() for p in gpt.parameters()]))
+        finally:
+            gpt_module._VARLEN = saved
+    dl = ((out["dense"][0] - out["varlen"][0]).abs() / out["dense"][0].abs()).item()
+    dg = ((out["dense"][1] - out["varlen"][1]).norm() / out["dense"][1].norm()).item()
+    msg = f"check: packed attention varlen vs dense mask (bf16): loss rel diff {dl:.1e}, grad rel diff {dg:.1e}"
+    print(msg, flush=True)
+    if not (dl < 2e-2 and dg < 5e-2):
+        raise AssertionError(msg)
+    return msg
+
+
+def main() -> None:
+    p = base_parser(__doc__)
+    p.add_argument("--presets", default="full:2,small:4", help="preset:rows,...")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dense-baseline", default="full", help="presets also timed with the dense-mask attention")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.quick:
+        args.presets, args.seq, args.steps, args.warmup, args.dense_baseline = "tiny:1", 2048, 1, 1, "tiny"
+    peak = datasheet_peak(device)
+    measured = matmul_peak(device)
+    notes = [check_varlen(device)] if device.type == "cuda" else []
+    rows, raw = [], []
+    jobs = [(spec.split(":")[0], int(spec.split(":")[1]), False) for spec in args.presets.split(",")]
+    jobs += [(name, r, True) for name, r, _ in jobs if name in args.dense_baseline.split(",")]
+    import model.gpt as gpt_module
+
+    fast_label = "varlen flash" if device.type == "cuda" and gpt_module._varlen_causal_fn() else "dense mask"
+    for name, n_rows, dense in jobs:
+        label = "dense mask" if dense else fast_label
+        r = None
+        while r is None and n_rows >= 1:
+            free_memory(device)
+            try:
+                r = run(name, n_rows, args.seq, args.steps, args.warmup, device, args, dense=dense)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                print(f"{name} with {n_rows} rows: out of memory", flush=True)
+                rows.append([name, f"{n_rows} x {args.seq}", label, "OOM"] + [""] * 7)
+                n_rows //= 2
+        if r is None:
+            continue
+        raw.append({**r, "dense": dense})
+        print(r, flush=True)
+        mfu = f"{100 * r['achieved'] / peak:.1f}%" if peak else "n/a"
+        mfu_measured = f"{100 * r['achieved'] / measured:.1f}%"
+        rows.append([name, f"{n_rows} x {args.seq}", label,
+                     f"{r['step_s'] * 1e3:.0f}", f"{r['tok_s']:,.0f}", f"{r['pages'] / r['step_s']:.1f}",
+                     f"{r['flops'] / 1e12:.1f} ({100 * r['vision_flops'] / r['flops']:.0f}% vision)",
+                     f"{r['achieved'] / 1e12:.0f}", mfu, mfu_measured, f"{r['peak_gib']:.1f}"])
+    notes += [f"packed rows: 2 A4 Gundam pages (903 slots + 8 prompt + 1000 response tokens each) + a text sample; "
+              f"fp32 weights, bf16 autocast, fused AdamW, grad clipping; {args.steps} timed steps after {args.warmup}",
+              f"MFU against the datasheet dense bf16 peak ({peak / 1e12:.0f} TFLOP/s)" if peak else "MFU: no datasheet peak",
+              f"'of measured' against the measured 8192^3 bf16 matmul rate ({measured / 1e12:.0f} TFLOP/s)",
+              "dense mask = the same step with the packed-segment fast path switched off (SDPA with a [B,1,T,T] mask)"]
+    table = Table("Stage-1 training step (bench/train_step.py)",
+                  ["preset", "batch", "attention", "step ms", "tokens/s", "pages/s", "TFLOP/step", "TFLOP/s",
+                   "MFU", "of measured", "peak GiB"], rows, notes)
+    report(table, device, args, {"runs": raw, "datasheet_peak": peak, "matmul_peak": measured})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""The whole pipeline in one command (what ``make demo`` runs on the embedded defaults).
+
+synthetic pages -> tokenizer -> Ray Data shards -> stage 1 -> stage 2 -> evaluation ->
+MLflow comparison of the stages -> Ray Serve -> real HTTP OCR requests (one training page,
+one held-out page) whose markdown and boxes land in ``artifacts/demo/``.
+
+Each stage is skipped when its output exists (re-running resumes); ``--force`` redoes all.
+
+    python jobs/speedrun.py                                      # tiny, CPU, local Ray
+    python jobs/speedrun.py --preset small --use-gpu             # one GPU
+    python jobs/speedrun.py --preset full --address auto         # a cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import _common  # noqa: F401  (puts the repo root on sys.path)
+from _common import REPO_ROOT, init_ray
+
+CONFIGS = REPO_ROOT / "jobs" / "configs"
+
+
+@dataclass
+class SpeedrunConfig:
+    """Knobs of the end-to-end run (``jobs/configs/speedrun_<preset>.yaml``)."""
+
+    preset: str = "tiny"
+    mode: str = "tiny"
+    out: str = "artifacts"
+    synth_profile: str = "easy"
+    train_pages: int = 8
+    heldout_pages: int = 4
+    text_records: int = 16
+    tasks: list[str] = field(default_factory=lambda: ["markdown"])
+    seed: int = 0
+    vocab_size: int = 1024
+    max_seq_len: int = 1024
+    stage1_config: str = "jobs/configs/stage1_tiny.yaml"
+    stage2_config: str = "jobs/configs/stage2_tiny.yaml"
+    stage1_steps: int | None = None
+    stage2_steps: int | None = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    eval_max_new_tokens: int = 512
+    serve_port: int = 8000
+    demo_task: str = "markdown"
+    experiment: str = "nano-deepseek-ocr"
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out)
+
+
+def load_config(path: str | None, **overrides: Any) -> SpeedrunConfig:
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path:
+        values.update(yaml.safe_load(Path(path).read_text()) or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(SpeedrunConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise SystemExit(f"unknown speedrun settings: {sorted(unknown)}")
+    return SpeedrunConfig(**values)
+
+
+class Steps:
+    """Runs named steps in order, skipping those whose output exists, and times them."""
+
+    def __init__(self, force: bool) -> None:
+        self.force = force
+        self.timings: list[tuple[str, float, bool]] = []
+
+    def run(self, name: str, done: Callable[[], bool], fn: Callable[[], Any]) -> Any:
+        if not self.force and done():
+            print(f"==> {name}: output exists, skipped (--force to redo)", flush=True)
+            self.timings.append((name, 0.0, True))
+            return None
+        print(f"==> {name}", flush=True)
+        start = time.perf_counter()
+        value = fn()
+        self.timings.append((name, time.perf_counter() - start, False))
+        return value
+
+
+class State:
+    """What earlier runs produced (MLflow run ids): lets a resumed speedrun compare stages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2))
+
+
+def make_data(cfg: SpeedrunConfig) -> None:
+    from pipeline.synth import SynthConfig, generate, text_records
+
+    synth = SynthConfig.from_profile(cfg.synth_profile, tasks=tuple(cfg.tasks))
+    data = cfg.root / "data"
+    generate(data / "train", cfg.train_pages, synth, seed=cfg.seed, split="train")
+    generate(data / "heldout", cfg.heldout_pages, synth, seed=cfg.seed + 1, split="heldout")
+    with open(data / "text.jsonl", "w") as f:
+        for record in text_records(cfg.text_records, seed=cfg.seed):
+            f.write(json.dumps(record) + "\n")
+
+
+def train_tokenizer(cfg: SpeedrunConfig) -> None:
+    """A BPE tokenizer on the data's own text (prompts, responses, conversations)."""
+    from model.tokenizer import Tokenizer
+    from pipeline.preprocess import record_texts
+
+    texts = []
+    for manifest in (cfg.root / "data" / "train" / "manifest.jsonl", cfg.root / "data" / "text.jsonl"):
+        for line in manifest.read_text().splitlines():
+            if line.strip():
+                texts.extend(record_texts(line))
+    Tokenizer.train(texts, cfg.vocab_size).save(cfg.root / "tokenizer")
+
+
+def preprocess(cfg: SpeedrunConfig) -> dict:
+    from pipeline.preprocess import PreprocessConfig, format_summary, run_preprocess
+
+    result = run_preprocess(PreprocessConfig(
+        manifests=[str(cfg.root / "data" / "train" / "manifest.jsonl"), str(cfg.root / "data" / "text.jsonl")],
+        out=str(cfg.root / "shards"), mode=cfg.mode, preset=cfg.preset,
+        tokenizer=str(cfg.root / "tokenizer" / "tokenizer.json"), max_seq_len=cfg.max_seq_len, rows_per_file=64))
+    print(format_summary(result.stats), flush=True)
+    return result.stats
+
+
+def train(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None, uri: str):
+    from pipeline.train import load_train_config, run_stage
+
+    config_path = cfg.stage1_config if stage == 1 else cfg.stage2_config
+    overrides: dict[str, Any] = dict(
+        data=[str(cfg.root / "shards")], out=str(cfg.root / "runs"), preset=cfg.preset,
+        tokenizer=str(cfg.root / "shards" / "tokenizer.json"), parent_run_id=parent_run_id,
+        tracking_uri=uri, experiment=cfg.experiment, num_workers=cfg.num_workers,
+        use_gpu=cfg.use_gpu or None, steps=cfg.stage1_steps if stage == 1 else cfg.stage2_steps)
+    if stage == 2:
+        overrides["init_from"] = str(stage_dir(cfg, 1))
+    train_cfg = load_train_config(str(REPO_ROOT / config_path), stage=stage, **overrides)
+    train_cfg.export_dir = str(stage_dir(cfg, stage))
+    return run_stage(train_cfg)
+
+
+def stage_dir(cfg: SpeedrunConfig, stage: int) -> Path:
+    return cfg.root / "runs" / f"stage{stage}-{cfg.preset}" / "final"
+
+
+def evaluate(cfg: SpeedrunConfig, parent_run_id: str | None, uri: str) -> dict:
+    from pipeline.evaluate import EvalConfig, evaluate as run_eval
+
+    results = {}
+    for split in ("train", "heldout"):
+        report = run_eval(EvalConfig(
+            data=str(cfg.root / "data" / split / "manifest.jsonl"), checkpoint=str(stage_dir(cfg, 2)),
+            max_new_tokens=cfg.eval_max_new_tokens, use_gpu=cfg.use_gpu, experiment=cfg.experiment,
+            run_name=f"eval-{split}", parent_run_id=parent_run_id, tracking_uri=uri,
+            out_dir=str(cfg.root / "eval" / split)))
+        results[split] = report.results["model"].metrics
+        print(f"{split}:\n{report.table()}", flush=True)
+    (cfg.root / "eval" / "summary.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def compare(cfg: SpeedrunConfig, run_ids: list[str], uri: str) -> str:
+    from pipeline import tracking
+
+    comparison = tracking.compare_runs(run_ids=run_ids, tracking_uri=uri)
+    out = cfg.root / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison.table() if hasattr(comparison, "table") else str(comparison)
+    (out / "stages.md").write_text(table + "\n")
+    tracking.plot_curves(comparison, out / "stages.png", metrics=["loss", "lr", "grad_norm"], tracking_uri=uri)
+    print(table, flush=True)
+    return table
+
+
+def serve_and_ask(cfg: SpeedrunConfig) -> list[dict]:
+    """Deploy the OCR service on the stage-2 checkpoint and OCR two pages over real HTTP."""
+    import httpx
+    from ray import serve
+
+    from model.grounding import draw_boxes, parse_grounding
+    from model.processor import load_image
+    from pipeline.metrics import cer
+    from pipeline.synth import read_manifest
+    from serve.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve_port})
+    serve.run(build_app({"checkpoint": str(stage_dir(cfg, 2)), "device": "cuda" if cfg.use_gpu else "cpu"}),
+              name="ocr", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{cfg.serve_port}"
+    demo = cfg.root / "demo"
+    demo.mkdir(parents=True, exist_ok=True)
+    answers = []
+    for split in ("train", "heldout"):
+        record = next(r for r in read_manifest(cfg.root / "data" / split / "manifest.jsonl")
+                      if r["task"] == cfg.demo_task)
+        image_bytes = Path(record["image"]).read_bytes()
+        response = httpx.post(f"{url}/v1/ocr", timeout=600, json={
+            "image_base64": base64.b64encode(image_bytes).decode(), "task": cfg.demo_task,
+            "max_tokens": cfg.eval_max_new_tokens})
+        response.raise_for_status()
+        body = response.json()
+        page = load_image(record["image"])
+        boxes = parse_grounding(body["text"]).boxes
+        (demo / f"{split}.mmd").write_text(body["markdown"])
+        (demo / f"{split}.raw.txt").write_text(body["text"])
+        draw_boxes(page, boxes).save(demo / f"{split}_boxes.png")
+        shutil.copy(record["image"], demo / f"{split}_page.png")
+        score = cer(body["text"], record["response"])
+        answers.append({"split": split, "id": record["id"], "cer": score, "exact": body["text"] == record["response"],
+                        "markdown": str(demo / f"{split}.mmd"), "boxes_image": str(demo / f"{split}_boxes.png"),
+                        "n_boxes": len(body.get("boxes", []))})
+    return answers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="speedrun YAML (default: jobs/configs/speedrun_<preset>.yaml)")
+    parser.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny")
+    parser.add_argument("--out", help="artifacts directory (default ./artifacts)")
+    parser.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
+    parser.add_argument("--num-workers", dest="num_workers", type=int)
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--stage1-steps", dest="stage1_steps", type=int)
+    parser.add_argument("--stage2-steps", dest="stage2_steps", type=int)
+    parser.add_argument("--train-pages", dest="train_pages", type=int)
+    parser.add_argument("--serve-port", dest="serve_port", type=int)
+    parser.add_argument("--no-serve", action="store_true", help="stop after the comparison")
+    parser.add_argument("--force", action="store_true", help="redo every step")
+    args = parser.parse_args(argv)
+    config = args.config or str(CONFIGS / f"speedrun_{args.preset}.yaml")
+    cfg = load_config(config, preset=args.preset, out=args.out, use_gpu=args.use_gpu, num_workers=args.num_workers,
+                      stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                      train_pages=args.train_pages, serve_port=args.serve_port)
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    if args.force:
+        for sub in ("data", "tokenizer", "shards", "runs", "eval", "compare", "demo", "speedrun_state.json"):
+            target = cfg.root / sub
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+    from pipeline import tracking
+
+    uri = tracking.tracking_uri()
+    state = State(cfg.root / "speedrun_state.json")
+    steps = Steps(args.force)
+    start = time.perf_counter()
+    init_ray(args.address)
+    if not state["pipeline_run_id"]:
+        state["pipeline_run_id"] = tracking.start_run(cfg.experiment, run_name=f"speedrun-{cfg.preset}",
+                                                      tags={"job": "speedrun", "preset": cfg.preset}, tracking_uri=uri)
+        tracking.log_params_flat(state["pipeline_run_id"], {"speedrun": dataclasses.asdict(cfg)}, tracking_uri=uri)
+    parent = state["pipeline_run_id"]
+
+    steps.run("synthetic data", lambda: (cfg.root / "data" / "heldout" / "manifest.jsonl").is_file(),
+              lambda: make_data(cfg))
+    steps.run("tokenizer", lambda: (cfg.root / "tokenizer" / "tokenizer.json").is_file(), lambda: train_tokenizer(cfg))
+    steps.run("preprocess (Ray Data)", lambda: (cfg.root / "shards" / "stats.json").is_file(), lambda: preprocess(cfg))
+    for stage in (1, 2):
+        result = steps.run(f"stage {stage} (Ray Train)", lambda s=stage: (stage_dir(cfg, s) / "model.safetensors").is_file(),
+                           lambda s=stage: train(cfg, s, parent, uri))
+        if result is not None:
+            state[f"stage{stage}_run_id"] = result.run_id
+    metrics = steps.run("evaluation (Ray Data actors)", lambda: (cfg.root / "eval" / "summary.json").is_file(),
+                        lambda: evaluate(cfg, parent, uri))
+    if metrics is None:
+        metrics = json.loads((cfg.root / "eval" / "summary.json").read_text())
+    run_ids = [state["stage1_run_id"], state["stage2_run_id"]]
+    if all(run_ids):
+        steps.run("MLflow comparison of the stages", lambda: (cfg.root / "compare" / "stages.png").is_file(),
+                  lambda: compare(cfg, run_ids, uri))
+    answers = [] if args.no_serve else steps.run("Ray Serve + HTTP OCR requests", lambda: False,
+                                                 lambda: serve_and_ask(cfg))
+    tracking.log_metrics(parent, {f"eval_{split}_{k}": v for split, m in metrics.items() for k, v in m.items()
+                                  if isinstance(v, (int, float)) and "/" not in k}, tracking_uri=uri)
+    for answer in answers or []:
+        tracking.log_metrics(parent, {f"demo_{answer['split']}_cer": answer["cer"]}, tracking_uri=uri)
+    total = time.perf_counter() - start
+    print("\n" + "=" * 72)
+    print("nano-deepseek-ocr speedrun finished in %.0f s" % total)
+    for name, seconds, skipped in steps.timings:
+        print(f"  {name:<36} {'skipped' if skipped else f'{seconds:7.1f} s'}")
+    print(f"  shards       {cfg.root / 'shards'}")
+    print(f"  checkpoints  {stage_dir(cfg, 1)}\n               {stage_dir(cfg, 2)}")
+    print(f"  evaluation   {cfg.root / 'eval'}   comparison {cfg.root / 'compare' / 'stages.png'}")
+    print(f"  MLflow UI    mlflow ui --backend-store-uri {uri}   (pipeline run {parent})")
+    if answers:
+        print(f"  Serve URL    http://127.0.0.1:{cfg.serve_port}/v1/ocr  (stopped when this job exits)")
+        for a in answers:
+            print(f"  {a['split']:<8} page {a['id']}: CER {a['cer']:.3f} exact={a['exact']} boxes={a['n_boxes']} "
+                  f"-> {a['markdown']}, {a['boxes_image']}")
+    print("=" * 72, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
