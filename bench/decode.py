@@ -37,30 +37,45 @@ def check(model, device, dtype, eos: int) -> list[str]:
     width = model.config.gpt.n_embd
     ps = prompts(4, 40, width, device, dtype, seed=1)
     params = SamplingParams(max_new_tokens=64, ngram_size=0, stop_ids=frozenset({-1}))
-    out, fast_logits = {}, None
+    out = {}
     for fast in (False, True):
         b = DecodeBatch(model, 4, 200, eos, device, dtype, fast=fast)
         toks = {i: [ev.token_id] for i, ev in enumerate(b.add([(i, p, params) for i, p in enumerate(ps)]))}
         while b.active:
             for ev in b.step():
                 toks[ev.request_id].append(ev.token_id)
-            if fast and fast_logits is None:
-                fast_logits = b.decoder.logits.clone()  # the first decode step's logits
         out[fast] = toks
-    # logits of the first decode step: eager reference by hand
-    ref = DecodeBatch(model, 4, 200, eos, device, dtype, fast=False)
-    ref.add([(i, p, params) for i, p in enumerate(ps)])
-    with torch.inference_mode():
-        logits = model.gpt(ref.next_token[:, None], positions=ref.cache.lengths.clone()[:, None],
-                           kv_cache=ref.cache)[:, 0].float()
+    fb = DecodeBatch(model, 4, 200, eos, device, dtype, fast=True)
+    first_tokens = torch.tensor([ev.token_id for ev in fb.add([(i, p, params) for i, p in enumerate(ps)])],
+                                device=device)
+    fb.decoder.step()  # exactly one decode step (DecodeBatch.step may run one ahead)
+    fast_logits = fb.decoder.logits.clone()
+    # logits of the first decode step: the eager path, and an fp32 copy of the model as reference
+    def first_step_logits(m, dt):
+        ref = DecodeBatch(m, 4, 200, eos, device, dt, fast=False)
+        ref.add([(i, p.to(dt), params) for i, p in enumerate(ps)])
+        ref.next_token.copy_(first_tokens)  # the same inputs for every variant
+        with torch.inference_mode():
+            return m.gpt(ref.next_token[:, None], positions=ref.cache.lengths.clone()[:, None],
+                         kv_cache=ref.cache)[:, 0].float()
+
+    logits = first_step_logits(model, dtype)
     rel = ((fast_logits - logits).norm() / logits.norm()).item()
+    if dtype != torch.float32:
+        import copy
+
+        exact = first_step_logits(copy.deepcopy(model).float(), torch.float32)
+        err = lambda x: ((x - exact).norm() / exact.norm()).item()  # noqa: E731
+        fp32_note = f"; vs an fp32 reference: fast {err(fast_logits):.2e}, eager {err(logits):.2e}"
+    else:
+        fp32_note = ""
     agree = [sum(a == b for a, b in zip(out[False][i], out[True][i])) for i in range(4)]
     first_diff = []
     for i in range(4):
         d = next((k for k, (a, b) in enumerate(zip(out[False][i], out[True][i])) if a != b), None)
         first_diff.append("none" if d is None else str(d))
     n = len(out[False][0])
-    notes = [f"check (fast vs eager path, 4 rows): first-step logits relative error {rel:.2e}; "
+    notes = [f"check (fast vs eager path, 4 rows): first-step logits relative difference {rel:.2e}{fp32_note}; "
              f"greedy tokens equal {agree} of {n}; first difference at step {first_diff}"]
     print(notes[0], flush=True)
     if dtype == torch.float32 and rel > 1e-4:
@@ -72,13 +87,14 @@ def run_batch(model, device, dtype, batch: int, prefix: int, new: int, eos: int,
     width = model.config.gpt.n_embd
     ps = prompts(batch, prefix, width, device, dtype, seed=batch)
     params = SamplingParams(max_new_tokens=new + 2, ngram_size=0, stop_ids=frozenset({-1}))
-    b = DecodeBatch(model, batch, prefix + new + 16, eos, device, dtype, fast=fast)
+    b = DecodeBatch(model, batch, prefix + new + 32, eos, device, dtype, fast=fast)
     sync(device)
     t0 = time.perf_counter()
     b.add([(i, p, params) for i, p in enumerate(ps)])  # prefill + first token (its host copy syncs)
     ttft = time.perf_counter() - t0
     for _ in range(3):  # warm-up steps
         b.step()
+    parts = profile_parts(b, model) if fast else {}
     sync(device)
     t0 = time.perf_counter()
     for _ in range(new - 3):
@@ -87,7 +103,6 @@ def run_batch(model, device, dtype, batch: int, prefix: int, new: int, eos: int,
     seconds = time.perf_counter() - t0
     steps = new - 3
     step_s = seconds / steps
-    parts = profile_parts(b, model) if fast else {}
     ctx = sum(p.shape[0] for p in ps) / batch + 4 + steps / 2  # mean context over the timed steps
     kv_pos = kv_bytes_per_position(model)
     weights = b.decoder.weight_bytes() if b.decoder is not None else _weight_bytes(model)
@@ -144,8 +159,15 @@ def profile_parts(b: DecodeBatch, model) -> dict:
         F.linear(h, dec.lm_head)
 
     t_attn, t_gemm = graph_time(attention), graph_time(gemms)
-    t_step = graph_time(lambda: dec.graph.replay()) if dec.graph is not None else float("nan")
-    # the replays above advanced the active rows: undo so the cache state stays consistent
+    saved = dec.lengths.clone()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dec.step()
+    end.record()
+    torch.cuda.synchronize()
+    t_step = start.elapsed_time(end) / 1e3 / 10
+    dec.lengths.copy_(saved)  # the replays advanced the active rows: put them back
     return dict(attn_ms=t_attn * 1e3, attn_tbs=attn_bytes / t_attn / 1e12, gemm_ms=t_gemm * 1e3,
                 gemm_tbs=dec.weight_bytes() / t_gemm / 1e12, graph_step_ms=t_step * 1e3)
 

@@ -20,12 +20,111 @@ from common import (Table, base_parser, build_model, datasheet_peak, free_memory
 from model.config import MODES
 
 
+def flash_rel_pos_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """SAMAttention.forward with the decomposed relative-position bias folded into the dot
+    products, so that SDPA can take its flash kernel (no [b, heads, N, N] bias tensor):
+    scale*q.k + Rh[q, kh] + Rw[q, kw] = [scale*q, Rh(q), Rw(q)] . [k, onehot(kh), onehot(kw)].
+    (An experiment measured here before it goes into model/sam.py.)"""
+    import torch.nn.functional as F
+
+    from model.sam import get_rel_pos
+
+    b, h, w, c = x.shape
+    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    n, d = q.shape[1], q.shape[-1]
+    rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)
+    rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)
+    rq = q.reshape(b, n, h, w, d)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh).reshape(b, n, h * w, h)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw).reshape(b, n, h * w, w)
+    width = d + h + w
+    pad = -(-width // 8) * 8 - width
+    eye_h = torch.eye(h, device=x.device, dtype=q.dtype).repeat_interleave(w, 0)  # key (kh, kw) -> e_kh
+    eye_w = torch.eye(w, device=x.device, dtype=q.dtype).repeat(h, 1)  # key (kh, kw) -> e_kw
+    qa = F.pad(torch.cat([q * d ** -0.5, bias_h, bias_w], -1), (0, pad))
+    ka = F.pad(torch.cat([k, eye_h.expand(b, n, -1, -1), eye_w.expand(b, n, -1, -1)], -1), (0, pad))
+    va = F.pad(v, (0, width + pad - d))
+    out = F.scaled_dot_product_attention(qa, ka, va, scale=1.0)[..., :d]
+    return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+
+
+def top_kernels(fn, device, n: int = 18) -> str:
+    """The ``n`` CUDA kernels with the most self time over one call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    total = sum(e.self_device_time_total for e in events)
+    events.sort(key=lambda e: -e.self_device_time_total)
+    lines = [f"total CUDA kernel time {total / 1e3:.1f} ms"]
+    for e in events[:n]:
+        lines.append(f"{e.self_device_time_total / 1e3:8.2f} ms {100 * e.self_device_time_total / total:5.1f}% "
+                     f"x{e.count:<5d} {e.key[:110]}")
+    return "\n".join(lines)
+
+
+def experiments(model, device, args) -> list[list[object]]:
+    """Gundam pages at batch 8: kernel profile, then the flash rel-pos attention and torch.compile."""
+    import time
+
+    from model.sam import SAMAttention
+
+    rng = np.random.default_rng(1)
+    pages = [mode_views("gundam", rng)] * 8
+    base = [mode_views("base", rng)] * 8
+    out_rows = []
+    with torch.inference_mode():
+        dev_pages = [im.to(device) for im in pages]
+        dev_base = [im.to(device) for im in base]
+        ref = model.encode_images(dev_pages[:2])
+        if device.type == "cuda":
+            print(top_kernels(lambda: model.encode_images(dev_pages), device), flush=True)
+        t0 = median(timed(lambda: model.encode_images(dev_pages), device, repeat=args.repeat))
+        b0 = median(timed(lambda: model.encode_images(dev_base), device, repeat=args.repeat))
+        out_rows.append(["eager (as shipped)", f"{t0 / 8 * 1e3:.2f}", f"{b0 / 8 * 1e3:.2f}", "", ""])
+        original = SAMAttention.forward
+        SAMAttention.forward = flash_rel_pos_forward
+        try:
+            got = model.encode_images(dev_pages[:2])
+            rel = max(((a.float() - r.float()).norm() / r.float().norm()).item() for a, r in zip(got, ref))
+            t1 = median(timed(lambda: model.encode_images(dev_pages), device, repeat=args.repeat))
+            b1 = median(timed(lambda: model.encode_images(dev_base), device, repeat=args.repeat))
+            out_rows.append(["SAM rel-pos folded into flash attention", f"{t1 / 8 * 1e3:.2f}", f"{b1 / 8 * 1e3:.2f}",
+                             f"{rel:.1e}", ""])
+            if device.type == "cuda":
+                print(top_kernels(lambda: model.encode_images(dev_pages), device), flush=True)
+            if args.compile:
+                sam_fwd, clip_fwd = model.sam_model.forward, model.vision_model.forward
+                model.sam_model.forward = torch.compile(sam_fwd, dynamic=False)
+                model.vision_model.forward = torch.compile(clip_fwd, dynamic=False)
+                try:
+                    t_c = time.perf_counter()
+                    model.encode_images(dev_pages)
+                    torch.cuda.synchronize()
+                    compile_s = time.perf_counter() - t_c
+                    t2 = median(timed(lambda: model.encode_images(dev_pages), device, repeat=args.repeat))
+                    out_rows.append(["+ torch.compile(SAM, CLIP)", f"{t2 / 8 * 1e3:.2f}", "", "",
+                                     f"{compile_s:.0f}"])
+                finally:
+                    model.sam_model.forward, model.vision_model.forward = sam_fwd, clip_fwd
+        finally:
+            SAMAttention.forward = original
+    return out_rows
+
+
 def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--preset", default="full")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--experiments", action="store_true", help="profile + A/B of encoder speed-ups (gundam, batch 8)")
+    p.add_argument("--compile", action="store_true", help="with --experiments: also time torch.compile")
     args = p.parse_args()
     if args.quick:
         args.preset, args.batches, args.repeat = "tiny", "1,2", 1
@@ -35,6 +134,13 @@ def main() -> None:
     peak = datasheet_peak(device)
     rng = np.random.default_rng(args.seed)
     rows, raw = [], []
+    if args.experiments:
+        exp = experiments(model, device, args)
+        report(Table("Vision encoder speed-ups (bench/encoder.py --experiments)",
+                     ["variant", "gundam ms/page (batch 8)", "base ms/image (batch 8)", "rel. diff vs eager",
+                      "compile s"], exp,
+                     ["same pages and weights as below; rel. diff = |out - eager| / |eager| of the vision embeddings"]),
+               device, args, {"experiments": exp})
     for mode in args.modes.split(","):
         views = mode_views(mode, rng)
         flops = image_flops(model.config, views)

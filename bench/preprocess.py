@@ -8,7 +8,8 @@ file, decode, Gundam global view + tiles, render tokens with the same tokenizer)
 the same Parquet shards (zstd, same rows per file). The loop runs in this process; the Ray
 job is ``run_preprocess`` on a local Ray with all cores, timed end to end (planning,
 scheduling, reading the manifest, writing, stats), once cold (fresh workers) and once warm.
-``ray.init`` itself is timed separately. Results: a table on stdout, appended to
+``ray.init`` itself is timed separately. The loop runs before and after the Ray runs and
+the ratios use the mean of the two (load drifts on a shared machine). Results: a table on stdout, appended to
 bench/RESULTS.md with the date, the machine and its load average (this box is shared).
 """
 
@@ -99,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in sorted((work / "pages" / "images").iterdir()):  # same page cache state for both sides
         f.read_bytes()
 
-    loop_s, loop_rows, loop_images = single_process(manifest, tokenizer, args.mode, args.max_seq_len,
-                                                    args.rows_per_file, work / "loop")
+    def loop() -> tuple[float, int, int]:
+        return single_process(manifest, tokenizer, args.mode, args.max_seq_len, args.rows_per_file, work / "loop")
+
+    loops = [loop()]
 
     import ray
 
@@ -117,13 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         result = run_preprocess(cfg)
         runs.append((label, time.perf_counter() - t, result.stats))
     ray.shutdown()
+    loops.append(loop())  # the loop before and after the Ray runs: load drift on this shared box cancels
     load_after = os.getloadavg()
 
-    loop_ips = loop_images / loop_s
+    _, loop_rows, loop_images = loops[0]
+    loop_ips = sum(n / s for s, _, n in loops) / len(loops)
     header = ("| pipeline | workers | images | seconds | images/s | ratio vs loop |\n"
               "|---|---:|---:|---:|---:|---:|")
-    table = [header, f"| single-process loop | 1 | {loop_images} | {loop_s:.1f} | {loop_ips:.2f} | 1.00 |"]
-    summary = {"pages": args.pages, "mode": args.mode, "loop": {"seconds": loop_s, "images": loop_images}}
+    table = [header]
+    for label, (secs, _, n) in zip(("before", "after"), loops):
+        table.append(f"| single-process loop ({label}) | 1 | {n} | {secs:.1f} | {n / secs:.2f} | "
+                     f"{n / secs / loop_ips:.2f} |")
+    summary = {"pages": args.pages, "mode": args.mode,
+               "loop": [{"seconds": s, "images": n} for s, _, n in loops], "loop_images_per_s": loop_ips}
     for label, secs, stats in runs:
         n = sum(stats["image_token_histogram"].values())
         assert stats["rows_out"] == loop_rows and n == loop_images, "Ray job and loop wrote different rows"
@@ -138,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = (f"{args.pages} synthetic A4-like pages (`SynthConfig.document()`, 640-1280 px wide), mode "
              f"`{args.mode}`, one markdown record per page, {args.rows_per_file} rows per file, zstd; image "
              f"tokens per page {hist}; raw uint8 views {raw_mb:.0f} MB -> shards {shard_mb:.0f} MB. "
+             f"Ratios are against the mean images/s of the two loop runs. "
              f"Ray: `run_preprocess` end to end (`ray.init` {init_s:.1f} s not included). "
              f"Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (shared machine: "
              f"other jobs competed for the same cores). Page generation took {gen_s:.0f} s.")

@@ -71,16 +71,22 @@ def segment_lengths(batch) -> list[int]:
     return out
 
 
-def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args, dense: bool = False) -> dict:
+def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args, dense: bool = False,
+        sam_flash: bool = False) -> dict:
     import model.gpt as gpt_module
+    from model.sam import SAMAttention
 
-    saved = gpt_module._VARLEN
+    saved, saved_fwd = gpt_module._VARLEN, SAMAttention.forward
     if dense:
         gpt_module._VARLEN = False  # force the dense-mask SDPA path (the pre-fast-path baseline)
+    if sam_flash:
+        from encoder import flash_rel_pos_forward
+
+        SAMAttention.forward = flash_rel_pos_forward
     try:
         return _run(preset, rows, seq_len, steps, warmup, device, args)
     finally:
-        gpt_module._VARLEN = saved
+        gpt_module._VARLEN, SAMAttention.forward = saved, saved_fwd
 
 
 def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args) -> dict:
@@ -107,6 +113,11 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
         return float(loss.detach())  # the trainer's one host read per step
 
     losses = [step() for _ in range(warmup)]
+    if args.profile and device.type == "cuda":
+        from encoder import top_kernels
+
+        print(f"--- top kernels of one {preset} training step", flush=True)
+        print(top_kernels(step, device, n=25), flush=True)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -176,6 +187,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dense-baseline", default="full", help="presets also timed with the dense-mask attention")
+    p.add_argument("--sam-flash", default="", help="presets also timed with SAM's rel-pos attention on flash (experiment)")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.quick:
@@ -184,18 +197,21 @@ def main() -> None:
     measured = matmul_peak(device)
     notes = [check_varlen(device)] if device.type == "cuda" else []
     rows, raw = [], []
-    jobs = [(spec.split(":")[0], int(spec.split(":")[1]), False) for spec in args.presets.split(",")]
-    jobs += [(name, r, True) for name, r, _ in jobs if name in args.dense_baseline.split(",")]
+    jobs = [(spec.split(":")[0], int(spec.split(":")[1]), "") for spec in args.presets.split(",")]
+    jobs += [(name, r, "dense") for name, r, _ in jobs if name in args.dense_baseline.split(",")]
+    jobs += [(name, r, "samflash") for name, r, v in jobs if not v and name in args.sam_flash.split(",")]
     import model.gpt as gpt_module
 
     fast_label = "varlen flash" if device.type == "cuda" and gpt_module._varlen_causal_fn() else "dense mask"
-    for name, n_rows, dense in jobs:
-        label = "dense mask" if dense else fast_label
+    for name, n_rows, variant in jobs:
+        dense = variant == "dense"
+        label = {"dense": "dense mask", "samflash": fast_label + " + SAM flash rel-pos"}.get(variant, fast_label)
         r = None
         while r is None and n_rows >= 1:
             free_memory(device)
             try:
-                r = run(name, n_rows, args.seq, args.steps, args.warmup, device, args, dense=dense)
+                r = run(name, n_rows, args.seq, args.steps, args.warmup, device, args, dense=dense,
+                        sam_flash=variant == "samflash")
             except Exception as exc:
                 if not is_oom(exc):
                     raise
@@ -204,7 +220,7 @@ def main() -> None:
                 n_rows //= 2
         if r is None:
             continue
-        raw.append({**r, "dense": dense})
+        raw.append({**r, "variant": variant or "default"})
         print(r, flush=True)
         mfu = f"{100 * r['achieved'] / peak:.1f}%" if peak else "n/a"
         mfu_measured = f"{100 * r['achieved'] / measured:.1f}%"

@@ -167,6 +167,10 @@ class DecodeBatch:
         self.decoder = GraphedDecoder(model.gpt, self.cache) if self.fast else None
         self.history: torch.Tensor | None = None  # fast path: [capacity, W] recent tokens per row
         self._whitelists: dict[frozenset[int], torch.Tensor] = {}
+        # fast path: a launched step whose tokens the host has not read yet (see _step_fast)
+        self._pending: tuple[list[tuple[int, _Row]], bool, torch.cuda.Event | None] | None = None
+        self._host_tokens = torch.zeros(capacity, dtype=torch.long,
+                                        pin_memory=self.device.type == "cuda") if self.fast else None
 
     @property
     def active(self) -> int:
@@ -323,19 +327,52 @@ class DecodeBatch:
             events.append(self._emit(slot, logits[slot]))
         return events
 
+    def _special(self, row: _Row) -> bool:
+        return bool(row.params.ngram_size) or row.params.temperature > 0
+
+    def _launch(self) -> None:
+        """Queue one decode step for the rows active now, and the copy of its tokens to the host."""
+        snapshot = [(slot, self.rows[slot]) for slot in sorted(self.rows)]
+        special = any(self._special(row) for _, row in snapshot)
+        self.decoder.step()
+        event = None
+        if not special:  # greedy rows: the graph's argmax is final, fetch it without waiting
+            self._host_tokens.copy_(self.decoder.tokens, non_blocking=True)
+            if self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+        self._pending = (snapshot, special, event)
+
     def _step_fast(self) -> list[TokenEvent]:
+        """One graph replay per step. When every row is greedy without the n-gram blocker, the
+        next step is launched before this one's tokens are handled on the host, so the GPU does
+        not wait for Python: rows that finish now are computed once more and ignored, and rows
+        added in between join at the following step."""
+        if self._pending is not None and not any(self.rows.get(s) is r for s, r in self._pending[0]):
+            self._pending = None  # launched for rows that have all finished since
+        if self._pending is None:
+            self._launch()
+        snapshot, special, event = self._pending
+        self._pending = None
         dec = self.decoder
-        slots = sorted(self.rows)
-        dec.step()  # one graph replay; greedy tokens already in dec.tokens
-        special = [s for s in slots if self.rows[s].params.ngram_size or self.rows[s].params.temperature > 0]
         if special:
-            rows = torch.tensor(special, device=self.device)
-            tokens = self._choose_on_device(special, dec.logits[rows])
-            dec.tokens[rows] = tokens
-            self._remember(special, tokens)
-        chosen = dec.tokens.tolist()  # the step's one host sync
+            live = [s for s, r in snapshot if self.rows.get(s) is r and self._special(r)]
+            if live:
+                rows = torch.tensor(live, device=self.device)
+                tokens = self._choose_on_device(live, dec.logits[rows])
+                dec.tokens[rows] = tokens
+                self._remember(live, tokens)
+            chosen = dec.tokens.tolist()  # the step's one host sync
+        else:
+            if event is not None:
+                event.synchronize()
+            chosen = self._host_tokens.tolist()
+            if self.rows and not any(self._special(r) for r in self.rows.values()):
+                self._launch()  # the next step runs while the host handles this one
         events, finished = [], []
-        for slot in slots:
+        for slot, row in snapshot:
+            if self.rows.get(slot) is not row:
+                continue  # finished (or replaced) since this step was launched
             self.lengths[slot] += 1
             events.append(self._record(slot, chosen[slot]))
             if events[-1].finished:

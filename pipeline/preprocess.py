@@ -9,12 +9,15 @@ The job (``jobs/preprocess.py`` calls :func:`run_preprocess`):
 3. in parallel Ray tasks, validates each record (:mod:`pipeline.records`), reads and
    decodes its image, applies the resolution mode's processor and renders the token ids
    (vision: ``render_vision``; text: ``render_conversation``);
-4. writes good rows to ``out/part-*.parquet`` (at most ``rows_per_file`` each) and bad rows
-   to ``out/errors/part-*.parquet`` with their id, reason and message, in the same tasks
-   that processed them (no image bytes cross the object store);
+4. writes good rows to ``out/part-*.parquet`` (at most ``rows_per_file`` each; a small job
+   is cut into about two tasks per CPU, so its files are smaller) and bad rows to
+   ``out/errors/part-*.parquet`` with their id, reason and message, in the same tasks that
+   processed them (Ray fuses processing and writing: no image bytes cross the object store);
 5. writes ``out/stats.json`` (rows in/out, failures by reason, image-token histogram,
    bytes, seconds) and fails with :class:`PreprocessError` only when the failed fraction
-   exceeds ``max_error_fraction``.
+   exceeds ``max_error_fraction`` (the shards stay; stats.json says ``"status": "failed"``).
+
+A previous run's shards, errors and stats in ``out`` are removed first (only those files).
 
 Shard row (DESIGN.md): ``id, task, input_ids (int32 list), loss_mask (uint8 list), mode,
 global_view (uint8 HxWx3 bytes) + global_shape, tiles (uint8 NxHxWx3 bytes) + tiles_shape,
@@ -235,7 +238,8 @@ def read_manifests(manifests: Sequence[str], s3fs_obj: Any = None) -> "ray.data.
         else:
             ds = ray.data.read_text(path, filesystem=fs, drop_empty_lines=True)
             fn = _lines_to_records
-        parts.append(ds.map_batches(fn, fn_kwargs={"base": base, "manifest": uri}, batch_format="pyarrow", batch_size=None))
+        parts.append(ds.map_batches(fn, fn_kwargs={"base": base, "manifest": uri}, batch_format="pyarrow",
+                                    batch_size=None))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
@@ -411,7 +415,7 @@ def process_batch(batch: pa.Table, spec: _Spec) -> pa.Table:
     proc = _worker_processor(spec)
     good: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
-    columns = (batch.column("record").to_pylist(), batch.column("base").to_pylist(), batch.column("manifest").to_pylist())
+    columns = [batch.column(name).to_pylist() for name in ("record", "base", "manifest")]
     for record_json, base, manifest in zip(*columns):
         try:
             good.append(proc.process(record_json, base))
@@ -627,8 +631,10 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         ray.init()
     t0 = time.perf_counter()
     out = storage.normalize(cfg.out)
+    # S3 access is configured here, on the driver, and the filesystem object travels to the
+    # workers (they need no AWS environment of their own); also when only images are in S3
     needs_s3 = storage.is_remote(out) or any(storage.is_remote(m) for m in cfg.manifests)
-    s3fs_obj = storage.s3_filesystem() if needs_s3 else None
+    s3fs_obj = _driver_s3fs(required=needs_s3)
     storage.makedirs(out)
     _clear_outputs(out)
 
@@ -642,10 +648,12 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         n_records = records.count()
     spec = _Spec(tokenizer.to_json(), cfg.mode, cfg.max_crops, cfg.max_pixels, cfg.resolved_max_seq_len(),
                  cfg.max_image_bytes, s3fs_obj)
-    processed = records.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
-        process_batch, fn_kwargs={"spec": spec}, batch_size=cfg.batch_size, batch_format="pyarrow")
+    rows_per_task = _rows_per_task(n_records, cfg.rows_per_file)
+    batch = min(cfg.batch_size, rows_per_task)  # blocks of a batch: the write bundles them per task
+    processed = records.repartition(target_num_rows_per_block=batch).map_batches(
+        process_batch, fn_kwargs={"spec": spec}, batch_size=batch, batch_format="pyarrow")
     sink = ShardDatasink(out, cfg.rows_per_file, cfg.compression, cfg.row_group_rows, s3fs_obj,
-                         rows_per_task=_rows_per_task(n_records, cfg.rows_per_file))
+                         rows_per_task=rows_per_task)
     processed.write_datasink(sink)
     t_end = time.perf_counter()
 
@@ -693,6 +701,19 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     if problem:
         raise PreprocessError(problem, result)
     return result
+
+
+def _driver_s3fs(required: bool) -> Any:
+    """The s3fs object handed to the workers: when S3 paths are given, or when the environment
+    configures S3 (a local manifest may still name s3:// images) and s3fs is installed."""
+    if required:
+        return storage.s3_filesystem()
+    if storage.s3_configured():
+        try:
+            return storage.s3_filesystem()
+        except storage.StorageError:  # no s3fs (e.g. the GPU bundle): local paths only
+            return None
+    return None
 
 
 def _rows_per_task(n_records: int, rows_per_file: int) -> int:

@@ -75,6 +75,11 @@ def s3_options() -> dict[str, Any]:
     return options
 
 
+def s3_configured() -> bool:
+    """True when the environment names an S3 endpoint or credentials (worth shipping to workers)."""
+    return any(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID"))
+
+
 def s3_filesystem() -> fsspec.AbstractFileSystem:
     """An s3fs filesystem configured from the environment (see :func:`s3_options`)."""
     try:
@@ -222,3 +227,55 @@ def remove(paths: Iterable[str]) -> int:
 def size(path: str) -> int:
     fs, p = filesystem(path)
     return int(fs.size(p))
+
+
+def upload_dir(local_dir: str | os.PathLike, dst: str) -> str:
+    """Copy a local directory's files to ``dst`` (local or s3://), replacing what is there."""
+    local_dir = os.fspath(local_dir)
+    if not os.path.isdir(local_dir):
+        raise StorageError(f"upload_dir: {local_dir} is not a directory")
+    fs, target = filesystem(dst)
+    if fs.exists(target):
+        fs.rm(target, recursive=True)
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            fs.makedirs(os.path.dirname(f"{target}/{rel}"), exist_ok=True)
+            fs.put_file(src, f"{target}/{rel}")
+    return normalize(dst)
+
+
+def localize_dir(src: str, cache_root: str | os.PathLike | None = None) -> str:
+    """A local directory holding ``src``: itself when local, else a cached download of it.
+
+    Checkpoints on S3 are read this way by training (``init_from``) and Serve replicas.
+    """
+    if not is_remote(src):
+        path = normalize(src)
+        if not os.path.isdir(path):
+            raise StorageError(f"{path} is not a directory")
+        return path
+    import hashlib
+
+    norm = normalize(src)
+    root = os.fspath(cache_root or os.path.join(os.path.expanduser("~"), ".cache", "nano-deepseek-ocr"))
+    local = os.path.join(root, hashlib.sha1(norm.encode()).hexdigest()[:16])
+    fs, remote = filesystem(norm)
+    if not fs.exists(remote):
+        raise StorageError(f"{norm} does not exist")
+    tmp = local + ".partial"
+    if os.path.isdir(tmp):
+        import shutil
+
+        shutil.rmtree(tmp)
+    for path in fs.find(remote):
+        rel = path[len(remote):].lstrip("/")
+        os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+        fs.get_file(path, os.path.join(tmp, rel))
+    if os.path.isdir(local):
+        import shutil
+
+        shutil.rmtree(local)
+    os.replace(tmp, local)
+    return local

@@ -101,7 +101,9 @@ class TrainConfig:
 
     @property
     def final_dir(self) -> str:
-        return self.export_dir or str(Path(self.out) / self.run_name / "final")
+        from pipeline import storage
+
+        return self.export_dir or storage.join(self.out, self.run_name, "final")
 
 
 def load_train_config(path: str | None = None, **overrides: Any) -> TrainConfig:
@@ -157,6 +159,17 @@ def _build_model(cfg: TrainConfig, tokenizer) -> NanoDeepseekOCR:
     return model
 
 
+def _local_file(path: str) -> str:
+    """A local copy of a file that may live on S3 (the tokenizer beside remote shards)."""
+    from pipeline import storage
+
+    if not storage.is_remote(path):
+        return path
+    local = Path(tempfile.mkdtemp(prefix="ndocr-")) / Path(path).name
+    local.write_bytes(storage.read_bytes(path))
+    return str(local)
+
+
 def _unwrap(model: torch.nn.Module) -> NanoDeepseekOCR:
     return model.module if hasattr(model, "module") else model
 
@@ -206,15 +219,16 @@ def _restore(cfg: TrainConfig, tokenizer, device) -> tuple[NanoDeepseekOCR, dict
     import ray.train
 
     from model.weights import load_checkpoint, load_optimizer_state
+    from pipeline import storage
 
     source, resume = None, False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         source, resume = checkpoint.to_directory(), True
     elif cfg.resume_from:
-        source, resume = cfg.resume_from, True
+        source, resume = storage.localize_dir(cfg.resume_from), True
     elif cfg.init_from:
-        source = cfg.init_from
+        source = storage.localize_dir(cfg.init_from)
     if source is None:
         return _build_model(cfg, tokenizer).to(device), None, 0, None
     model, _, meta = load_checkpoint(source, device=device, with_tokenizer=False)
@@ -270,7 +284,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    tokenizer = Tokenizer.load(cfg.tokenizer_path)
+    tokenizer = Tokenizer.load(_local_file(cfg.tokenizer_path))
     model, optim_state, start_step, ckpt_mode = _restore(cfg, tokenizer, device)
     mode = loop_config.get("mode") or ckpt_mode
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)  # bypassed by SAM features
@@ -425,11 +439,12 @@ def _datasets(cfg: TrainConfig):
     for path in cfg.data:
         part = read_shards(path)
         ds = part if ds is None else ds.union(part)
+    is_text = lambda r: not r["n_image_tokens"]  # noqa: E731  (text rows carry no image)
     if cfg.stage == 1:
-        ds = ds.filter(lambda r: r["task"] != "text")
+        ds = ds.filter(lambda r: not is_text(r))
     else:
-        vision = ds.filter(lambda r: r["task"] != "text").materialize()
-        text = ds.filter(lambda r: r["task"] == "text").materialize()
+        vision = ds.filter(lambda r: not is_text(r)).materialize()
+        text = ds.filter(is_text).materialize()
         n_vision, n_text = mixture_counts(vision.count(), text.count(), cfg.text_ratio)
         parts = [vision] if n_vision else []
         if n_text:
@@ -442,11 +457,11 @@ def _datasets(cfg: TrainConfig):
     return ds
 
 
-def _shard_mode(cfg: TrainConfig) -> str | None:
-    stats = Path(cfg.data[0]) / "stats.json"
-    if stats.is_file():
-        return json.loads(stats.read_text()).get("mode")
-    return None
+def _shard_stats(cfg: TrainConfig) -> dict:
+    from pipeline import storage
+
+    stats = storage.join(cfg.data[0], "stats.json")
+    return json.loads(storage.read_text(stats)) if storage.exists(stats) else {}
 
 
 def run_stage(cfg: TrainConfig) -> StageResult:
@@ -456,27 +471,29 @@ def run_stage(cfg: TrainConfig) -> StageResult:
 
     from pipeline import tracking
 
-    if cfg.stage == 2 and cfg.init_from and not Path(cfg.init_from).exists() and "://" not in cfg.init_from:
+    from pipeline import storage
+
+    if cfg.stage == 2 and cfg.init_from and not storage.exists(cfg.init_from):
         raise FileNotFoundError(f"stage 2: init_from checkpoint {cfg.init_from} does not exist (run stage 1 first)")
-    if not Path(cfg.tokenizer_path).is_file():
+    if not storage.exists(cfg.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {cfg.tokenizer_path} not found: preprocess writes it beside the shards")
     uri = cfg.tracking_uri or tracking.tracking_uri()
-    mode = _shard_mode(cfg)
+    data_stats = _shard_stats(cfg)
+    mode = data_stats.get("mode")
     run_id = tracking.start_run(cfg.experiment, run_name=cfg.run_name,
                                 tags={"stage": str(cfg.stage), "preset": cfg.preset},
                                 parent_run_id=cfg.parent_run_id, tracking_uri=uri)
     params = {"train": dataclasses.asdict(cfg), "model": model_preset(cfg.preset).to_dict(),
               "git_commit": tracking.git_commit(), "mode": mode}
-    stats = Path(cfg.data[0]) / "stats.json"
-    if stats.is_file():
-        data_stats = json.loads(stats.read_text())
+    if data_stats:
         params["data"] = {k: v for k, v in data_stats.items() if isinstance(v, (int, float, str))}
     tracking.log_params_flat(run_id, params, tracking_uri=uri)
     storage = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": dataclasses.asdict(cfg), "run_id": run_id, "tracking_uri": uri, "mode": mode,
-                           "fault_marker": str(Path(storage) / cfg.run_name / "fault_injected")},
+                           "fault_marker": str(Path(storage if "://" not in storage else tempfile.gettempdir())
+                                               / cfg.run_name / "fault_injected")},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -491,16 +508,15 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     if result.checkpoint is None:
         tracking.end_run(run_id, status="FAILED", tracking_uri=uri)
         raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint: {result.error}")
-    final = Path(cfg.final_dir)
-    if final.exists():
-        shutil.rmtree(final)
-    result.checkpoint.to_directory(str(final))
     metrics = dict(result.metrics or {})
-    tracking.log_artifact(run_id, str(final / "config.json"), artifact_path="checkpoint", tracking_uri=uri)
-    version = None
-    name = cfg.register_model or ("nano-deepseek-ocr" if cfg.stage == 2 else None)
-    if name:
-        tracking.log_artifact(run_id, str(final), artifact_path="model", tracking_uri=uri)
-        version = tracking.register_model(run_id, "model", name, tracking_uri=uri)
+    with tempfile.TemporaryDirectory(prefix="ndocr-final-") as local:
+        result.checkpoint.to_directory(local)
+        storage.upload_dir(local, cfg.final_dir)
+        tracking.log_artifact(run_id, str(Path(local) / "config.json"), artifact_path="checkpoint", tracking_uri=uri)
+        version = None
+        name = cfg.register_model or ("nano-deepseek-ocr" if cfg.stage == 2 else None)
+        if name:
+            tracking.log_artifact(run_id, local, artifact_path="model", tracking_uri=uri)
+            version = tracking.register_model(run_id, "model", name, tracking_uri=uri)
     tracking.end_run(run_id, status="FINISHED", tracking_uri=uri)
-    return StageResult(str(final), metrics, run_id, version)
+    return StageResult(storage.normalize(cfg.final_dir), metrics, run_id, version)

@@ -46,6 +46,10 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None, artifacts: str | os
     """An absolute checkpoint directory: the given one (checked) or the latest stage-2 one."""
     if checkpoint in (None, "", "latest"):
         return find_latest_checkpoint(artifacts)
+    from pipeline import storage
+
+    if storage.is_remote(str(checkpoint)):  # s3://: every replica reads a local cached copy
+        checkpoint = storage.localize_dir(str(checkpoint))
     path = Path(checkpoint).expanduser().resolve()
     read_checkpoint_config(path)  # raises CheckpointError naming what is missing
     if not (path / MODEL_FILE).is_file():

@@ -120,6 +120,16 @@ def test_runs_nesting_metrics_artifacts_and_registry(mlflow_uri, tmp_path):
     tracking.log_artifact(child, ckpt / "config.json", tracking_uri=mlflow_uri)
     with pytest.raises(FileNotFoundError):
         tracking.log_artifact(child, tmp_path / "missing", tracking_uri=mlflow_uri)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    tracking.log_figure(child, fig, "plots/curve.png", tracking_uri=mlflow_uri)
+    plt.close(fig)
+    tracking.log_image(child, Image.new("RGB", (8, 8), (255, 0, 0)), "pages/red.png", tracking_uri=mlflow_uri)
     assert tracking.register_model(child, "model", "tiny-ocr", tracking_uri=mlflow_uri) == "1"
     assert tracking.register_model(child, "model", "tiny-ocr", tracking_uri=mlflow_uri) == "2"
     tracking.end_run(child, status="FAILED", tracking_uri=mlflow_uri)
@@ -130,7 +140,10 @@ def test_runs_nesting_metrics_artifacts_and_registry(mlflow_uri, tmp_path):
     assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["stage"] == "1"
     assert [(m.step, m.value) for m in client.get_metric_history(child, "loss")] == [(7, 2.5)]
     assert {a.path for a in client.list_artifacts(child, "model")} == {"model/config.json", "model/sub"}
-    assert "config.json" in {a.path for a in client.list_artifacts(child)}
+    assert {"config.json", "plots", "pages"} <= {a.path for a in client.list_artifacts(child)}
+    red = Path(client.download_artifacts(child, "pages/red.png", str(tmp_path / "dl")))
+    with Image.open(red) as im:
+        assert im.getpixel((0, 0)) == (255, 0, 0)
     mv = client.get_model_version("tiny-ocr", "2")
     assert mv.run_id == child and mv.source.endswith("/model")
     # Artifacts live beside the SQLite database, not in ./mlruns of the working directory.

@@ -207,6 +207,17 @@ def test_evaluate_tiny_checkpoint_end_to_end(ray_local, tiny_checkpoint, synth_m
     assert [x["id"] for x in lines] == [r["id"] for r in records]
 
 
+def test_predictor_records_bad_inputs_without_failing_the_batch(tiny_checkpoint, synth_manifest, tmp_path):
+    image = B.load_manifest(synth_manifest)[0]["image"]
+    too_long = "<image>\n" + "The quick brown fox jumps over the lazy dog. " * 1000  # 11k tokens > 10240 positions
+    out = E.predict_images(tiny_checkpoint, [image, str(tmp_path / "missing.png"), image],
+                           [prompt_for("free"), prompt_for("free"), too_long], max_new_tokens=4)
+    assert out[0]["error"] == "" and out[0]["n_tokens"] == 4
+    assert out[1]["error"].startswith("image unreadable")
+    assert out[2]["error"].startswith("generation failed") and "does not fit" in out[2]["error"]
+    assert out[1]["prediction"] == out[2]["prediction"] == ""
+
+
 @pytest.mark.skipif(not E.tesseract_available(), reason="tesseract binary not installed "
                     "(apt-get install -y tesseract-ocr)")
 def test_job_runs_tesseract_beside_the_model(ray_local, tiny_checkpoint, synth_manifest, mlflow_uri, tmp_path,

@@ -26,13 +26,15 @@ GOOD = {"id": "p1", "image": "images/p1.png", "prompt": "<image>\nFree OCR.", "r
 def test_vision_record_parses_and_keeps_extra_fields():
     rec = parse_record(dict(GOOD, split="train", boxes=[{"label": "text", "box": [1, 2, 3, 4]}]))
     assert isinstance(rec, VisionRecord) and rec.kind == "vision"
-    assert (rec.id, rec.image, rec.prompt, rec.response, rec.task) == ("p1", "images/p1.png", GOOD["prompt"], "Hello", "free")
+    assert (rec.id, rec.image, rec.prompt, rec.response, rec.task) == ("p1", "images/p1.png", GOOD["prompt"],
+                                                                        "Hello", "free")
     assert rec.extra == {"split": "train", "boxes": [{"label": "text", "box": [1, 2, 3, 4]}]}
     assert parse_record(json.dumps(GOOD)) == rec  # a JSON line parses the same
 
 
 def test_text_record_defaults_task_to_text():
-    rec = parse_record({"id": 7, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    rec = parse_record({"id": 7, "messages": chat})
     assert isinstance(rec, TextRecord) and rec.kind == "text"
     assert rec.id == "7" and rec.task == "text" and len(rec.messages) == 2
 
@@ -81,7 +83,8 @@ def test_yaml_keys_mirror_flags_and_flags_override(tmp_path):
     cfg_file = tmp_path / "p.yaml"
     cfg_file.write_text("manifest: [a.jsonl]\nout: o\nmode: gundam\nmax-crops: 6\nrows_per_file: 10\n"
                         "max-error-fraction: 0.5\naddress: auto\n")
-    cfg, address = build_config(["--config", str(cfg_file), "--rows-per-file", "3", "--manifest", "b.jsonl", "c.parquet"])
+    cfg, address = build_config(["--config", str(cfg_file), "--rows-per-file", "3",
+                                 "--manifest", "b.jsonl", "c.parquet"])
     assert cfg.manifests == ["b.jsonl", "c.parquet"] and cfg.out == "o" and cfg.mode == "gundam"
     assert (cfg.max_crops, cfg.rows_per_file, cfg.max_error_fraction, address) == (6, 3, 0.5, "auto")
     cfg_file.write_text("manifest: a.jsonl\nbogus: 1\n")
@@ -103,13 +106,17 @@ def _png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
 
 @pytest.fixture(scope="module")
 def synth_pages(tmp_path_factory):
-    """Three A4-like pages wide enough for Gundam tiles, plus text records, in one folder."""
+    """Three A4-like pages wide enough for Gundam tiles (JSONL manifest), plus text records
+    (a Parquet manifest), in one folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from pipeline.synth import SynthConfig, generate, text_records
 
     root = tmp_path_factory.mktemp("synth")
     manifest = generate(root, 3, SynthConfig.document(width_range=(700, 800)), seed=3)
-    text = root / "text.jsonl"
-    text.write_text("".join(json.dumps(r) + "\n" for r in text_records(4, seed=1)))
+    text = root / "text.parquet"
+    pq.write_table(pa.Table.from_pylist(text_records(4, seed=1)), text)
     return manifest, text
 
 
@@ -124,7 +131,9 @@ def test_synth_to_shards_round_trip_equals_processor(ray_local, synth_pages, tmp
     result = run_preprocess(cfg)
 
     vision = {r["id"]: r for r in read_manifest(manifest)}
-    texts = {r["id"]: r for r in map(json.loads, text.read_text().splitlines())}
+    import pyarrow.parquet as pq
+
+    texts = {r["id"]: r for r in pq.read_table(text).to_pylist()}
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rows_in"] == stats["rows_out"] == len(vision) + len(texts) == 10
     assert stats["rows_failed"] == 0 and stats["failures"] == {} and read_errors(str(out)).num_rows == 0
@@ -132,7 +141,6 @@ def test_synth_to_shards_round_trip_equals_processor(ray_local, synth_pages, tmp
     assert sum(stats["image_token_histogram"].values()) == 6 and stats["bytes"]["shards"] > 0
     assert stats["tokenizer"]["trained"] and stats["seconds"]["total"] > 0
     assert len(result.shard_files) == len(stats["files"]["shards"]) >= 5  # at most 2 rows per file
-    import pyarrow.parquet as pq
     assert all(pq.ParquetFile(f).metadata.num_rows <= 2 for f in result.shard_files)
 
     tok = Tokenizer.load(out / "tokenizer.json")  # saved beside the shards
