@@ -10,7 +10,6 @@ test of the code path, not a measurement).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import statistics
 import sys

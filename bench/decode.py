@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import (Table, base_parser, build_model, copy_bandwidth, free_memory, is_oom, median, report,
+from common import (Table, base_parser, build_model, copy_bandwidth, free_memory, is_oom, report,
                     sync)
 
 from model.engine import DecodeBatch, SamplingParams
@@ -172,6 +172,55 @@ def profile_parts(b: DecodeBatch, model) -> dict:
                 gemm_tbs=dec.weight_bytes() / t_gemm / 1e12, graph_step_ms=t_step * 1e3)
 
 
+SWEEP = [(64, 4, 512), (64, 8, 512), (32, 4, 512), (128, 8, 512), (64, 4, 256), (64, 8, 1024), (128, 4, 512)]
+
+
+@torch.inference_mode()
+def sweep(model, device, dtype, eos: int, prefix: int, bw: float, out_path: str) -> list[list[object]]:
+    """Time the split-K attention kernels (all layers, in a CUDA graph) for launch settings at
+    batch 128 and 1; the best at batch 128 is written as NANO_OCR_DECODE_ATTN's value."""
+    import model.gpt as gpt_module
+
+    saved = dict(gpt_module.DECODE_ATTENTION)
+    cfg = model.config.gpt
+    kv_pos = kv_bytes_per_position(model)
+    batches = {}
+    for batch in (128, 1):
+        b = DecodeBatch(model, batch, prefix + 64, eos, device, dtype, fast=True)
+        b.add([(i, p, SamplingParams(max_new_tokens=8, ngram_size=0, stop_ids=frozenset({-1})))
+               for i, p in enumerate(prompts(batch, prefix, cfg.n_embd, device, dtype, seed=7))])
+        batches[batch] = b
+    rows, best = [], None
+    try:
+        for block_n, warps, max_split in SWEEP:
+            gpt_module.DECODE_ATTENTION.update(block_n=block_n, num_warps=warps, max_split=max_split)
+            row = [f"{block_n}, {warps}, {max_split}"]
+            for batch, b in batches.items():
+                dec = b.decoder
+                q = torch.randn(batch, cfg.n_head, cfg.head_dim, device=device, dtype=dtype)
+                n_keys = dec.lengths + 1
+                scratch = dec.kernels.attention_scratch(batch, cfg.n_head, cfg.head_dim, b.cache.max_len, device)
+
+                def attention():
+                    for i in range(cfg.n_layer):
+                        dec.kernels.decode_attention(q, b.cache.k[i], b.cache.v[i], n_keys, scratch)
+
+                t = graph_time(attention)
+                row += [f"{t * 1e3:.3f}", f"{int(n_keys.sum()) * kv_pos / t / 1e12:.2f}"]
+                if batch == 128 and (best is None or t < best[0]):
+                    best = (t, f"{block_n},{warps},{max_split}")
+            print(row, flush=True)
+            rows.append(row)
+    finally:
+        gpt_module.DECODE_ATTENTION.clear()
+        gpt_module.DECODE_ATTENTION.update(saved)
+    if out_path and best:
+        with open(out_path, "w") as f:
+            f.write(best[1])
+    print(f"best at batch 128: {best[1]} ({best[0] * 1e3:.3f} ms)", flush=True)
+    return rows
+
+
 def path_name(fast: bool, device) -> str:
     if not fast:
         return "eager GPT.forward"
@@ -197,6 +246,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128, help="decode steps timed per batch size")
     p.add_argument("--eager", default="1,32", help="batch sizes also timed on the eager (non-graph) path")
     p.add_argument("--check", action="store_true")
+    p.add_argument("--sweep", default="", help="time attention launch settings; write the best to this file, exit")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.quick:
@@ -206,6 +256,14 @@ def main() -> None:
     eos = 1
     bw = copy_bandwidth(device)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    if args.sweep:
+        rows = sweep(model, device, dtype, eos, 1300, bw, args.sweep)
+        report(Table("Decode attention launch settings (bench/decode.py --sweep)",
+                     ["block_n, warps, max keys/split", "batch 128 ms (20 layers)", "TB/s", "batch 1 ms", "TB/s"],
+                     rows, ["context 1300 tokens per row (a page's mean context while decoding 800 tokens)",
+                            "TB/s = KV bytes read / time; the defaults are the first row unless "
+                            "NANO_OCR_DECODE_ATTN sets them"]), device, args, {"sweep": rows})
+        return
     notes = check(model, device, dtype, eos) if args.check else []
     rows, raw = [], []
     runs = [(b, True) for b in map(int, args.batches.split(","))]
@@ -227,6 +285,9 @@ def main() -> None:
                      f"{r['kv_used_gb']:.2f} / {r['kv_alloc_gb']:.2f}", f"{r['context']:.0f}",
                      _part(r, "attn"), _part(r, "gemm"),
                      f"{r['graph_step_ms']:.3f}" if "graph_step_ms" in r else ""])
+    import model.gpt as gpt_module
+
+    notes += [f"decode attention launch settings {gpt_module.DECODE_ATTENTION}"]
     notes += [f"model: {args.preset} preset GPT ({model.config.gpt.n_layer} layers, width {model.config.gpt.n_embd}), "
               f"{str(dtype).replace('torch.', '')} weights and KV cache, random weights; prefix {args.prefix}-{args.prefix + 6} "
               f"tokens of vision-like embeddings; {args.new} decode steps per batch (3 warm-up)",

@@ -20,32 +20,19 @@ from common import (Table, base_parser, build_model, datasheet_peak, free_memory
 from model.config import MODES
 
 
-def flash_rel_pos_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """SAMAttention.forward with the decomposed relative-position bias folded into the dot
-    products, so that SDPA can take its flash kernel (no [b, heads, N, N] bias tensor):
-    scale*q.k + Rh[q, kh] + Rw[q, kw] = [scale*q, Rh(q), Rw(q)] . [k, onehot(kh), onehot(kw)].
-    (An experiment measured here before it goes into model/sam.py.)"""
+def bias_rel_pos_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """SAMAttention.forward as it was before the flash path: the decomposed relative positions
+    materialised as a [b, heads, N, N] additive bias (what the CPU still runs); the baseline of
+    the A/B comparison."""
     import torch.nn.functional as F
 
-    from model.sam import get_rel_pos
+    from model.sam import decomposed_rel_pos_bias
 
     b, h, w, c = x.shape
     qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    n, d = q.shape[1], q.shape[-1]
-    rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)
-    rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)
-    rq = q.reshape(b, n, h, w, d)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh).reshape(b, n, h * w, h)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw).reshape(b, n, h * w, w)
-    width = d + h + w
-    pad = -(-width // 8) * 8 - width
-    eye_h = torch.eye(h, device=x.device, dtype=q.dtype).repeat_interleave(w, 0)  # key (kh, kw) -> e_kh
-    eye_w = torch.eye(w, device=x.device, dtype=q.dtype).repeat(h, 1)  # key (kh, kw) -> e_kw
-    qa = F.pad(torch.cat([q * d ** -0.5, bias_h, bias_w], -1), (0, pad))
-    ka = F.pad(torch.cat([k, eye_h.expand(b, n, -1, -1), eye_w.expand(b, n, -1, -1)], -1), (0, pad))
-    va = F.pad(v, (0, width + pad - d))
-    out = F.scaled_dot_product_attention(qa, ka, va, scale=1.0)[..., :d]
+    bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
     return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
 
 
@@ -69,7 +56,8 @@ def top_kernels(fn, device, n: int = 18) -> str:
 
 
 def experiments(model, device, args) -> list[list[object]]:
-    """Gundam pages at batch 8: kernel profile, then the flash rel-pos attention and torch.compile."""
+    """Gundam pages at batch 8: SAM's old dense-bias attention vs the flash path, then torch.compile
+    (with kernel profiles of both eager variants on CUDA)."""
     import time
 
     from model.sam import SAMAttention
@@ -81,39 +69,40 @@ def experiments(model, device, args) -> list[list[object]]:
     with torch.inference_mode():
         dev_pages = [im.to(device) for im in pages]
         dev_base = [im.to(device) for im in base]
-        ref = model.encode_images(dev_pages[:2])
-        if device.type == "cuda":
-            print(top_kernels(lambda: model.encode_images(dev_pages), device), flush=True)
-        t0 = median(timed(lambda: model.encode_images(dev_pages), device, repeat=args.repeat))
-        b0 = median(timed(lambda: model.encode_images(dev_base), device, repeat=args.repeat))
-        out_rows.append(["eager (as shipped)", f"{t0 / 8 * 1e3:.2f}", f"{b0 / 8 * 1e3:.2f}", "", ""])
         original = SAMAttention.forward
-        SAMAttention.forward = flash_rel_pos_forward
+        SAMAttention.forward = bias_rel_pos_forward
         try:
-            got = model.encode_images(dev_pages[:2])
-            rel = max(((a.float() - r.float()).norm() / r.float().norm()).item() for a, r in zip(got, ref))
-            t1 = median(timed(lambda: model.encode_images(dev_pages), device, repeat=args.repeat))
-            b1 = median(timed(lambda: model.encode_images(dev_base), device, repeat=args.repeat))
-            out_rows.append(["SAM rel-pos folded into flash attention", f"{t1 / 8 * 1e3:.2f}", f"{b1 / 8 * 1e3:.2f}",
-                             f"{rel:.1e}", ""])
+            ref = model.encode_images(dev_pages[:2])
             if device.type == "cuda":
                 print(top_kernels(lambda: model.encode_images(dev_pages), device), flush=True)
-            if args.compile:
-                sam_fwd, clip_fwd = model.sam_model.forward, model.vision_model.forward
-                model.sam_model.forward = torch.compile(sam_fwd, dynamic=False)
-                model.vision_model.forward = torch.compile(clip_fwd, dynamic=False)
-                try:
-                    t_c = time.perf_counter()
-                    model.encode_images(dev_pages)
-                    torch.cuda.synchronize()
-                    compile_s = time.perf_counter() - t_c
-                    t2 = median(timed(lambda: model.encode_images(dev_pages), device, repeat=args.repeat))
-                    out_rows.append(["+ torch.compile(SAM, CLIP)", f"{t2 / 8 * 1e3:.2f}", "", "",
-                                     f"{compile_s:.0f}"])
-                finally:
-                    model.sam_model.forward, model.vision_model.forward = sam_fwd, clip_fwd
+            t0 = median(timed(lambda: model.encode_images(dev_pages), device, repeat=args.repeat))
+            b0 = median(timed(lambda: model.encode_images(dev_base), device, repeat=args.repeat))
         finally:
             SAMAttention.forward = original
+        out_rows.append(["SAM rel-pos as a dense bias (the CPU path)", f"{t0 / 8 * 1e3:.2f}", f"{b0 / 8 * 1e3:.2f}",
+                         "", ""])
+        got = model.encode_images(dev_pages[:2])
+        rel = max(((a.float() - r.float()).norm() / r.float().norm()).item() for a, r in zip(got, ref))
+        t1 = median(timed(lambda: model.encode_images(dev_pages), device, repeat=args.repeat))
+        b1 = median(timed(lambda: model.encode_images(dev_base), device, repeat=args.repeat))
+        out_rows.append(["rel-pos folded into flash attention (CUDA default)", f"{t1 / 8 * 1e3:.2f}",
+                         f"{b1 / 8 * 1e3:.2f}", f"{rel:.1e}", ""])
+        if device.type == "cuda":
+            print(top_kernels(lambda: model.encode_images(dev_pages), device), flush=True)
+        if args.compile:
+            sam_fwd, clip_fwd = model.sam_model.forward, model.vision_model.forward
+            model.sam_model.forward = torch.compile(sam_fwd, dynamic=False)
+            model.vision_model.forward = torch.compile(clip_fwd, dynamic=False)
+            try:
+                t_c = time.perf_counter()
+                model.encode_images(dev_pages)
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t_c
+                t2 = median(timed(lambda: model.encode_images(dev_pages), device, repeat=args.repeat))
+                out_rows.append(["+ torch.compile(SAM, CLIP)", f"{t2 / 8 * 1e3:.2f}", "", "",
+                                 f"{compile_s:.0f}"])
+            finally:
+                model.sam_model.forward, model.vision_model.forward = sam_fwd, clip_fwd
     return out_rows
 
 

@@ -132,7 +132,8 @@ def start_service(args: argparse.Namespace) -> str:
                      "api_key": args.api_key, "torch_threads": args.torch_threads,
                      "limits": {"default_max_tokens": args.max_tokens, "max_tokens_limit": max(args.max_tokens, 64)}, "deployments": deployments})
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="ocr", route_prefix="/")

@@ -72,17 +72,17 @@ def segment_lengths(batch) -> list[int]:
 
 
 def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args, dense: bool = False,
-        sam_flash: bool = False) -> dict:
+        sam_bias: bool = False) -> dict:
     import model.gpt as gpt_module
     from model.sam import SAMAttention
 
     saved, saved_fwd = gpt_module._VARLEN, SAMAttention.forward
     if dense:
         gpt_module._VARLEN = False  # force the dense-mask SDPA path (the pre-fast-path baseline)
-    if sam_flash:
-        from encoder import flash_rel_pos_forward
+    if sam_bias:
+        from encoder import bias_rel_pos_forward
 
-        SAMAttention.forward = flash_rel_pos_forward
+        SAMAttention.forward = bias_rel_pos_forward  # SAM's old dense-bias attention (the baseline)
     try:
         return _run(preset, rows, seq_len, steps, warmup, device, args)
     finally:
@@ -187,7 +187,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dense-baseline", default="full", help="presets also timed with the dense-mask attention")
-    p.add_argument("--sam-flash", default="", help="presets also timed with SAM's rel-pos attention on flash (experiment)")
+    p.add_argument("--sam-bias", default="", help="presets also timed with SAM's old dense-bias attention")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -199,19 +199,19 @@ def main() -> None:
     rows, raw = [], []
     jobs = [(spec.split(":")[0], int(spec.split(":")[1]), "") for spec in args.presets.split(",")]
     jobs += [(name, r, "dense") for name, r, _ in jobs if name in args.dense_baseline.split(",")]
-    jobs += [(name, r, "samflash") for name, r, v in jobs if not v and name in args.sam_flash.split(",")]
+    jobs += [(name, r, "sambias") for name, r, v in jobs if not v and name in args.sam_bias.split(",")]
     import model.gpt as gpt_module
 
     fast_label = "varlen flash" if device.type == "cuda" and gpt_module._varlen_causal_fn() else "dense mask"
     for name, n_rows, variant in jobs:
         dense = variant == "dense"
-        label = {"dense": "dense mask", "samflash": fast_label + " + SAM flash rel-pos"}.get(variant, fast_label)
+        label = {"dense": "dense mask", "sambias": fast_label + ", SAM dense-bias attention"}.get(variant, fast_label)
         r = None
         while r is None and n_rows >= 1:
             free_memory(device)
             try:
                 r = run(name, n_rows, args.seq, args.steps, args.warmup, device, args, dense=dense,
-                        sam_flash=variant == "samflash")
+                        sam_bias=variant == "sambias")
             except Exception as exc:
                 if not is_oom(exc):
                     raise

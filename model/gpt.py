@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -470,12 +471,13 @@ if triton is not None:
             t = t0 + tl.arange(0, BLOCK_N)
             valid = t < end
             offs = kv + t[:, None] * s_c_t + d[None, :]
-            k = tl.load(KC + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(valid, tl.sum(k * q[None, :], 1), -float("inf"))
+            k = tl.load(KC + offs, mask=valid[:, None], other=0.0)
+            v = tl.load(VC + offs, mask=valid[:, None], other=0.0)  # issued with K: more bytes in flight
+            scores = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], 1), -float("inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 0))
             p = tl.exp2(scores - m_new)
             alpha = tl.exp2(m_i - m_new)
-            v = tl.load(VC + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            v = v.to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, 0)
             acc = acc * alpha + tl.sum(p[:, None] * v, 0)
             m_i = m_new
@@ -519,6 +521,19 @@ if triton is not None:
         tl.store(X + i, (x * x).to(X.dtype.element_ty), mask=ok)
 
 
+def _attention_config() -> dict[str, int]:
+    """Split-K decode attention launch settings; ``NANO_OCR_DECODE_ATTN=block_n,num_warps,max_split``
+    overrides them (tuning on a new GPU)."""
+    config = {"block_n": 64, "num_warps": 4, "max_split": 512}
+    env = os.environ.get("NANO_OCR_DECODE_ATTN")
+    if env:
+        config.update(zip(("block_n", "num_warps", "max_split"), (int(v) for v in env.split(","))))
+    return config
+
+
+DECODE_ATTENTION = _attention_config()
+
+
 def _norm_eps(dtype: torch.dtype) -> float:
     """The eps F.rms_norm uses when given none: the input dtype's machine epsilon."""
     return torch.finfo(dtype).eps
@@ -547,9 +562,10 @@ class DecodeKernels:
     @staticmethod
     def split_size(batch: int, heads: int, max_len: int) -> int:
         """Keys per split-K program: enough programs to fill the GPU, at most 64 splits a row."""
+        cfg = DECODE_ATTENTION
         want_splits = max(1, -(-1024 // (batch * heads)))
         split = _next_pow2(-(-max_len // want_splits))
-        return max(64, min(split, 512), _next_pow2(-(-max_len // 64)))
+        return max(cfg["block_n"], min(split, cfg["max_split"]), _next_pow2(-(-max_len // 64)))
 
     def decode_attention(self, q, k_cache, v_cache, n_keys, scratch=None):
         if not self.use_triton:
@@ -564,7 +580,8 @@ class DecodeKernels:
         _decode_attn_split_kernel[(B, H, n_split)](
             q, k_cache, v_cache, n_keys, m, lsum, acc, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D ** -0.5 * 1.4426950408889634, n_split,
-            H=H, GROUP=H // k_cache.shape[1], D=D, SPLIT=split, BLOCK_N=64, num_warps=4)
+            H=H, GROUP=H // k_cache.shape[1], D=D, SPLIT=split, BLOCK_N=DECODE_ATTENTION["block_n"],
+            num_warps=DECODE_ATTENTION["num_warps"])
         out = torch.empty(B, H * D, device=q.device, dtype=q.dtype)
         _decode_attn_merge_kernel[(B * H,)](m, lsum, acc, out, out.stride(0), n_split,
                                             H=H, D=D, NSPLIT_P2=_next_pow2(n_split), num_warps=4)

@@ -63,6 +63,32 @@ def decomposed_rel_pos_bias(
     return bias.reshape(b, n, qh * qw, kh * kw)
 
 
+def rel_pos_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
+                            rel_pos_w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """SDPA with the decomposed relative-position bias folded into the dot products (CUDA path).
+
+    scale*q.k + Rh[q, kh] + Rw[q, kw] = [scale*q, Rh(q), Rw(q)] . [k, onehot(kh), onehot(kw)], so
+    the attention runs as one unmasked SDPA call that can take a flash kernel, instead of
+    materialising a [b, heads, N, N] bias (and its gradient) and using the slower masked kernel.
+    Same function as the bias path; q, k, v are [b, heads, h*w, d].
+    """
+    b, n, _, d = q.shape
+    h, w = size
+    rh = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # [h, h, d]
+    rw = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # [w, w, d]
+    rq = q.reshape(b, n, h, w, d)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh).reshape(b, n, h * w, h)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw).reshape(b, n, h * w, w)
+    width = d + h + w
+    pad = -(-width // 8) * 8 - width  # flash wants head dims in multiples of 8
+    eye_h = torch.eye(h, device=q.device, dtype=q.dtype).repeat_interleave(w, 0)  # key (kh, kw) -> e_kh
+    eye_w = torch.eye(w, device=q.device, dtype=q.dtype).repeat(h, 1)  # key (kh, kw) -> e_kw
+    qa = F.pad(torch.cat([q * d ** -0.5, bias_h, bias_w], -1), (0, pad))
+    ka = F.pad(torch.cat([k, eye_h.expand(b, n, -1, -1), eye_w.expand(b, n, -1, -1)], -1), (0, pad))
+    va = F.pad(v, (0, width + pad - d))
+    return F.scaled_dot_product_attention(qa, ka, va, scale=1.0)[..., :d]
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of a [B, C, H, W] map (weight/bias names as in SAM)."""
 
@@ -107,8 +133,12 @@ class SAMAttention(nn.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [b, heads, h*w, head_dim]
-        bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] + h + w <= 256:
+            # fast path (the CPU keeps the bias path below, bit for bit as before)
+            out = rel_pos_flash_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w))
+        else:
+            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         out = out.transpose(1, 2).reshape(b, h, w, c)
         return self.proj(out)
 

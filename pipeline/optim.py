@@ -90,26 +90,47 @@ def _is_muon_param(name: str, p: nn.Parameter) -> bool:
     return p.ndim == 2 and ".transformer.h." in f".{name}" and "gpt." in f"{name}"
 
 
+def _is_encoder_param(name: str) -> bool:
+    return any(f"{part}." in f".{name}" for part in (".sam_model", ".vision_model"))
+
+
+def _adamw_groups(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+                  encoder_lr_scale: float) -> list[dict]:
+    """Decay on matrices only; the vision encoders at ``lr * encoder_lr_scale``."""
+    groups = []
+    for encoder in (False, True):
+        for decay in (True, False):
+            ps = [p for n, p in params if _is_encoder_param(n) == encoder and (p.ndim >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0,
+                               "lr": lr * (encoder_lr_scale if encoder else 1.0)})
+    return groups
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.95), muon_lr: float = 0.02) -> CombinedOptimizer:
-    """The named optimizer over the trainable parameters; each group remembers its base lr."""
+                    betas: tuple[float, float] = (0.9, 0.95), muon_lr: float = 0.02,
+                    encoder_lr_scale: float = 1.0) -> CombinedOptimizer:
+    """The named optimizer over the trainable parameters; each group remembers its base lr.
+
+    ``encoder_lr_scale`` scales the lr of SAM + CLIP: randomly initialised encoders that move
+    as fast as the decoder keep changing the features the decoder is learning to read.
+    """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
     fused = all(p.is_cuda for _, p in params)
     if name == "adamw":
-        decay = [p for _, p in params if p.ndim >= 2]
-        no_decay = [p for _, p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opts = [torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused)]
+        opts = [torch.optim.AdamW(_adamw_groups(params, lr, weight_decay, encoder_lr_scale), lr=lr,
+                                  betas=betas, fused=fused)]
     elif name == "muon":
-        matrices = [p for n, p in params if _is_muon_param(n, p)]
-        rest = [p for n, p in params if not _is_muon_param(n, p)]
+        matrices = [(n, p) for n, p in params if _is_muon_param(n, p)]
+        rest = [(n, p) for n, p in params if not _is_muon_param(n, p)]
         opts = []
         if rest:
-            opts.append(torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused))
+            opts.append(torch.optim.AdamW(_adamw_groups(rest, lr, weight_decay, encoder_lr_scale), lr=lr,
+                                          betas=betas, fused=fused))
         if matrices:
-            opts.append(Muon(matrices, lr=muon_lr))
+            opts.append(Muon([p for _, p in matrices], lr=muon_lr))
     else:
         raise ValueError(f"unknown optimizer {name!r}; choose adamw or muon")
     for o in opts:

@@ -55,6 +55,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon
     lr: float = 1e-3
     muon_lr: float = 0.02
+    encoder_lr_scale: float = 1.0  # lr multiplier for SAM + CLIP (random-init encoders need < 1)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 10
@@ -73,6 +74,7 @@ class TrainConfig:
     max_failures: int = 0
     log_every: int = 1
     compile: bool = False
+    torch_threads: int | None = None  # CPU workers: default this node's cores / local workers
     sample_prediction: bool = True
     register_model: str | None = None  # a model-registry name (stage 2 default: nano-deepseek-ocr)
     export_dir: str | None = None  # where the final checkpoint is copied (default <out>/<run>/final)
@@ -284,6 +286,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    if device.type == "cpu":  # Ray pins workers to one thread (OMP_NUM_THREADS=1); use this node's share
+        torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     tokenizer = Tokenizer.load(_local_file(cfg.tokenizer_path))
     model, optim_state, start_step, ckpt_mode = _restore(cfg, tokenizer, device)
     mode = loop_config.get("mode") or ckpt_mode
@@ -299,7 +303,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         model = model.to(device)
     if cfg.compile:
         model = torch.compile(model)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.muon_lr)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.muon_lr,
+                                cfg.encoder_lr_scale)
     if optim_state is not None:
         optimizer.load_state_dict(optim_state["optimizer"])
         start_step = int(optim_state.get("step", start_step))
@@ -488,14 +493,14 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     if data_stats:
         params["data"] = {k: v for k, v in data_stats.items() if isinstance(v, (int, float, str))}
     tracking.log_params_flat(run_id, params, tracking_uri=uri)
-    storage = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
+    storage_path = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": dataclasses.asdict(cfg), "run_id": run_id, "tracking_uri": uri, "mode": mode,
-                           "fault_marker": str(Path(storage if "://" not in storage else tempfile.gettempdir())
+                           "fault_marker": str(Path(tempfile.gettempdir() if "://" in storage_path else storage_path)
                                                / cfg.run_name / "fault_injected")},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name=cfg.run_name, storage_path=storage,
+        run_config=RunConfig(name=cfg.run_name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         datasets={"train": _datasets(cfg)},

@@ -24,7 +24,7 @@ from pipeline.train import load_train_config, run_stage
 
 pytestmark = pytest.mark.slow
 
-OVERFIT_STEPS = 150
+OVERFIT_STEPS = 400
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +46,15 @@ def workspace(tmp_path_factory, ray_local):
 
 def _cfg(ws, **kw):
     base = dict(preset="tiny", data=[ws["shards"]], out=ws["runs"], tracking_uri=ws["uri"], seq_len=1024,
-                batch_size=2, lr=3e-3, warmup_steps=10, log_every=10, experiment="test-train")
+                batch_size=2, lr=3e-3, encoder_lr_scale=0.1, schedule="constant", warmup_steps=20, log_every=10,
+                experiment="test-train")
     base.update(kw)
     return load_train_config(None, **base)
 
 
 @pytest.fixture(scope="module")
 def stage1(workspace):
-    cfg = _cfg(workspace, stage=1, run_name="s1", steps=OVERFIT_STEPS, checkpoint_every=50)
+    cfg = _cfg(workspace, stage=1, run_name="s1", steps=OVERFIT_STEPS, checkpoint_every=200)
     return cfg, run_stage(cfg)
 
 
@@ -94,7 +95,7 @@ def test_stage2_freezes_sam_and_compressor_only(workspace, stage1):
     parent = MlflowClient(workspace["uri"]).create_run(
         MlflowClient(workspace["uri"]).get_run(s1.run_id).info.experiment_id, run_name="pipeline").info.run_id
     cfg = _cfg(workspace, stage=2, run_name="s2", steps=8, lr=1e-3, init_from=s1.checkpoint_dir, text_ratio=0.3,
-               parent_run_id=parent, warmup_steps=0)
+               parent_run_id=parent, warmup_steps=0, schedule="step")
     s2 = run_stage(cfg)
     before = load_file(str(Path(s1.checkpoint_dir) / "model.safetensors"))
     after = load_file(str(Path(s2.checkpoint_dir) / "model.safetensors"))
