@@ -23,6 +23,49 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "jobs"))
 
 
+def prepare_data(work: Path, preset: str, mode: str, pages: int, seq_len: int) -> tuple[int, float, float]:
+    """Synthetic document pages -> Ray Data shards under ``work`` (reused when already there)."""
+    from pipeline.preprocess import PreprocessConfig, run_preprocess
+    from pipeline.synth import SynthConfig, generate
+
+    stats = work / "shards" / "stats.json"
+    if stats.is_file():
+        return int(json.loads(stats.read_text())["rows_out"]), 0.0, 0.0
+    t0 = time.perf_counter()
+    manifest = generate(work / "pages", pages, SynthConfig.document(tasks=("markdown",), noise_prob=0.0), seed=0)
+    t_synth = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pre = run_preprocess(PreprocessConfig(manifests=[str(manifest)], out=str(work / "shards"), mode=mode,
+                                          preset=preset, vocab_size=8192, max_seq_len=seq_len))
+    return int(pre.stats["rows_out"]), t_synth, time.perf_counter() - t0
+
+
+def train_run(work: Path, preset: str, num_workers: int, steps: int, batch_size: int, seq_len: int,
+              strategy: str = "ddp", run_name: str | None = None, resume_from: str | None = None,
+              checkpoint_every: int = 0) -> dict:
+    """One stage-1 run through TorchTrainer; tokens/s is the median over the second half of steps."""
+    import torch
+
+    from pipeline import tracking
+    from pipeline.train import load_train_config, run_stage
+
+    cfg = load_train_config(None, stage=1, preset=preset, data=[str(work / "shards")], out=str(work / "runs"),
+                            run_name=run_name or f"gpu-{preset}-{num_workers}", use_gpu=True,
+                            num_workers=num_workers, strategy=strategy, steps=steps, batch_size=batch_size,
+                            seq_len=seq_len, lr=1e-3, encoder_lr_scale=0.3, warmup_steps=10, log_every=1,
+                            sample_prediction=False, experiment="bench-gpu", resume_from=resume_from,
+                            checkpoint_every=checkpoint_every)
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    result = run_stage(cfg)
+    client = tracking.client()
+    history = lambda key: [m.value for m in sorted(client.get_metric_history(result.run_id, key),  # noqa: E731
+                                                   key=lambda m: m.step)]
+    tps, mfu, loss = history("tokens_per_s"), history("mfu"), history("loss")
+    steady = tps[len(tps) // 2:] or tps
+    return {"tokens_per_s": statistics.median(steady), "mfu": mfu, "loss": loss, "result": result,
+            "peak_mem_gib": (history("peak_mem_gib") or [float("nan")])[-1]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
@@ -40,38 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from _common import init_ray
-    from pipeline import tracking
-    from pipeline.preprocess import PreprocessConfig, run_preprocess
-    from pipeline.synth import SynthConfig, generate
-    from pipeline.train import load_train_config, run_stage
 
     work = Path(args.out or tempfile.mkdtemp(prefix="ndocr-gpu-"))
     init_ray()
+    rows_out, t_synth, t_pre = prepare_data(work, args.preset, args.mode, args.pages, args.seq_len)
     t0 = time.perf_counter()
-    manifest = generate(work / "pages", args.pages, SynthConfig.document(tasks=("markdown",), noise_prob=0.0), seed=0)
-    t_synth = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pre = run_preprocess(PreprocessConfig(manifests=[str(manifest)], out=str(work / "shards"), mode=args.mode,
-                                          preset=args.preset, vocab_size=8192, max_seq_len=args.seq_len))
-    t_pre = time.perf_counter() - t0
-    cfg = load_train_config(None, stage=1, preset=args.preset, data=[str(work / "shards")], out=str(work / "runs"),
-                            run_name=f"gpu-{args.preset}", use_gpu=True, num_workers=args.num_workers,
-                            strategy=args.strategy, steps=args.steps, batch_size=args.batch_size,
-                            seq_len=args.seq_len, lr=1e-3, encoder_lr_scale=0.3, warmup_steps=10,
-                            log_every=5, sample_prediction=False, experiment="bench-gpu")
-    t0 = time.perf_counter()
-    result = run_stage(cfg)
+    run = train_run(work, args.preset, args.num_workers, args.steps, args.batch_size, args.seq_len, args.strategy)
     t_train = time.perf_counter() - t0
-    client = tracking.client()
-    tps = [m.value for m in client.get_metric_history(result.run_id, "tokens_per_s")]
-    mfu = [m.value for m in client.get_metric_history(result.run_id, "mfu")]
-    loss = [m.value for m in client.get_metric_history(result.run_id, "loss")]
-    steady = tps[len(tps) // 2:] or tps
-    tokens_per_s = statistics.median(steady)
+    tokens_per_s, mfu, loss, result = run["tokens_per_s"], run["mfu"], run["loss"], run["result"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     rows = [
         ("device", f"{args.num_workers} x {device}"),
-        ("preset / mode", f"{args.preset} / {args.mode} ({pre.stats.get('rows_out')} rows)"),
+        ("preset / mode", f"{args.preset} / {args.mode} ({rows_out} rows)"),
         ("seq_len x batch", f"{args.seq_len} x {args.batch_size} per worker, {args.strategy}"),
         ("steps", str(args.steps)),
         ("tokens/s (median, 2nd half)", f"{tokens_per_s:,.0f}"),

@@ -70,6 +70,7 @@ class TrainConfig:
     resume_from: str | None = None  # weights + optimizer + step
     text_ratio: float = 0.1  # stage 2 mixture
     shuffle: bool = True
+    cache_data_mb: int = 2048  # keep a worker's shard in memory after the first epoch when it fits
     seed: int = 0
     max_failures: int = 0
     log_every: int = 1
@@ -137,16 +138,42 @@ def row_to_sample(row: dict) -> Sample:
     return Sample(np.asarray(r["input_ids"]), np.asarray(r["loss_mask"]), images, r.get("task", ""))
 
 
-def _samples(shard, seed: int) -> Iterator[Sample]:
-    """Endless samples from the worker's shard, epoch after epoch."""
-    epoch = 0
+def _sample_bytes(sample: Sample) -> int:
+    return sample.input_ids.nbytes + sum(im.global_view.numel() + im.tiles.numel() for im in sample.images)
+
+
+def _samples(shard, seed: int, cache_mb: int = 0) -> Iterator[Sample]:
+    """Endless samples from the worker's shard, epoch after epoch.
+
+    Every epoch re-executes the Ray Data pipeline (read, filter, shuffle, split), which costs
+    more than a step when the data is small. So the first epoch's samples are kept in memory
+    while they fit in ``cache_mb`` and later epochs replay them in a fresh seeded order;
+    larger shards keep streaming.
+    """
+    cache: list[Sample] | None = [] if cache_mb > 0 else None
+    budget = cache_mb * 2**20
+    used = 0
+    n = 0
+    for row in shard.iter_rows():
+        sample = row_to_sample(row)
+        n += 1
+        if cache is not None:
+            used += _sample_bytes(sample)
+            if used <= budget:
+                cache.append(sample)
+            else:
+                cache = None  # too big to keep: stream every epoch
+        yield sample
+    if n == 0:
+        raise RuntimeError("this worker's dataset shard is empty: fewer rows than workers?")
+    epoch = 1
     while True:
-        n = 0
-        for row in shard.iter_rows():
-            n += 1
-            yield row_to_sample(row)
-        if n == 0:
-            raise RuntimeError("this worker's dataset shard is empty: fewer rows than workers?")
+        if cache is not None:
+            order = np.random.default_rng(seed + epoch).permutation(len(cache))
+            yield from (cache[i] for i in order)
+        else:
+            for row in shard.iter_rows():
+                yield row_to_sample(row)
         epoch += 1
 
 
@@ -315,7 +342,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     shard = ray.train.get_dataset_shard("train")
-    stream = batches(_samples(shard, cfg.seed), cfg.seq_len, cfg.batch_size)
+    stream = batches(_samples(shard, cfg.seed, cfg.cache_data_mb), cfg.seq_len, cfg.batch_size)
     for _ in range(start_step * cfg.grad_accum):  # resume: skip what the finished steps consumed
         next(stream)
     first_sample = None
@@ -329,6 +356,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(f"worker died at step {step}\n")
                 print(f"[fault injection] rank 0 dies at step {step}", flush=True)
+                time.sleep(10)  # a crash mid-step: the controller has collected the last report
                 os._exit(1)
         lr = set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.schedule, cfg.warmup_steps, cfg.min_lr_frac,
                                              cfg.step_milestones, cfg.step_gamma))
@@ -359,6 +387,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                    "tokens_per_s": tok_per_s, "step": step}
         if peak:
             metrics["mfu"] = flops_per_token * tok_per_s / (peak * world)
+        if device.type == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if step % cfg.log_every == 0 or step == cfg.steps:
             if rank == 0:
                 print(f"stage{cfg.stage} step {step}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "

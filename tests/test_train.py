@@ -24,7 +24,7 @@ from pipeline.train import load_train_config, run_stage
 
 pytestmark = pytest.mark.slow
 
-OVERFIT_STEPS = 400
+OVERFIT_STEPS = 600
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def workspace(tmp_path_factory, ray_local):
 
 def _cfg(ws, **kw):
     base = dict(preset="tiny", data=[ws["shards"]], out=ws["runs"], tracking_uri=ws["uri"], seq_len=1024,
-                batch_size=2, lr=3e-3, encoder_lr_scale=0.1, schedule="constant", warmup_steps=20, log_every=10,
+                batch_size=2, lr=3e-3, encoder_lr_scale=0.1, schedule="step", step_milestones=[0.75], step_gamma=0.1,
+                warmup_steps=20, log_every=10,
                 experiment="test-train")
     base.update(kw)
     return load_train_config(None, **base)
@@ -54,7 +55,7 @@ def _cfg(ws, **kw):
 
 @pytest.fixture(scope="module")
 def stage1(workspace):
-    cfg = _cfg(workspace, stage=1, run_name="s1", steps=OVERFIT_STEPS, checkpoint_every=200)
+    cfg = _cfg(workspace, stage=1, run_name="s1", steps=OVERFIT_STEPS, checkpoint_every=300)
     return cfg, run_stage(cfg)
 
 

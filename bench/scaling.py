@@ -1,0 +1,90 @@
+"""Multi-GPU scaling of stage 1 on Ray Train: 1 GPU worker vs N on one host, same per-GPU batch.
+
+    python bench/scaling.py --gpus 1,2 --preset full --mode gundam --steps 30
+
+For each N: tokens/s (median of the second half of the steps), step time, scaling efficiency
+= tokens/s at N / (N x tokens/s at 1), and peak memory per GPU. With ``--resume-check`` the
+largest-N run writes a checkpoint and a 1-GPU run resumes from it (a different N) for a few
+more steps. NVLink multicast stays off (NCCL_NVLS_ENABLE=0 etc.) in the driver and, through
+Ray's runtime env, in every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+sys.path.insert(0, str(REPO_ROOT / "jobs"))
+
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", default="1,2", help="comma-separated worker counts (1 first)")
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--mode", default="gundam")
+    parser.add_argument("--pages", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=1, help="packed rows per GPU")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--strategies", default="ddp", help="ddp and/or fsdp, comma-separated")
+    parser.add_argument("--resume-check", action="store_true")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--results", default=str(REPO_ROOT / "bench" / "RESULTS.md"))
+    args = parser.parse_args(argv)
+    os.environ.update(NO_MULTICAST)
+    import ray
+    import torch
+
+    from ray_train_gpu import prepare_data, train_run
+
+    work = Path(args.out or tempfile.mkdtemp(prefix="ndocr-scaling-"))
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(runtime_env={"env_vars": {**NO_MULTICAST, "PYTHONPATH": pythonpath}})
+    rows_out, _, _ = prepare_data(work, args.preset, args.mode, args.pages, args.seq_len)
+    counts = [int(n) for n in args.gpus.split(",")]
+    results = []
+    for strategy in args.strategies.split(","):
+        base = None
+        for n in counts:
+            run = train_run(work, args.preset, n, args.steps, args.batch_size, args.seq_len, strategy,
+                            run_name=f"scale-{strategy}-{n}",
+                            checkpoint_every=args.steps if (args.resume_check and n == max(counts)) else 0)
+            tps = run["tokens_per_s"]
+            base = tps if n == 1 else base
+            eff = tps / (n * base) if base else float("nan")
+            step_s = args.batch_size * args.seq_len * n / tps
+            results.append((strategy, n, tps, step_s, eff, run["peak_mem_gib"], run["loss"][-1]))
+            print(f"{strategy} N={n}: {tps:,.0f} tok/s, step {step_s:.3f}s, efficiency {eff:.2%}", flush=True)
+            if args.resume_check and n == max(counts) and n > 1:
+                resumed = train_run(work, args.preset, 1, args.steps + 5, args.batch_size, args.seq_len, "ddp",
+                                    run_name=f"resume-{n}-to-1", resume_from=run["result"].checkpoint_dir)
+                print(f"resume: checkpoint at step {args.steps} on {n} GPUs -> 1 GPU, finished step "
+                      f"{int(resumed['result'].metrics.get('step', -1))}, loss {resumed['loss'][-1]:.3f}", flush=True)
+                results.append((f"resume {n}->1", 1, resumed["tokens_per_s"], float("nan"), float("nan"),
+                                resumed["peak_mem_gib"], resumed["loss"][-1]))
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    lines = ["| strategy | GPUs | tokens/s | step (s) | scaling efficiency | peak mem / GPU (GiB) | last loss |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for strategy, n, tps, step_s, eff, mem, loss in results:
+        lines.append(f"| {strategy} | {n} | {tps:,.0f} | {step_s:.3f} | {eff:.1%} | {mem:.1f} | {loss:.3f} |")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = (f"\n## Multi-GPU scaling (bench/scaling.py) — {device}, torch {torch.__version__}, {stamp}\n\n"
+               f"{args.preset} preset, {args.mode} mode ({rows_out} rows), {args.batch_size} x {args.seq_len} "
+               f"tokens per GPU per step, {args.steps} steps per run, one host.\n\n" + "\n".join(lines) + "\n")
+    print(section)
+    with open(args.results, "a") as f:
+        f.write(section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

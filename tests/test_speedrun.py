@@ -1,0 +1,59 @@
+"""The main job end to end on a minimal budget: every artifact exists, a re-run skips the steps."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ray_local, capsys):
+    import speedrun
+    from mlflow import MlflowClient
+    from ray import serve
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "artifacts"
+    args = ["--out", str(out), "--stage1-steps", "3", "--stage2-steps", "2", "--train-pages", "2",
+            "--serve-port", str(_free_port())]
+    try:
+        assert speedrun.main(args) == 0
+    finally:
+        serve.shutdown()
+    printed = capsys.readouterr().out
+    for path in ["data/train/manifest.jsonl", "data/heldout/manifest.jsonl", "data/text.jsonl",
+                 "tokenizer/tokenizer.json", "shards/stats.json", "shards/tokenizer.json",
+                 "runs/stage1-tiny/final/model.safetensors", "runs/stage2-tiny/final/model.safetensors",
+                 "eval/summary.json", "compare/stages.md", "compare/stages.png",
+                 "demo/train.mmd", "demo/train_boxes.png", "demo/heldout.mmd", "demo/heldout_boxes.png",
+                 "speedrun_state.json"]:
+        assert (out / path).is_file(), path
+    assert "CER" in printed and "mlflow ui --backend-store-uri" in printed
+    state = json.loads((out / "speedrun_state.json").read_text())
+    client = MlflowClient(uri)
+    for key in ("stage1_run_id", "stage2_run_id"):
+        run = client.get_run(state[key])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == state["pipeline_run_id"]
+    parent = client.get_run(state["pipeline_run_id"])
+    assert "demo_train_cer" in parent.data.metrics and "demo_heldout_cer" in parent.data.metrics
+
+    # a second run finds every output and skips straight to the summary
+    assert speedrun.main(args + ["--no-serve"]) == 0
+    again = capsys.readouterr().out
+    for step in ("synthetic data", "tokenizer", "preprocess", "stage 1", "stage 2", "evaluation"):
+        assert f"==> {step}" in again and "skipped" in again.split(f"==> {step}")[1].splitlines()[0], step
