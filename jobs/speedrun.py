@@ -62,17 +62,9 @@ class SpeedrunConfig:
 
 
 def load_config(path: str | None, **overrides: Any) -> SpeedrunConfig:
-    import yaml
+    from model.config import from_yaml
 
-    values: dict[str, Any] = {}
-    if path:
-        values.update(yaml.safe_load(Path(path).read_text()) or {})
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(SpeedrunConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise SystemExit(f"unknown speedrun settings: {sorted(unknown)}")
-    return SpeedrunConfig(**values)
+    return from_yaml(SpeedrunConfig, path, "speedrun", **overrides)
 
 
 class Steps:

@@ -132,11 +132,27 @@ class VLMConfig:
 
 
 def _build(klass: type, values: dict[str, Any], where: str) -> Any:
+    """``klass(**values)``, refusing unknown keys by name (a typo in a YAML file is an error)."""
     names = {f.name for f in dataclasses.fields(klass)}
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"unknown {where} config fields: {sorted(unknown)}")
     return klass(**values)
+
+
+def from_yaml(klass: type, path: str | None, where: str, **overrides: Any) -> Any:
+    """A config dataclass from a YAML mapping plus overrides (``None`` overrides are ignored)."""
+    import yaml
+    from pathlib import Path
+
+    values: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of {where} settings")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return _build(klass, values, where)
 
 
 def _tiny() -> VLMConfig:

@@ -22,9 +22,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import yaml
 
-from model.config import preset as model_preset
+from model.config import from_yaml, preset as model_preset
 from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.mixture import Sample, batches, mixture_counts
 from pipeline.optim import build_optimizer, lr_multiplier, set_lr
@@ -111,18 +110,7 @@ class TrainConfig:
 
 def load_train_config(path: str | None = None, **overrides: Any) -> TrainConfig:
     """A TrainConfig from a YAML file plus overrides (``None`` overrides are ignored)."""
-    values: dict[str, Any] = {}
-    if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown training config fields: {sorted(unknown)}")
-    return TrainConfig(**values)
+    return from_yaml(TrainConfig, path, "training", **overrides)
 
 
 # ------------------------------------------------------------------ worker side

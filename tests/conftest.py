@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,18 @@ def ray_local():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path_factory, tmp_path) -> str:
+    """A fresh SQLite store per test, copied from a session template (creating the schema takes ~10 s)."""
+    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
+    if not template.exists():
+        from mlflow import MlflowClient
+
+        template.parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(template, db)
+    return f"sqlite:///{db}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,20 +9,6 @@ from PIL import Image
 
 from pipeline import tracking
 
-
-@pytest.fixture
-def mlflow_uri(tmp_path_factory, tmp_path) -> str:
-    """A fresh SQLite store per test, copied from a session template (creating the schema takes ~10 s)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not template.exists():
-        from mlflow import MlflowClient
-
-        template.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    db = tmp_path / "mlruns" / "mlflow.db"
-    db.parent.mkdir()
-    shutil.copy(template, db)
-    return f"sqlite:///{db}"
 
 
 def _two_runs(uri: str) -> tuple[str, str, str]:

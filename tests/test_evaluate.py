@@ -4,7 +4,6 @@ Tesseract baseline, and the fixed test images read by jobs/vision_sample.py."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,20 +16,6 @@ from pipeline import evaluate as E
 REPO = Path(__file__).resolve().parents[1]
 TEST_IMAGES = REPO / "data" / "test_images"
 
-
-@pytest.fixture
-def mlflow_uri(tmp_path_factory, tmp_path) -> str:
-    """A fresh SQLite store per test, copied from a session template (creating the schema takes ~10 s)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not template.exists():
-        from mlflow import MlflowClient
-
-        template.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    db = tmp_path / "mlruns" / "mlflow.db"
-    db.parent.mkdir()
-    shutil.copy(template, db)
-    return f"sqlite:///{db}"
 
 
 @pytest.fixture(scope="module")
