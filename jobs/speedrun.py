@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config, preset=args.preset, out=args.out, use_gpu=args.use_gpu, num_workers=args.num_workers,
                       stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                       train_pages=args.train_pages, serve_port=args.serve_port)
+    cfg.out = str(Path(cfg.out).resolve())  # Ray workers and actors do not share our working directory
     cfg.root.mkdir(parents=True, exist_ok=True)
     if args.force:
         for sub in ("data", "tokenizer", "shards", "runs", "eval", "compare", "demo", "speedrun_state.json"):

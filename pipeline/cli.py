@@ -77,12 +77,6 @@ def cmd_ocr(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
-    from pipeline.synth import synth_main
-
-    return synth_main(args.rest) or 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ndocr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,14 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="artifacts/ocr")
     p.set_defaults(func=cmd_ocr)
 
-    p = sub.add_parser("synth", help="synthetic pages (all further arguments go to the generator)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_synth)
+    sub.add_parser("synth", help="synthetic pages + manifest (ndocr synth --help for its options)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["synth"]:  # the generator owns its flags (argparse's REMAINDER drops leading --options)
+        from pipeline.synth import synth_main
+
+        return synth_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

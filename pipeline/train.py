@@ -496,6 +496,11 @@ def run_stage(cfg: TrainConfig) -> StageResult:
 
     from pipeline import storage
 
+    # workers run in Ray's session directory: hand them absolute paths / canonical URIs
+    absolute = lambda p: storage.normalize(p) if p else p  # noqa: E731
+    cfg = dataclasses.replace(cfg, data=[absolute(d) for d in cfg.data], tokenizer=absolute(cfg.tokenizer_path),
+                              out=absolute(cfg.out), init_from=absolute(cfg.init_from),
+                              resume_from=absolute(cfg.resume_from), export_dir=absolute(cfg.final_dir))
     if cfg.stage == 2 and cfg.init_from and not storage.exists(cfg.init_from):
         raise FileNotFoundError(f"stage 2: init_from checkpoint {cfg.init_from} does not exist (run stage 1 first)")
     if not storage.exists(cfg.tokenizer_path):
