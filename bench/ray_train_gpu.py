@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "jobs"))
+sys.path.append(str(REPO_ROOT / "jobs"))  # after the repo root: jobs/serve.py must not shadow serve/
 
 
 def prepare_data(work: Path, preset: str, mode: str, pages: int, seq_len: int) -> tuple[int, float, float]:

@@ -180,7 +180,7 @@ def compare(cfg: SpeedrunConfig, run_ids: list[str], uri: str) -> str:
     comparison = tracking.compare_runs(run_ids=run_ids, tracking_uri=uri)
     out = cfg.root / "compare"
     out.mkdir(parents=True, exist_ok=True)
-    table = comparison.table() if hasattr(comparison, "table") else str(comparison)
+    table = comparison.table()
     (out / "stages.md").write_text(table + "\n")
     tracking.plot_curves(comparison, out / "stages.png", metrics=["loss", "lr", "grad_norm"], tracking_uri=uri)
     print(table, flush=True)

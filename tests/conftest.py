@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Every cluster a test starts is a throwaway local one. Ray reads the auth mode once per process,
+# so all of them (the shared local Ray, the autoscaling test's head, the job-submit head) must
+# agree: token auth stays the production default (README), tests run with it off.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SAMPLE_TEXT = [
@@ -45,22 +49,40 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One in-process local Ray for the whole session (Ray Data / Train / Serve tests share it)."""
+def _ensure_local_ray():
     import ray
 
     if not ray.is_initialized():
+        os.environ.pop("RAY_ADDRESS", None)  # never join a cluster another test left behind
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-    yield ray
-    try:
-        from ray import serve
+    return ray
 
-        serve.shutdown()
-    except Exception:
-        pass
-    ray.shutdown()
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts the shared local Ray (and Serve) down once, at the end of the session."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    """The in-process local Ray that Ray Data / Train / Serve tests share.
+
+    Started on first use and restarted (per module) if a test that runs its own cluster (the autoscaling
+    test) shut it down in between.
+    """
+    return _ensure_local_ray()
 
 
 @pytest.fixture

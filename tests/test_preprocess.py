@@ -75,7 +75,7 @@ def test_record_error_keeps_the_id_when_known():
 
 
 def test_yaml_keys_mirror_flags_and_flags_override(tmp_path):
-    sys.path.insert(0, str(REPO / "jobs"))
+    sys.path.append(str(REPO / "jobs"))  # after the repo root: jobs/serve.py must not shadow serve/
     try:
         from jobs.preprocess import build_config
     finally:
@@ -227,7 +227,7 @@ def test_bad_inputs_land_in_the_errors_table(ray_local, bad_manifest, tmp_path):
 
 
 def test_job_fails_clearly_above_max_error_fraction(ray_local, bad_manifest, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "jobs"))
+    sys.path.append(str(REPO / "jobs"))  # after the repo root: jobs/serve.py must not shadow serve/
     try:
         from jobs.preprocess import main
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
+sys.path.append(str(REPO / "jobs"))  # after the repo root: jobs/serve.py must not shadow serve/
 pytestmark = pytest.mark.slow
 
 
