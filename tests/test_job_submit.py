@@ -54,10 +54,13 @@ def head(tmp_path_factory):
     tmp = Path("/tmp") / f"ndocr-head-{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     env = _env(tmp)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         # own agent ports: the session's in-process Ray already holds the default ones
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}",
          f"--temp-dir={tmp / 'ray'}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -94,7 +97,7 @@ def test_stage1_through_ray_job_submit_logs_the_loss(head, shards):
            "python", "jobs/stage1.py", "--config", "jobs/configs/stage1_tiny.yaml",
            "--data", str(shards / "shards"), "--out", str(shards / "runs"), "--steps", "3",
            "--batch-size", "1", "--run-name", "submitted", "--checkpoint-every", "0"]
-    for _ in range(12):  # the job agent can come up a few seconds after the dashboard answers
+    for _ in range(24):  # the job agent can come up a few seconds after the dashboard answers
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
         logs = done.stdout + done.stderr
         if done.returncode == 0 or "No available agent" not in logs:
