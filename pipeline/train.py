@@ -10,6 +10,7 @@ the MLflow run that the driver created (RAY_NOTES: never let workers create runs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -356,7 +357,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         for i, batch in enumerate(micro):
             batch = batch.to(device)
             sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-            ctx_sync = model.no_sync() if not sync else _nullcontext()
+            ctx_sync = model.no_sync() if not sync else contextlib.nullcontext()
             with ctx_sync, autocast:
                 loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
                              segment_ids=batch.segment_ids, loss_reduction="sum")
@@ -394,14 +395,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         except Exception as exc:  # a picture must never fail a finished run
             print(f"sample prediction skipped: {exc}", flush=True)
     return metrics
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _prompt_text(tokenizer, ids: torch.Tensor, targets: torch.Tensor) -> str:
