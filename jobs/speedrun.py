@@ -49,16 +49,31 @@ class SpeedrunConfig:
     stage2_config: str = "jobs/configs/stage2_tiny.yaml"
     stage1_steps: int | None = None
     stage2_steps: int | None = None
+    stage1_time_limit_s: float | None = None  # stop stage 1 with a checkpoint; a re-run of the speedrun resumes it
     num_workers: int = 1
     use_gpu: bool = False
     eval_max_new_tokens: int = 512
+    eval_limit: int | None = None  # records per split (None: all)
+    eval_batch_size: int = 4  # requests one evaluation actor generates together
+    eval_baseline: str | None = None  # "tesseract": the peer baseline on the same pages
+    stream_pages: int = 0  # > 0: stage 1 trains on this many pages rendered on the fly (Ray Data)
+    stream_tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
+    stages: list[int] = field(default_factory=lambda: [1, 2])  # [1]: stop after stage 1
     serve_port: int = 8000
     demo_task: str = "markdown"
     experiment: str = "nano-deepseek-ocr"
 
+    def __post_init__(self) -> None:
+        if self.stages not in ([1], [1, 2]):
+            raise ValueError(f"stages must be [1] or [1, 2], got {self.stages}")
+
     @property
     def root(self) -> Path:
         return Path(self.out)
+
+    @property
+    def final_stage(self) -> int:
+        return self.stages[-1]
 
 
 def load_config(path: str | None, **overrides: Any) -> SpeedrunConfig:
@@ -144,11 +159,16 @@ def train(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None, uri: str):
     config_path = cfg.stage1_config if stage == 1 else cfg.stage2_config
     overrides: dict[str, Any] = dict(
         data=[str(cfg.root / "shards")], out=str(cfg.root / "runs"), preset=cfg.preset,
-        tokenizer=str(cfg.root / "shards" / "tokenizer.json"), parent_run_id=parent_run_id,
+        tokenizer=str(cfg.root / "tokenizer" / "tokenizer.json"), parent_run_id=parent_run_id,
         tracking_uri=uri, experiment=cfg.experiment, num_workers=cfg.num_workers,
-        use_gpu=cfg.use_gpu or None, steps=cfg.stage1_steps if stage == 1 else cfg.stage2_steps)
+        use_gpu=cfg.use_gpu, steps=cfg.stage1_steps if stage == 1 else cfg.stage2_steps)
     if stage == 2:
         overrides["init_from"] = str(stage_dir(cfg, 1))
+    else:
+        overrides["time_limit_s"] = cfg.stage1_time_limit_s
+    if stage == 1 and cfg.stream_pages:
+        overrides["synth"] = {"profile": cfg.synth_profile, "pages": cfg.stream_pages, "seed": cfg.seed + 100,
+                              "mode": cfg.mode, "tasks": dict(cfg.stream_tasks)}
     train_cfg = load_train_config(str(REPO_ROOT / config_path), stage=stage, **overrides)
     train_cfg.export_dir = str(stage_dir(cfg, stage))
     return run_stage(train_cfg)
@@ -164,11 +184,15 @@ def evaluate(cfg: SpeedrunConfig, parent_run_id: str | None, uri: str) -> dict:
     results = {}
     for split in ("train", "heldout"):
         report = run_eval(EvalConfig(
-            data=str(cfg.root / "data" / split / "manifest.jsonl"), checkpoint=str(stage_dir(cfg, 2)),
+            data=str(cfg.root / "data" / split / "manifest.jsonl"), checkpoint=str(stage_dir(cfg, cfg.final_stage)),
             max_new_tokens=cfg.eval_max_new_tokens, use_gpu=cfg.use_gpu, experiment=cfg.experiment,
-            run_name=f"eval-{split}", parent_run_id=parent_run_id, tracking_uri=uri,
-            out_dir=str(cfg.root / "eval" / split)))
+            run_name=f"eval-{split}", parent_run_id=parent_run_id, tracking_uri=uri, limit=cfg.eval_limit,
+            batch_size=cfg.eval_batch_size,
+            baseline=cfg.eval_baseline if split == "heldout" else None, out_dir=str(cfg.root / "eval" / split)))
         results[split] = report.results["model"].metrics
+        for system, result in report.results.items():
+            if system != "model":
+                results[f"{split}-{system}"] = result.metrics
         print(f"{split}:\n{report.table()}", flush=True)
     (cfg.root / "eval" / "summary.json").write_text(json.dumps(results, indent=2))
     return results
@@ -199,7 +223,7 @@ def serve_and_ask(cfg: SpeedrunConfig) -> list[dict]:
     from serve.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve_port})
-    serve.run(build_app({"checkpoint": str(stage_dir(cfg, 2)), "device": "cuda" if cfg.use_gpu else "cpu"}),
+    serve.run(build_app({"checkpoint": str(stage_dir(cfg, cfg.final_stage)), "device": "cuda" if cfg.use_gpu else "cpu"}),
               name="ocr", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{cfg.serve_port}"
     demo = cfg.root / "demo"
@@ -230,22 +254,29 @@ def serve_and_ask(cfg: SpeedrunConfig) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="speedrun YAML (default: jobs/configs/speedrun_<preset>.yaml)")
-    parser.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny")
+    parser.add_argument("--preset", choices=["tiny", "small", "full"],
+                        help="model preset (default: the config's, else tiny)")
     parser.add_argument("--out", help="artifacts directory (default ./artifacts)")
     parser.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
     parser.add_argument("--num-workers", dest="num_workers", type=int)
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
     parser.add_argument("--stage1-steps", dest="stage1_steps", type=int)
     parser.add_argument("--stage2-steps", dest="stage2_steps", type=int)
+    parser.add_argument("--stage1-time-limit", dest="stage1_time_limit_s", type=float,
+                        help="seconds: stage 1 checkpoints and the speedrun stops; run it again to resume")
     parser.add_argument("--train-pages", dest="train_pages", type=int)
+    parser.add_argument("--heldout-pages", dest="heldout_pages", type=int)
+    parser.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate at most this many records per split")
     parser.add_argument("--serve-port", dest="serve_port", type=int)
     parser.add_argument("--no-serve", action="store_true", help="stop after the comparison")
     parser.add_argument("--force", action="store_true", help="redo every step")
     args = parser.parse_args(argv)
-    config = args.config or str(CONFIGS / f"speedrun_{args.preset}.yaml")
+    config = args.config or str(CONFIGS / f"speedrun_{args.preset or 'tiny'}.yaml")
     cfg = load_config(config, preset=args.preset, out=args.out, use_gpu=args.use_gpu, num_workers=args.num_workers,
                       stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
-                      train_pages=args.train_pages, serve_port=args.serve_port)
+                      stage1_time_limit_s=args.stage1_time_limit_s,
+                      train_pages=args.train_pages, heldout_pages=args.heldout_pages, eval_limit=args.eval_limit,
+                      serve_port=args.serve_port)
     cfg.out = str(Path(cfg.out).resolve())  # Ray workers and actors do not share our working directory
     cfg.root.mkdir(parents=True, exist_ok=True)
     if args.force:
@@ -260,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = Steps(args.force)
     start = time.perf_counter()
     init_ray(args.address)
+    if state["pipeline_run_id"] and not tracking.run_exists(state["pipeline_run_id"], tracking_uri=uri):
+        print(f"the pipeline's MLflow run {state['pipeline_run_id']} is not in {uri}: starting a new one", flush=True)
+        state["pipeline_run_id"] = None
     if not state["pipeline_run_id"]:
         state["pipeline_run_id"] = tracking.start_run(cfg.experiment, run_name=f"speedrun-{cfg.preset}",
                                                       tags={"job": "speedrun", "preset": cfg.preset}, tracking_uri=uri)
@@ -269,18 +303,24 @@ def main(argv: list[str] | None = None) -> int:
     steps.run("synthetic data", lambda: (cfg.root / "data" / "heldout" / "manifest.jsonl").is_file(),
               lambda: make_data(cfg))
     steps.run("tokenizer", lambda: (cfg.root / "tokenizer" / "tokenizer.json").is_file(), lambda: train_tokenizer(cfg))
-    steps.run("preprocess (Ray Data)", lambda: (cfg.root / "shards" / "stats.json").is_file(), lambda: preprocess(cfg))
-    for stage in (1, 2):
+    if 2 in cfg.stages or not cfg.stream_pages:  # a stage-1 stream needs no shards
+        steps.run("preprocess (Ray Data)", lambda: (cfg.root / "shards" / "stats.json").is_file(),
+                  lambda: preprocess(cfg))
+    for stage in cfg.stages:
         result = steps.run(f"stage {stage} (Ray Train)", lambda s=stage: (stage_dir(cfg, s) / "model.safetensors").is_file(),
                            lambda s=stage: train(cfg, s, parent, uri))
         if result is not None:
             state[f"stage{stage}_run_id"] = result.run_id
+            if not result.complete:
+                print(f"==> stage {stage} stopped at its time limit at step {int(result.metrics.get('step', 0))}; "
+                      "run the same command again (without --force) to resume it", flush=True)
+                return 0
     metrics = steps.run("evaluation (Ray Data actors)", lambda: (cfg.root / "eval" / "summary.json").is_file(),
                         lambda: evaluate(cfg, parent, uri))
     if metrics is None:
         metrics = json.loads((cfg.root / "eval" / "summary.json").read_text())
-    run_ids = [state["stage1_run_id"], state["stage2_run_id"]]
-    if all(run_ids):
+    run_ids = [state[f"stage{s}_run_id"] for s in cfg.stages]
+    if len(run_ids) > 1 and all(run_ids):
         steps.run("MLflow comparison of the stages", lambda: (cfg.root / "compare" / "stages.png").is_file(),
                   lambda: compare(cfg, run_ids, uri))
     answers = [] if args.no_serve else steps.run("Ray Serve + HTTP OCR requests", lambda: False,
@@ -295,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds, skipped in steps.timings:
         print(f"  {name:<36} {'skipped' if skipped else f'{seconds:7.1f} s'}")
     print(f"  shards       {cfg.root / 'shards'}")
-    print(f"  checkpoints  {stage_dir(cfg, 1)}\n               {stage_dir(cfg, 2)}")
+    print("  checkpoints  " + "\n               ".join(str(stage_dir(cfg, s)) for s in cfg.stages))
     print(f"  evaluation   {cfg.root / 'eval'}   comparison {cfg.root / 'compare' / 'stages.png'}")
     print(f"  MLflow UI    mlflow ui --backend-store-uri {uri}   (pipeline run {parent})")
     if answers:

@@ -332,7 +332,7 @@ class RecordProcessor:
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise RecordError("bad_record", f"conversation cannot be rendered: {exc}", rec.id) from None
             self._check_len(len(ids), rec.id)
-            return _row(rec.id, rec.task, ids, mask)
+            return shard_row(rec.id, rec.task, ids, mask)
         try:
             uri = storage.resolve(rec.image, base)
         except storage.StorageError as exc:
@@ -353,7 +353,7 @@ class RecordProcessor:
         except ValueError as exc:
             raise RecordError("bad_record", f"cannot render tokens: {exc}", rec.id) from None
         self._check_len(len(ids), rec.id)
-        return _row(rec.id, rec.task, ids, mask, mode=p.mode, global_view=p.global_view, tiles=p.tiles,
+        return shard_row(rec.id, rec.task, ids, mask, mode=p.mode, global_view=p.global_view, tiles=p.tiles,
                     spatial_crop=p.spatial_crop, n_image_tokens=p.n_image_tokens)
 
     def _check_len(self, n: int, rid: str) -> None:
@@ -361,7 +361,7 @@ class RecordProcessor:
             raise RecordError("too_long", f"{n} tokens exceed max_seq_len={self.max_seq_len}", rid)
 
 
-def _row(rid: str, task: str, ids: Sequence[int], mask: Sequence[int], mode: str | None = None,
+def shard_row(rid: str, task: str, ids: Sequence[int], mask: Sequence[int], mode: str | None = None,
          global_view: np.ndarray | None = None, tiles: np.ndarray | None = None,
          spatial_crop: Sequence[int] | None = None, n_image_tokens: int = 0) -> dict[str, Any]:
     row: dict[str, Any] = {

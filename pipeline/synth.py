@@ -92,11 +92,14 @@ class SynthConfig:
     table_rows: tuple[int, int] = (2, 5)  # body rows (plus a header row)
     table_cols: tuple[int, int] = (2, 4)
     vocab_size: int | None = None  # set: text is random words from this many frequent corpus words
+    word_salad_prob: float = 0.0  # train split only: a sentence/item/title is random words of the split
+    salad_number_prob: float = 0.08  # in word salad, a word is a number or a code instead
     sentence_words: tuple[int, int] = (3, 7)  # words per sentence when vocab_size is set
     item_words: tuple[int, int] = (1, 3)  # words per list item when vocab_size is set
     noise: float = 0.5  # strength: gaussian sigma up to 6 * noise grey levels, slight blur
     noise_prob: float = 0.3  # fraction of pages degraded (noisy PNGs are large and slow to write)
     rotation_deg: float = 0.0  # max tilt; off by default (boxes are not rotated with the page)
+    stretch_range: tuple[float, float] = (1.0, 1.0)  # horizontal page scale (glyph shapes vary; 0..999 boxes hold)
     train_fonts: tuple[str, ...] = ("sans", "serif", "mono")
     heldout_fonts: tuple[str, ...] = ("stix", "serif", "sans")
     tasks: tuple[str, ...] = ("markdown", "free")
@@ -143,12 +146,49 @@ class SynthConfig:
         return replace(base, **overrides)
 
     @classmethod
+    def reading(cls, **overrides: Any) -> "SynthConfig":
+        """Tier 2: learn to *read*, not to recall. Square-ish pages about 640 px wide (the
+        ``small`` mode's view), 1-4 blocks of clear 24-32 px text, three training fonts.
+
+        Training text is mostly word salad (random words of the training split, numbers and
+        codes) so that a model cannot lean on remembered sentences, and pages are stretched
+        horizontally so glyph widths vary. Held-out pages use sentences the
+        training split never has, layouts from other seeds and STIX, a font never trained on.
+        """
+        base = cls(
+            profile="reading",
+            width_range=(600, 700),
+            aspect_range=(1.0, 1.3),
+            blocks_range=(1, 4),
+            font_size_range=(24, 32),
+            min_font_px=20,
+            min_chars_per_line=24,
+            margin_range=(0.05, 0.09),
+            columns=(1,),
+            line_spacing_range=(1.15, 1.4),
+            block_weights={"text": 0.5, "title": 0.15, "list": 0.2, "table": 0.1, "image": 0.05},
+            page_title_prob=0.6,
+            title_scale=(1.2, 1.6),
+            justify_prob=0.2,
+            paragraph_sentences=(1, 3),
+            list_items=(2, 4),
+            table_rows=(1, 3),
+            table_cols=(2, 3),
+            noise=0.4,
+            noise_prob=0.3,
+            word_salad_prob=0.9,
+            stretch_range=(0.85, 1.15),
+            train_fonts=("sans", "serif", "mono"),
+            heldout_fonts=("stix",),
+        )
+        return replace(base, **overrides)
+
+    @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> "SynthConfig":
-        if name == "easy":
-            return cls.easy(**overrides)
-        if name == "document":
-            return cls.document(**overrides)
-        raise ValueError(f"unknown synth profile {name!r}; choose 'easy' or 'document'")
+        builders = {"easy": cls.easy, "document": cls.document, "reading": cls.reading}
+        if name not in builders:
+            raise ValueError(f"unknown synth profile {name!r}; choose one of {sorted(builders)}")
+        return builders[name](**overrides)
 
     def validate(self) -> None:
         bad = [k for k in self.block_weights if k not in LABELS]
@@ -156,7 +196,9 @@ class SynthConfig:
             raise ValueError(f"block_weights has unknown labels {bad}; labels are {LABELS}")
         if sum(max(0.0, w) for w in self.block_weights.values()) <= 0:
             raise ValueError("block_weights must have a positive weight")
-        for name in ("width_range", "aspect_range", "blocks_range", "font_size_range"):
+        if not 0.0 <= self.word_salad_prob <= 1.0:
+            raise ValueError(f"word_salad_prob must be in [0, 1], got {self.word_salad_prob}")
+        for name in ("width_range", "aspect_range", "blocks_range", "font_size_range", "stretch_range"):
             lo, hi = getattr(self, name)
             if lo > hi or lo <= 0:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(lo, hi)}")
@@ -185,6 +227,7 @@ class CorpusSplit:
     terms: tuple[str, ...]
     headers: tuple[str, ...]
     vocab: tuple[str, ...]  # frequent words of the whole corpus (shared by both splits)
+    words: tuple[str, ...] = ()  # every distinct word (lower case) of this split's own lines
 
 
 def _read_lines(name: str) -> list[str]:
@@ -212,23 +255,46 @@ def load_corpus(split: str = "train", vocab_size: int = 150) -> CorpusSplit:
     prose = _read_lines("prose.txt")
     counts = Counter(w.lower() for s in prose for w in re.findall(r"[A-Za-z]+", s) if len(w) > 1 or w in "aA")
     vocab = tuple(sorted(counts, key=lambda w: (-counts[w], w))[:vocab_size])
-    return CorpusSplit(
-        sentences=_split_lines(prose, split),
-        titles=_split_lines(_read_lines("titles.txt"), split),
-        items=_split_lines(_read_lines("items.txt"), split),
-        terms=_split_lines(_read_lines("terms.txt"), split),
-        headers=_split_lines(_read_lines("headers.txt"), split),
-        vocab=vocab,
-    )
+    parts = {name: _split_lines(_read_lines(f"{name}.txt"), split) for name in ("titles", "items", "terms", "headers")}
+    sentences = _split_lines(prose, split)
+    own = {w.lower() for line in (*sentences, *parts["titles"], *parts["items"]) for w in re.findall(r"[A-Za-z]+", line)}
+    return CorpusSplit(sentences=sentences, vocab=vocab, words=tuple(sorted(own)), **parts)
 
 
 class TextSource:
     """Draws titles, paragraphs, list items and table cells for one page."""
 
-    def __init__(self, corpus: CorpusSplit, cfg: SynthConfig, rng: random.Random):
+    def __init__(self, corpus: CorpusSplit, cfg: SynthConfig, rng: random.Random, split: str = "train"):
         self.c, self.cfg, self.rng = corpus, cfg, rng
         self.words = cfg.vocab_size is not None
+        self.salad = cfg.word_salad_prob if split == "train" and corpus.words else 0.0
         self.used: set[str] = set()
+
+    def _salad_now(self) -> bool:
+        return self.salad > 0 and self.rng.random() < self.salad
+
+    def _salad_word(self) -> str:
+        r = self.rng
+        if r.random() < self.cfg.salad_number_prob:
+            kind = r.randrange(4)
+            if kind == 0:
+                return str(r.randint(0, 9999))
+            if kind == 1:
+                return f"{r.uniform(0, 100):.{r.randint(1, 2)}f}"
+            if kind == 2:
+                return f"{r.randint(1, 99)}%"
+            letters = "".join(r.choice("ABCDEFGHJKLMNPRSTUVWXYZ") for _ in range(r.randint(1, 3)))
+            return f"{letters}-{r.randint(1, 999)}"
+        w = r.choice(self.c.words)
+        return w.capitalize() if r.random() < 0.1 else w
+
+    def _salad(self, lo: int, hi: int, punct: bool) -> str:
+        ws = [self._salad_word() for _ in range(self.rng.randint(lo, hi))]
+        if punct and len(ws) > 3 and self.rng.random() < 0.4:
+            k = self.rng.randrange(1, len(ws) - 1)
+            ws[k] += self.rng.choice(",,;:")
+        text = " ".join([ws[0][:1].upper() + ws[0][1:], *ws[1:]])
+        return text + (self.rng.choice("..!?") if punct else "")
 
     def _fresh(self, draw: Callable[[], str], tries: int = 6) -> str:
         """A draw not yet used on this page (repeats only when the pool runs dry)."""
@@ -243,11 +309,15 @@ class TextSource:
         return [self.rng.choice(self.c.vocab) for _ in range(self.rng.randint(lo, hi))]
 
     def title(self) -> str:
+        if self._salad_now():
+            return self._fresh(lambda: " ".join(w.capitalize() for w in self._salad(1, 4, False).split()))
         if self.words:
             return self._fresh(lambda: " ".join(w.capitalize() for w in self._word_run(1, 3)))
         return self._fresh(lambda: self.rng.choice(self.c.titles))
 
     def sentence(self) -> str:
+        if self._salad_now():
+            return self._salad(4, 12, True)
         if self.words:
             ws = self._word_run(*self.cfg.sentence_words)
             return " ".join([ws[0].capitalize(), *ws[1:]]) + "."
@@ -255,7 +325,7 @@ class TextSource:
 
     def paragraph(self) -> str:
         n = self.rng.randint(*self.cfg.paragraph_sentences)
-        if self.words:
+        if self.words or self._salad_now():
             return " ".join(self.sentence() for _ in range(n))
         sents = self.c.sentences
         for _ in range(6):  # consecutive lines share a topic; avoid reusing a sentence on the page
@@ -267,6 +337,8 @@ class TextSource:
         return " ".join(picked)
 
     def item(self) -> str:
+        if self._salad_now():
+            return self._salad(1, 6, False)
         if self.words:
             ws = self._word_run(*self.cfg.item_words)
             return " ".join([ws[0].capitalize(), *ws[1:]])
@@ -297,11 +369,15 @@ class TextSource:
 # ------------------------------------------------------------------------------------- fonts
 
 
+FONT_DIR_ENV = "NDOCR_FONT_DIR"  # a folder with the FONT_FAMILIES files, for machines without matplotlib
+
+
 @lru_cache(maxsize=1)
 def font_dir() -> Path | None:
-    """matplotlib's bundled TTF directory, found without importing matplotlib if possible."""
+    """``$NDOCR_FONT_DIR``, else matplotlib's bundled TTF directory (found without importing
+    matplotlib if possible)."""
+    candidates = [Path(os.environ[FONT_DIR_ENV])] if os.environ.get(FONT_DIR_ENV) else []
     spec = importlib.util.find_spec("matplotlib")
-    candidates = []
     if spec is not None and spec.origin:
         candidates.append(Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf")
     for d in candidates:
@@ -700,7 +776,7 @@ def make_page(index: int, config: SynthConfig | None = None, seed: int | None = 
     seed = cfg.seed if seed is None else seed
     corpus = load_corpus(split, cfg.vocab_size or 150)
     rng, nrng = _page_rngs(seed, split, index)
-    src = TextSource(corpus, cfg, rng)
+    src = TextSource(corpus, cfg, rng, split)
 
     W = rng.randint(*cfg.width_range)
     H = int(round(W * rng.uniform(*cfg.aspect_range)))
@@ -813,6 +889,14 @@ def make_page(index: int, config: SynthConfig | None = None, seed: int | None = 
         words += [_shift(p, bx, by, W, H) for p in laid.words]
 
     image = _degrade(image, cfg, rng, nrng, paper)
+    if tuple(cfg.stretch_range) != (1.0, 1.0):  # 0..999 boxes are relative: only pixel boxes move
+        sx = rng.uniform(*cfg.stretch_range)
+        W2 = max(1, int(round(W * sx)))
+        image = image.resize((W2, H), Image.BICUBIC)
+        sx = W2 / W
+        blocks = [replace(b, box_px=_scale_x(b.box_px, sx)) for b in blocks]
+        lines = [TextPiece(p.text, _scale_x(p.box_px, sx)) for p in lines]
+        words = [TextPiece(p.text, _scale_x(p.box_px, sx)) for p in words]
     return SynthPage(
         page_id=page_id(index, seed, split),
         image=image,
@@ -824,6 +908,11 @@ def make_page(index: int, config: SynthConfig | None = None, seed: int | None = 
         words=words,
         font_family=family,
     )
+
+
+def _scale_x(box: Sequence[int], sx: float) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = box
+    return int(math.floor(x1 * sx)), int(y1), int(math.ceil(x2 * sx)), int(y2)
 
 
 def _shift(p: TextPiece, dx: int, dy: int, w: int, h: int) -> TextPiece:
@@ -1039,7 +1128,7 @@ def synth_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="artifacts/synth", help="output directory (manifest.jsonl, images/)")
     p.add_argument("--pages", type=int, default=16, help="number of pages")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", choices=["easy", "document"], default="document")
+    p.add_argument("--profile", choices=["easy", "document", "reading"], default="document")
     p.add_argument("--split", choices=list(SPLITS), default="train")
     p.add_argument("--tasks", default=None, help=f"comma list from {','.join(TASKS)} (default: markdown,free)")
     p.add_argument("--text-records", type=int, default=0, help="also write this many text-only records to text.jsonl")

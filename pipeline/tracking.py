@@ -152,6 +152,17 @@ def start_run(experiment: str | None, run_name: str | None = None, tags: Mapping
     return run.info.run_id
 
 
+def run_exists(run_id: str, tracking_uri: str | None = None) -> bool:
+    """Whether ``run_id`` is in this tracking store (a resumed job may point at another store)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(tracking_uri).get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
 def end_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
     """Mark a run FINISHED / FAILED / KILLED."""
     client(tracking_uri).set_terminated(run_id, status=status)

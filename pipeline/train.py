@@ -28,7 +28,9 @@ from model.config import from_yaml, preset as model_preset
 from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.mixture import Sample, batches, mixture_counts
 from pipeline.optim import build_optimizer, lr_multiplier, set_lr
+from pipeline.synth_stream import SynthStreamConfig
 
+PENDING_RUN_FILE = "ndocr_pending_run.json"  # beside Ray's run state while a time-limited stage is unfinished
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 
@@ -39,6 +41,7 @@ class TrainConfig:
     stage: int = 1
     preset: str = "tiny"
     data: list[str] = field(default_factory=lambda: ["artifacts/shards"])
+    synth: SynthStreamConfig | dict | None = None  # stage 1: train on pages rendered on the fly instead of data
     tokenizer: str | None = None  # default: tokenizer.json beside the first shard directory
     out: str = "artifacts/runs"  # Ray Train storage_path (local or s3://)
     run_name: str | None = None
@@ -80,6 +83,7 @@ class TrainConfig:
     register_model: str | None = None  # a model-registry name (stage 2 default: nano-deepseek-ocr)
     export_dir: str | None = None  # where the final checkpoint is copied (default <out>/<run>/final)
     inject_failure_at_step: int | None = None  # testing: rank 0 dies once at this step
+    time_limit_s: float | None = None  # stop with a checkpoint after this long; the same run resumes
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -97,6 +101,10 @@ class TrainConfig:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
         if self.run_name is None:
             self.run_name = f"stage{self.stage}-{self.preset}"
+        if isinstance(self.synth, dict):
+            self.synth = SynthStreamConfig(**self.synth)
+        if self.synth is not None and self.stage != 1:
+            raise ValueError("synth (a stream of rendered pages) is for stage 1; stage 2 reads shards (data)")
 
     @property
     def tokenizer_path(self) -> str:
@@ -331,13 +339,17 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     shard = ray.train.get_dataset_shard("train")
-    stream = batches(_samples(shard, cfg.seed, cfg.cache_data_mb), cfg.seq_len, cfg.batch_size)
-    for _ in range(start_step * cfg.grad_accum):  # resume: skip what the finished steps consumed
-        next(stream)
+    stream = batches(_samples(shard, cfg.seed, 0 if cfg.synth else cfg.cache_data_mb), cfg.seq_len, cfg.batch_size)
+    if cfg.synth is None:
+        for _ in range(start_step * cfg.grad_accum):  # resume: skip what the finished steps consumed
+            next(stream)
+    elif start_step and rank == 0:  # a fresh pass of rendered pages; skipping would re-render them
+        print(f"resumed at step {start_step}: the synthetic stream (seed {cfg.synth.seed}) starts a new pass",
+              flush=True)
     first_sample = None
     metrics: dict[str, float] = {}
     step = start_step
-    t_last = time.perf_counter()
+    t_last = t_start = time.perf_counter()
     while step < cfg.steps:
         if cfg.inject_failure_at_step == step and rank == 0:
             marker = Path(loop_config["fault_marker"])
@@ -383,18 +395,37 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 print(f"stage{cfg.stage} step {step}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
                       f"grad_norm {metrics['grad_norm']:.3f} tok/s {tok_per_s:.0f}", flush=True)
             tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
-        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        out_of_time = cfg.time_limit_s is not None and _all_agree(now - t_start >= cfg.time_limit_s, device)
+        if out_of_time and step < cfg.steps:
+            metrics["stopped_at_time_limit"] = 1.0
+            if rank == 0:
+                print(f"time limit {cfg.time_limit_s:.0f} s reached at step {step}/{cfg.steps}: checkpointing; "
+                      "run the same stage again to resume", flush=True)
+        if step == cfg.steps or out_of_time or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             directory = _save(cfg, model, optimizer, tokenizer, step, mode, rank)
             checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
             ray.train.report(metrics, checkpoint=checkpoint)
             if directory:
                 shutil.rmtree(directory, ignore_errors=True)
+        if out_of_time:
+            return metrics
     if rank == 0 and cfg.sample_prediction and first_sample is not None and loop_config.get("run_id"):
         try:
             _log_sample_prediction(inner, tokenizer, first_sample, tracker)
         except Exception as exc:  # a picture must never fail a finished run
             print(f"sample prediction skipped: {exc}", flush=True)
     return metrics
+
+
+def _all_agree(flag: bool, device: torch.device) -> bool:
+    """``flag`` on any rank, on every rank (so that all workers stop at the same step)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _prompt_text(tokenizer, ids: torch.Tensor, targets: torch.Tensor) -> str:
@@ -445,12 +476,18 @@ class StageResult:
     metrics: dict[str, float]
     run_id: str | None
     model_version: str | None = None
+    complete: bool = True  # False: stopped at time_limit_s; run the stage again to resume
 
 
 def _datasets(cfg: TrainConfig):
-    """The training dataset: stage 1 vision rows; stage 2 the vision/text mixture."""
+    """The training dataset: stage 1 vision rows (shards, or the synthetic stream); stage 2
+    the vision/text mixture."""
+    from pipeline import storage
     from pipeline.preprocess import read_shards
+    from pipeline.synth_stream import synth_dataset
 
+    if cfg.synth is not None:  # rendered in order, page by page: already as random as a shuffle
+        return synth_dataset(cfg.synth, storage.read_text(cfg.tokenizer_path), cfg.seq_len)
     ds = None
     for path in cfg.data:
         part = read_shards(path)
@@ -476,8 +513,19 @@ def _datasets(cfg: TrainConfig):
 def _shard_stats(cfg: TrainConfig) -> dict:
     from pipeline import storage
 
+    if cfg.synth is not None:
+        return {"mode": cfg.synth.mode, "source": f"synth:{cfg.synth.profile}", "pages": cfg.synth.pages}
     stats = storage.join(cfg.data[0], "stats.json")
     return json.loads(storage.read_text(stats)) if storage.exists(stats) else {}
+
+
+def _checkpoint_step(path: str) -> int:
+    from pipeline import storage
+
+    config = storage.join(path, "config.json")
+    if not storage.exists(config):
+        raise FileNotFoundError(f"resume_from {path}: no config.json there (not a checkpoint directory)")
+    return int(json.loads(storage.read_text(config)).get("step", 0))
 
 
 def run_stage(cfg: TrainConfig) -> StageResult:
@@ -498,18 +546,34 @@ def run_stage(cfg: TrainConfig) -> StageResult:
         raise FileNotFoundError(f"stage 2: init_from checkpoint {cfg.init_from} does not exist (run stage 1 first)")
     if not storage.exists(cfg.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {cfg.tokenizer_path} not found: preprocess writes it beside the shards")
+    if cfg.synth is not None and cfg.resume_from:  # fresh pages after the resume, not the same ones again
+        cfg = dataclasses.replace(cfg, synth=cfg.synth.for_resume(_checkpoint_step(cfg.resume_from)))
     uri = cfg.tracking_uri or tracking.tracking_uri()
     data_stats = _shard_stats(cfg)
     mode = data_stats.get("mode")
-    run_id = tracking.start_run(cfg.experiment, run_name=cfg.run_name,
-                                tags={"stage": str(cfg.stage), "preset": cfg.preset},
-                                parent_run_id=cfg.parent_run_id, tracking_uri=uri)
+    storage_path = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
+    pending = storage.join(storage_path, cfg.run_name, PENDING_RUN_FILE)  # a time-limited attempt to go on with
+    previous = json.loads(storage.read_text(pending)) if storage.exists(pending) else {}
+    run_id = previous.get("run_id")
+    if cfg.synth is not None and previous.get("step"):
+        cfg = dataclasses.replace(cfg, synth=cfg.synth.for_resume(int(previous["step"])))
+    if run_id and not tracking.run_exists(run_id, tracking_uri=uri):
+        print(f"MLflow run {run_id} of the unfinished attempt is not in {uri}: logging to a new run", flush=True)
+        run_id = None
+    if run_id:
+        tracking.client(uri).update_run(run_id, status="RUNNING")
+        print(f"resuming stage {cfg.stage} run {cfg.run_name} (MLflow run {run_id}) from its latest checkpoint",
+              flush=True)
+    else:
+        run_id = tracking.start_run(cfg.experiment, run_name=cfg.run_name,
+                                    tags={"stage": str(cfg.stage), "preset": cfg.preset},
+                                    parent_run_id=cfg.parent_run_id, tracking_uri=uri)
     params = {"train": dataclasses.asdict(cfg), "model": model_preset(cfg.preset).to_dict(),
               "git_commit": tracking.git_commit(), "mode": mode}
     if data_stats:
         params["data"] = {k: v for k, v in data_stats.items() if isinstance(v, (int, float, str))}
-    tracking.log_params_flat(run_id, params, tracking_uri=uri)
-    storage_path = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
+    if not (previous and previous.get("run_id") == run_id):
+        tracking.log_params_flat(run_id, params, tracking_uri=uri)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": dataclasses.asdict(cfg), "run_id": run_id, "tracking_uri": uri, "mode": mode,
@@ -530,6 +594,12 @@ def run_stage(cfg: TrainConfig) -> StageResult:
         tracking.end_run(run_id, status="FAILED", tracking_uri=uri)
         raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint: {result.error}")
     metrics = dict(result.metrics or {})
+    if metrics.get("stopped_at_time_limit"):
+        storage.write_text(pending, json.dumps({"run_id": run_id, "step": metrics.get("step")}))
+        tracking.end_run(run_id, status="KILLED", tracking_uri=uri)
+        return StageResult(result.checkpoint.path, metrics, run_id, complete=False)
+    if previous:
+        storage.remove([pending])
     with tempfile.TemporaryDirectory(prefix="ndocr-final-") as local:
         result.checkpoint.to_directory(local)
         storage.upload_dir(local, cfg.final_dir)

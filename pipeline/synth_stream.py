@@ -1,0 +1,142 @@
+"""Synthetic pages rendered on the fly: a Ray Data stream of training rows, no files.
+
+Why: a model that must learn to *read* needs hundreds of thousands of distinct pages, more
+than is worth writing to disk and reading back. Here Ray Data's streaming executor renders
+them on the cluster's CPUs (``ray.data.range(pages) -> map_batches(render)``) while the GPU
+workers train on what comes out: each page is drawn (:mod:`pipeline.synth`), put through the
+resolution mode's processor and tokenized into exactly the row a Parquet shard holds
+(:func:`pipeline.preprocess.shard_row`), so the trainer cannot tell the two sources apart.
+
+Each page gives one record; its task is drawn per page from ``tasks`` (weights). Page ``i``
+of ``seed`` is always the same page, so a run is reproducible; a resumed run asks for
+another ``seed`` (:meth:`SynthStreamConfig.for_resume`) so that it sees fresh pages instead of
+re-rendering the ones it has trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+SPLIT = "train"  # the stream only ever draws training pages; held-out pages are files
+
+
+@dataclass
+class SynthStreamConfig:
+    """What the stream renders (the ``synth:`` mapping of a training YAML)."""
+
+    profile: str = "reading"  # a pipeline.synth profile
+    pages: int = 100_000  # pages in one pass; the trainer loops over passes like epochs
+    seed: int = 0
+    mode: str = "small"  # resolution mode of the processor
+    tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
+    overrides: dict[str, Any] = field(default_factory=dict)  # SynthConfig fields
+    pages_per_task: int = 32  # pages one Ray task renders (a block of the stream)
+
+    def __post_init__(self) -> None:
+        from model.config import MODES
+
+        if self.pages < 1:
+            raise ValueError(f"synth.pages must be >= 1, got {self.pages}")
+        if self.pages_per_task < 1:
+            raise ValueError(f"synth.pages_per_task must be >= 1, got {self.pages_per_task}")
+        bad = [t for t in self.tasks if t not in ("markdown", "free")]
+        if bad or not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
+            raise ValueError(f"synth.tasks must weight 'markdown' and/or 'free' (>= 0, some > 0), got {self.tasks}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {sorted(MODES)}")
+        self.synth_config().validate()  # an unknown profile or override field fails here, on the driver
+
+    def synth_config(self):
+        from pipeline.synth import SynthConfig
+
+        fields = {f.name for f in dataclasses.fields(SynthConfig)}
+        unknown = set(self.overrides) - fields
+        if unknown:
+            raise ValueError(f"unknown synth.overrides fields: {sorted(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.overrides.items()}
+        return SynthConfig.from_profile(self.profile, seed=self.seed, **values)
+
+    def for_resume(self, step: int) -> "SynthStreamConfig":
+        """The stream a run resumed at ``step`` reads: other pages than the first attempt."""
+        return dataclasses.replace(self, seed=self.seed + 1_000_003 * step) if step else self
+
+
+@dataclass
+class _RenderSpec:
+    stream: SynthStreamConfig
+    tokenizer_json: str
+    max_seq_len: int
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def _tools(spec: _RenderSpec):
+    """Tokenizer, processor and SynthConfig, built once per worker process and reused."""
+    from model.processor import ImageProcessor
+    from model.tokenizer import Tokenizer
+
+    key = f"{hash(spec.tokenizer_json)}/{spec.stream.mode}/{spec.stream}"
+    if _CACHE.get("key") != key:
+        _CACHE.clear()
+        _CACHE.update(key=key, tokenizer=Tokenizer.from_json(spec.tokenizer_json),
+                      processor=ImageProcessor.from_mode(spec.stream.mode), synth=spec.stream.synth_config())
+    return _CACHE["tokenizer"], _CACHE["processor"], _CACHE["synth"]
+
+
+def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, dict]:
+    """(page image, record) of stream page ``index``: the page and the task drawn for it."""
+    from pipeline.synth import make_page, page_records
+
+    synth = synth or stream.synth_config()
+    page = make_page(index, synth, stream.seed, SPLIT)
+    tasks, weights = zip(*stream.tasks.items())
+    task = random.Random(f"ndocr-stream-task/{stream.seed}/{index}").choices(tasks, weights)[0]
+    record = page_records(page, f"stream/{page.page_id}.png", (task,), SPLIT)[0]
+    return page.image, record
+
+
+def render_batch(batch: Mapping[str, np.ndarray], spec: _RenderSpec) -> pa.Table:
+    """Ray Data UDF: page indices -> shard rows (records over ``max_seq_len`` are dropped)."""
+    from pipeline.preprocess import rows_to_table, shard_row
+
+    tokenizer, processor, synth = _tools(spec)
+    rows = []
+    for index in batch["id"].tolist():
+        image, rec = render_record(int(index), spec.stream, synth)
+        p = processor.process(image)
+        ids, mask = tokenizer.render_vision(rec["prompt"], rec["response"], p.n_image_tokens)
+        if len(ids) > spec.max_seq_len:
+            continue  # rare with the page profiles; the packer would refuse the row anyway
+        rows.append(shard_row(rec["id"], rec["task"], ids, mask, mode=p.mode, global_view=p.global_view,
+                              tiles=p.tiles, spatial_crop=p.spatial_crop, n_image_tokens=p.n_image_tokens))
+    return rows_to_table(rows)
+
+
+def synth_dataset(stream: SynthStreamConfig, tokenizer_json: str, max_seq_len: int):
+    """A Ray Dataset of ``stream.pages`` freshly rendered training rows (lazy: nothing runs yet)."""
+    import ray.data
+
+    spec = _RenderSpec(stream, tokenizer_json, max_seq_len)
+    blocks = max(1, -(-stream.pages // stream.pages_per_task))
+    return ray.data.range(stream.pages, override_num_blocks=blocks).map_batches(
+        render_batch, fn_kwargs={"spec": spec}, batch_size=stream.pages_per_task, batch_format="numpy")
+
+
+def stream_texts(stream: SynthStreamConfig, n_pages: int) -> list[str]:
+    """Prompts and responses of the stream's first pages: text to train a tokenizer on."""
+    from pipeline.synth import make_page, page_records
+
+    synth = stream.synth_config()
+    texts: list[str] = []
+    for i in range(n_pages):
+        page = make_page(i, synth, stream.seed, SPLIT)
+        for rec in page_records(page, "", ("markdown", "free"), SPLIT):
+            texts += [rec["prompt"], rec["response"]]
+    return texts

@@ -1,0 +1,134 @@
+"""The tier-2 data path: the `reading` page profile, the Ray Data stream of rendered pages,
+and a stage-1 run on that stream that stops at its time limit and resumes (real Ray Train,
+MLflow on SQLite, tiny preset on CPU)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from model.processor import ImageProcessor
+from model.tokenizer import Tokenizer
+from pipeline.synth import SynthConfig, load_corpus, make_page
+from pipeline.synth_stream import SynthStreamConfig, render_record, stream_texts, synth_dataset
+from pipeline.train import PENDING_RUN_FILE, load_train_config, run_stage
+
+TINY_STREAM = dict(profile="reading", pages=48, seed=3, mode="tiny", pages_per_task=8,
+                   overrides={"width_range": [480, 520]})
+
+
+def _sentences(page) -> list[str]:
+    """The sentences of a page's paragraphs."""
+    return [s.strip() for b in page.blocks if b.label == "text"
+            for s in re.split(r"(?<=[.!?])\s+", b.text.replace("\n", " ")) if s.strip()]
+
+
+def test_reading_profile_holds_out_fonts_and_sentences():
+    cfg = SynthConfig.reading()
+    train_fonts = {make_page(i, cfg, 0, "train").font_family for i in range(12)}
+    assert train_fonts <= set(cfg.train_fonts) and len(train_fonts) > 1
+    heldout = [make_page(i, cfg, 1, "heldout") for i in range(6)]
+    assert {p.font_family for p in heldout} == {"stix"}
+    train_lines = set(load_corpus("train").sentences)
+    held_sentences = [s for p in heldout for s in _sentences(p)]
+    assert held_sentences, "held-out pages should carry corpus sentences"
+    assert not train_lines.intersection(held_sentences)
+    held_lines = load_corpus("heldout").sentences
+    for sentence in held_sentences:  # the last one on a full page may be cut short
+        assert any(line.startswith(sentence) for line in held_lines), sentence
+
+
+def test_reading_profile_trains_on_word_salad():
+    cfg = SynthConfig.reading()
+    corpus = set(load_corpus("train").sentences)
+    sentences = [s for i in range(10) for s in _sentences(make_page(i, cfg, 0, "train"))]
+    salad = [s for s in sentences if s not in corpus]
+    assert len(salad) > len(sentences) // 2  # mostly random words, so remembering sentences does not pay
+
+
+def test_stretch_scales_pixels_not_relative_boxes():
+    plain = make_page(5, SynthConfig.reading(stretch_range=(1.0, 1.0)), 0, "train")
+    wide = make_page(5, SynthConfig.reading(stretch_range=(1.25, 1.25)), 0, "train")
+    assert wide.image.height == plain.image.height
+    assert wide.image.width == round(plain.image.width * 1.25)
+    assert [b.box for b in wide.blocks] == [b.box for b in plain.blocks]
+    assert wide.plain_text == plain.plain_text
+    for a, b in zip(plain.blocks, wide.blocks):
+        assert b.box_px[2] >= a.box_px[2] * 1.2
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(tasks={"line": 1.0}), "synth.tasks"),
+    (dict(tasks={"free": 0.0}), "synth.tasks"),
+    (dict(overrides={"no_such_field": 1}), "unknown synth.overrides"),
+    (dict(pages=0), "pages"),
+    (dict(mode="huge"), "unknown mode"),
+    (dict(profile="comic"), "unknown synth profile"),
+])
+def test_stream_config_errors_are_clear(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SynthStreamConfig(**{**TINY_STREAM, **bad})
+
+
+def test_stream_for_resume_draws_other_pages():
+    stream = SynthStreamConfig(**TINY_STREAM)
+    assert stream.for_resume(0) == stream
+    resumed = stream.for_resume(40)
+    assert resumed.seed != stream.seed
+    assert render_record(0, resumed)[1]["response"] != render_record(0, stream)[1]["response"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok")
+    Tokenizer.train(stream_texts(SynthStreamConfig(**TINY_STREAM), 12), 512).save(path)
+    return path / "tokenizer.json"
+
+
+def test_stream_rows_are_shard_rows(ray_local, tokenizer_file):
+    from pipeline.preprocess import decode_row
+
+    stream = SynthStreamConfig(**{**TINY_STREAM, "pages": 10, "tasks": {"free": 1.0}})
+    rows = synth_dataset(stream, tokenizer_file.read_text(), 1024).take_all()
+    assert len(rows) == 10
+    tokenizer = Tokenizer.load(tokenizer_file)
+    processor = ImageProcessor.from_mode("tiny")
+    for i, row in enumerate(sorted(rows, key=lambda r: r["id"])):
+        image, record = render_record(i, stream)
+        r = decode_row(row)
+        assert r["task"] == record["task"] == "free"
+        assert r["global_view"].shape == (512, 512, 3)
+        expected = processor.process(image)
+        assert r["n_image_tokens"] == expected.n_image_tokens
+        np.testing.assert_array_equal(r["global_view"], expected.global_view)
+        ids, mask = tokenizer.render_vision(record["prompt"], record["response"], expected.n_image_tokens)
+        assert list(r["input_ids"]) == list(ids) and list(r["loss_mask"]) == list(mask)
+
+
+@pytest.mark.slow
+def test_stage1_on_stream_stops_at_time_limit_and_resumes(ray_local, tokenizer_file, tmp_path, mlflow_uri):
+    base = dict(stage=1, preset="tiny", synth=dict(TINY_STREAM), tokenizer=str(tokenizer_file), out=str(tmp_path / "runs"),
+                run_name="stream", tracking_uri=mlflow_uri, experiment="test-stream", seq_len=1024, batch_size=2,
+                steps=4, warmup_steps=1, log_every=1, sample_prediction=False)
+    first = run_stage(load_train_config(None, **base, time_limit_s=0.0))
+    assert not first.complete
+    assert first.metrics["step"] == 1 and first.metrics["stopped_at_time_limit"] == 1.0
+    pending = tmp_path / "runs" / "stream" / PENDING_RUN_FILE
+    assert pending.is_file()
+    assert not (tmp_path / "runs" / "stream" / "final").exists()
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    second = run_stage(load_train_config(None, **base))
+    assert second.complete and second.run_id == first.run_id
+    assert second.metrics["step"] == 4
+    assert not pending.exists()
+    assert (Path(second.checkpoint_dir) / "model.safetensors").is_file()
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["mode"] == "tiny"
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2, 3, 4]
