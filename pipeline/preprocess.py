@@ -399,13 +399,20 @@ def _int_lists(arrays: Sequence[np.ndarray], typ: pa.DataType) -> pa.Array:
 _TOKENIZER_CACHE: dict[str, Tokenizer] = {}
 
 
-def _worker_processor(spec: _Spec) -> RecordProcessor:
-    """A RecordProcessor for this spec; the tokenizer (the costly part) is parsed once per
-    worker process and reused by later tasks of the same job."""
-    tokenizer = _TOKENIZER_CACHE.get(spec.tokenizer_key)
+def worker_tokenizer(tokenizer_json: str, key: str | None = None) -> Tokenizer:
+    """The tokenizer of ``tokenizer_json``, parsed once per worker process (the costly part of a
+    task's setup) and reused by later tasks of the same job; ``key`` defaults to its sha1."""
+    key = key or hashlib.sha1(tokenizer_json.encode("utf-8")).hexdigest()
+    tokenizer = _TOKENIZER_CACHE.get(key)
     if tokenizer is None:
         _TOKENIZER_CACHE.clear()
-        tokenizer = _TOKENIZER_CACHE[spec.tokenizer_key] = Tokenizer.from_json(spec.tokenizer_json)
+        tokenizer = _TOKENIZER_CACHE[key] = Tokenizer.from_json(tokenizer_json)
+    return tokenizer
+
+
+def _worker_processor(spec: _Spec) -> RecordProcessor:
+    """A RecordProcessor for this spec (the tokenizer comes from the per-process cache)."""
+    tokenizer = worker_tokenizer(spec.tokenizer_json, spec.tokenizer_key)
     processor = ImageProcessor.from_mode(spec.mode, max_crops=spec.max_crops, max_pixels=spec.max_pixels)
     return RecordProcessor(tokenizer, processor, spec.max_seq_len, spec.max_image_bytes, spec.s3fs)
 

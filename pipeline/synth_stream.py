@@ -74,22 +74,6 @@ class _RenderSpec:
     max_seq_len: int
 
 
-_CACHE: dict[str, Any] = {}
-
-
-def _tools(spec: _RenderSpec):
-    """Tokenizer, processor and SynthConfig, built once per worker process and reused."""
-    from model.processor import ImageProcessor
-    from model.tokenizer import Tokenizer
-
-    key = f"{hash(spec.tokenizer_json)}/{spec.stream.mode}/{spec.stream}"
-    if _CACHE.get("key") != key:
-        _CACHE.clear()
-        _CACHE.update(key=key, tokenizer=Tokenizer.from_json(spec.tokenizer_json),
-                      processor=ImageProcessor.from_mode(spec.stream.mode), synth=spec.stream.synth_config())
-    return _CACHE["tokenizer"], _CACHE["processor"], _CACHE["synth"]
-
-
 def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, dict]:
     """(page image, record) of stream page ``index``: the page and the task drawn for it."""
     from pipeline.synth import make_page, page_records
@@ -104,9 +88,12 @@ def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[An
 
 def render_batch(batch: Mapping[str, np.ndarray], spec: _RenderSpec) -> pa.Table:
     """Ray Data UDF: page indices -> shard rows (records over ``max_seq_len`` are dropped)."""
-    from pipeline.preprocess import rows_to_table, shard_row
+    from model.processor import ImageProcessor
+    from pipeline.preprocess import rows_to_table, shard_row, worker_tokenizer
 
-    tokenizer, processor, synth = _tools(spec)
+    tokenizer = worker_tokenizer(spec.tokenizer_json)
+    processor = ImageProcessor.from_mode(spec.stream.mode)
+    synth = spec.stream.synth_config()
     rows = []
     for index in batch["id"].tolist():
         image, rec = render_record(int(index), spec.stream, synth)

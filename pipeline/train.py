@@ -395,8 +395,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 print(f"stage{cfg.stage} step {step}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
                       f"grad_norm {metrics['grad_norm']:.3f} tok/s {tok_per_s:.0f}", flush=True)
             tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
-        out_of_time = cfg.time_limit_s is not None and _all_agree(now - t_start >= cfg.time_limit_s, device)
-        if out_of_time and step < cfg.steps:
+        out_of_time = (cfg.time_limit_s is not None and step < cfg.steps
+                       and _all_agree(now - t_start >= cfg.time_limit_s, device))
+        if out_of_time:
             metrics["stopped_at_time_limit"] = 1.0
             if rank == 0:
                 print(f"time limit {cfg.time_limit_s:.0f} s reached at step {step}/{cfg.steps}: checkpointing; "
@@ -546,8 +547,6 @@ def run_stage(cfg: TrainConfig) -> StageResult:
         raise FileNotFoundError(f"stage 2: init_from checkpoint {cfg.init_from} does not exist (run stage 1 first)")
     if not storage.exists(cfg.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {cfg.tokenizer_path} not found: preprocess writes it beside the shards")
-    if cfg.synth is not None and cfg.resume_from:  # fresh pages after the resume, not the same ones again
-        cfg = dataclasses.replace(cfg, synth=cfg.synth.for_resume(_checkpoint_step(cfg.resume_from)))
     uri = cfg.tracking_uri or tracking.tracking_uri()
     data_stats = _shard_stats(cfg)
     mode = data_stats.get("mode")
@@ -555,8 +554,9 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     pending = storage.join(storage_path, cfg.run_name, PENDING_RUN_FILE)  # a time-limited attempt to go on with
     previous = json.loads(storage.read_text(pending)) if storage.exists(pending) else {}
     run_id = previous.get("run_id")
-    if cfg.synth is not None and previous.get("step"):
-        cfg = dataclasses.replace(cfg, synth=cfg.synth.for_resume(int(previous["step"])))
+    if cfg.synth is not None:  # a resumed run reads fresh pages, not the ones it trained on again
+        resume_step = int(previous.get("step") or 0) or (_checkpoint_step(cfg.resume_from) if cfg.resume_from else 0)
+        cfg = dataclasses.replace(cfg, synth=cfg.synth.for_resume(resume_step))
     if run_id and not tracking.run_exists(run_id, tracking_uri=uri):
         print(f"MLflow run {run_id} of the unfinished attempt is not in {uri}: logging to a new run", flush=True)
         run_id = None
