@@ -42,8 +42,11 @@ def prepare_data(work: Path, preset: str, mode: str, pages: int, seq_len: int) -
 
 def train_run(work: Path, preset: str, num_workers: int, steps: int, batch_size: int, seq_len: int,
               strategy: str = "ddp", run_name: str | None = None, resume_from: str | None = None,
-              checkpoint_every: int = 0) -> dict:
-    """One stage-1 run through TorchTrainer; tokens/s is the median over the second half of steps."""
+              checkpoint_every: int = 0, optimizer: str = "adamw") -> dict:
+    """One stage-1 run through TorchTrainer; tokens/s is the median over the second half of steps.
+
+    ``strategy`` ddp or fsdp (FSDP2 per block, ``pipeline.distributed``); ``optimizer`` adamw or muon.
+    """
     import torch
 
     from pipeline import tracking
@@ -54,7 +57,7 @@ def train_run(work: Path, preset: str, num_workers: int, steps: int, batch_size:
                             num_workers=num_workers, strategy=strategy, steps=steps, batch_size=batch_size,
                             seq_len=seq_len, lr=1e-3, encoder_lr_scale=0.3, warmup_steps=10, log_every=1,
                             sample_prediction=False, experiment="bench-gpu", resume_from=resume_from,
-                            checkpoint_every=checkpoint_every)
+                            checkpoint_every=checkpoint_every, optimizer=optimizer)
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     result = run_stage(cfg)
     client = tracking.client()

@@ -3,10 +3,13 @@
     python bench/scaling.py --gpus 1,2 --preset full --mode gundam --steps 30
 
 For each N: tokens/s (median of the second half of the steps), step time, scaling efficiency
-= tokens/s at N / (N x tokens/s at 1), and peak memory per GPU. With ``--resume-check`` the
-largest-N run writes a checkpoint and a 1-GPU run resumes from it (a different N) for a few
-more steps. NVLink multicast stays off (NCCL_NVLS_ENABLE=0 etc.) in the driver and, through
-Ray's runtime env, in every worker.
+= tokens/s at N / (N x tokens/s at 1), and peak memory per GPU. With ``--resume-check`` (all
+strategies, or a comma list such as ``--resume-check fsdp``) the largest-N run writes a
+checkpoint and a 1-GPU DDP run resumes from it (a different N, and for fsdp a different
+strategy) for a few more steps. ``fsdp`` is FSDP2 sharded per
+block (``pipeline.distributed``); at N = 1 it is the plain one-GPU model (nothing to shard).
+NVLink multicast stays off (NCCL_NVLS_ENABLE=0 etc.) in the driver and, through Ray's runtime
+env, in every worker.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=1, help="packed rows per GPU")
     parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--strategies", default="ddp", help="ddp and/or fsdp, comma-separated")
-    parser.add_argument("--resume-check", action="store_true")
+    parser.add_argument("--strategies", default="ddp", help="ddp and/or fsdp (FSDP2, per block), comma-separated")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))
+    parser.add_argument("--resume-check", nargs="?", const="all", default="",
+                        help="strategies whose largest-N checkpoint a 1-GPU run resumes (bare flag: all)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--results", default=str(REPO_ROOT / "bench" / "RESULTS.md"))
     args = parser.parse_args(argv)
@@ -52,25 +57,33 @@ def main(argv: list[str] | None = None) -> int:
     rows_out, _, _ = prepare_data(work, args.preset, args.mode, args.pages, args.seq_len)
     counts = [int(n) for n in args.gpus.split(",")]
     results = []
+    resume = set(args.strategies.split(",")) if args.resume_check == "all" else set(filter(None, args.resume_check.split(",")))
+    single = None  # one worker is the same plain model whatever the strategy: measured once
     for strategy in args.strategies.split(","):
         base = None
         for n in counts:
+            resume_here = strategy in resume and n == max(counts) and n > 1
+            if n == 1 and single is not None:
+                base = single
+                continue
             run = train_run(work, args.preset, n, args.steps, args.batch_size, args.seq_len, strategy,
-                            run_name=f"scale-{strategy}-{n}",
-                            checkpoint_every=args.steps if (args.resume_check and n == max(counts)) else 0)
+                            run_name=f"scale-{strategy}-{n}", optimizer=args.optimizer,
+                            checkpoint_every=args.steps if resume_here else 0)
             tps = run["tokens_per_s"]
-            base = tps if n == 1 else base
+            if n == 1:
+                base = single = tps
             eff = tps / (n * base) if base else float("nan")
             step_s = args.batch_size * args.seq_len * n / tps
             results.append((strategy, n, tps, step_s, eff, run["peak_mem_gib"], run["loss"][-1]))
             print(f"{strategy} N={n}: {tps:,.0f} tok/s, step {step_s:.3f}s, efficiency {eff:.2%}", flush=True)
-            if args.resume_check and n == max(counts) and n > 1:
+            if resume_here:
                 resumed = train_run(work, args.preset, 1, args.steps + 5, args.batch_size, args.seq_len, "ddp",
-                                    run_name=f"resume-{n}-to-1", resume_from=run["result"].checkpoint_dir)
+                                    run_name=f"resume-{strategy}-{n}-to-1", optimizer=args.optimizer,
+                                    resume_from=run["result"].checkpoint_dir)
                 print(f"resume: checkpoint at step {args.steps} on {n} GPUs -> 1 GPU, finished step "
                       f"{int(resumed['result'].metrics.get('step', -1))}, loss {resumed['loss'][-1]:.3f}", flush=True)
-                results.append((f"resume {n}->1", 1, resumed["tokens_per_s"], float("nan"), float("nan"),
-                                resumed["peak_mem_gib"], resumed["loss"][-1]))
+                results.append((f"resume {strategy} {n}->1", 1, resumed["tokens_per_s"], float("nan"),
+                                float("nan"), resumed["peak_mem_gib"], resumed["loss"][-1]))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     lines = ["| strategy | GPUs | tokens/s | step (s) | scaling efficiency | peak mem / GPU (GiB) | last loss |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -78,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {strategy} | {n} | {tps:,.0f} | {step_s:.3f} | {eff:.1%} | {mem:.1f} | {loss:.3f} |")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"\n## Multi-GPU scaling (bench/scaling.py) — {device}, torch {torch.__version__}, {stamp}\n\n"
-               f"{args.preset} preset, {args.mode} mode ({rows_out} rows), {args.batch_size} x {args.seq_len} "
-               f"tokens per GPU per step, {args.steps} steps per run, one host.\n\n" + "\n".join(lines) + "\n")
+               f"{args.preset} preset, {args.mode} mode ({rows_out} rows), {args.optimizer}, "
+               f"{args.batch_size} x {args.seq_len} tokens per GPU per step, {args.steps} steps per run, "
+               "one host.\n\n" + "\n".join(lines) + "\n")
     print(section)
     with open(args.results, "a") as f:
         f.write(section)

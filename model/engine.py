@@ -387,14 +387,14 @@ class Engine:
 
     def __init__(self, model: NanoDeepseekOCR, tokenizer, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, fast: bool | None = None, encode_batch: int = 8,
-                 compile_encoder: bool = False) -> None:
+                 compile_encoder: bool | None = None) -> None:
         """``dtype`` defaults to bf16 on CUDA (the model is cast in place) and to the model's own
         dtype elsewhere; ``fast`` (default: on CUDA) selects the graphed decode path;
         ``encode_batch`` bounds the images the vision encoder takes at once (memory);
-        ``compile_encoder`` wraps the model's SAM and CLIP forwards in ``torch.compile`` (static
-        shapes: about 2x faster vision on an H100, after a compile of the order of a minute for
-        each new view batch shape; opt in where a warm-up is acceptable, as in a Serve replica
-        fed full ``encode_batch`` chunks)."""
+        ``compile_encoder`` (default: on CUDA with the fast path) compiles SAM and CLIP with static
+        chunks of ``encode_batch`` views (:meth:`NanoDeepseekOCR.compile_vision`): about 2x
+        faster vision on an H100, after a compile of about a minute per view size on first use
+        (a Serve replica pays it on its warm-up request)."""
         self.device = torch.device(device) if device is not None else model.image_newline.device
         if dtype is None and self.device.type == "cuda":
             dtype = torch.bfloat16
@@ -403,11 +403,11 @@ class Engine:
         self.dtype = dtype
         self.fast = self.device.type == "cuda" if fast is None else fast
         self.encode_batch = max(1, encode_batch)
-        if compile_encoder:
-            for tower in (self.model.sam_model, self.model.vision_model):
-                if not getattr(tower.forward, "_nano_compiled", False):
-                    tower.forward = torch.compile(tower.forward, dynamic=False)  # one compile per view batch shape
-                    tower.forward._nano_compiled = True
+        if compile_encoder is None:
+            compile_encoder = self.fast and self.device.type == "cuda"
+        self.compile_encoder = compile_encoder
+        if self.compile_encoder:
+            self.model.compile_vision(self.encode_batch)
         self._batch: DecodeBatch | None = None  # kept between calls on the fast path (graph + cache)
 
     # ------------------------------------------------------------ building

@@ -96,6 +96,7 @@ class NanoDeepseekOCR(nn.Module):
         self.image_newline = nn.Parameter(torch.randn(config.gpt.n_embd) * std)
         self.view_seperator = nn.Parameter(torch.randn(config.gpt.n_embd) * std)
         self.gpt = GPT(config.gpt)
+        self.view_chunk = 0  # > 0: views go through the towers in chunks of exactly this many (see compile_vision)
 
     # ----------------------------------------------------------------- setup
     @torch.no_grad()
@@ -125,9 +126,38 @@ class NanoDeepseekOCR(nn.Module):
             "gpt": count(self.gpt),
         }
 
+    def compile_vision(self, chunk: int = 8) -> None:
+        """``torch.compile`` SAM and CLIP (about 2x faster on an H100) with static shapes.
+
+        Why chunks: a compiled graph is specialised to its input shape, and the number of views
+        in a call varies (pages, tiles per page). Views are fed in chunks of exactly ``chunk``,
+        the last one padded with blank views, so each view size compiles once instead of once
+        per batch size. Views are encoded independently, so padding changes no result.
+        """
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.view_chunk = chunk
+        for tower in (self.sam_model, self.vision_model):
+            if not getattr(tower.forward, "_nano_compiled", False):
+                tower.forward = torch.compile(tower.forward, dynamic=False)
+                tower.forward._nano_compiled = True
+
     # ---------------------------------------------------------------- vision
     def _encode_views(self, views: torch.Tensor) -> torch.Tensor:
         """[N,3,S,S] normalised -> [N, h*w, n_embd] projected grid features (row-major)."""
+        n = self.view_chunk
+        if n < 1 or views.shape[0] == n:
+            return self._encode_view_batch(views)
+        out = []
+        for i in range(0, views.shape[0], n):
+            chunk = views[i:i + n]
+            k = chunk.shape[0]
+            if k < n:
+                chunk = torch.cat([chunk, chunk.new_zeros((n - k, *chunk.shape[1:]))])
+            out.append(self._encode_view_batch(chunk)[:k])
+        return torch.cat(out)
+
+    def _encode_view_batch(self, views: torch.Tensor) -> torch.Tensor:
         sam_features = self.sam_model(views)  # [N, C, h, w]
         clip_out = self.vision_model(None, sam_features)  # [N, 1 + h*w, C]
         features = torch.cat([clip_out[:, 1:], sam_features.flatten(2).transpose(1, 2)], dim=-1)

@@ -59,7 +59,7 @@ def cmd_ocr(args: argparse.Namespace) -> int:
     mode = args.mode or (meta.get("processor") or {}).get("mode") or "gundam"
     processor = ImageProcessor(processor_config(mode, max_crops=args.max_crops))
     prompt = args.prompt or prompt_for(args.task)
-    engine = Engine(model, tokenizer, device=device)
+    engine = Engine(model, tokenizer, device=device, compile_encoder=False)  # a few pages: compiling costs more
     params = SamplingParams(max_new_tokens=args.max_tokens)
     out = Path(args.out)
     requests, pages = [], []

@@ -4,6 +4,8 @@
 - ``muon``: nanochat's hybrid: Muon (momentum + Newton-Schulz orthogonalised updates) for the
   GPT's block matrices, AdamW for embeddings, the head, norms and the whole vision side.
 
+Both work on FSDP2's DTensor parameters (sharded on dim 0) as well as on plain tensors.
+
 Schedules return a multiplier of each group's base lr: warmup + cosine (stage 1) and step
 decay (stage 2).
 """
@@ -15,6 +17,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -54,7 +57,20 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                p.add_(orthogonalize(update, group["ns_steps"]).to(p.dtype), alpha=-group["lr"] * scale)
+                p.add_(_orthogonal_update(update, group["ns_steps"], p.dtype), alpha=-group["lr"] * scale)
+
+
+def _orthogonal_update(update: torch.Tensor, ns_steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """The orthogonalised update, sharded like ``update`` when it is a DTensor (FSDP2).
+
+    Newton-Schulz needs the whole matrix, so a sharded update is all-gathered, orthogonalised
+    on every rank (the same result everywhere) and cut back to this rank's shard locally.
+    The all-gather is a collective: every rank steps the same parameters in the same order.
+    """
+    if not isinstance(update, DTensor):
+        return orthogonalize(update, ns_steps).to(dtype)
+    full = orthogonalize(update.full_tensor(), ns_steps).to(dtype)
+    return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
 
 
 class CombinedOptimizer:

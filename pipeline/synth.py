@@ -1003,6 +1003,18 @@ def _crop(image: Image.Image, box: tuple[int, int, int, int], pad_x: int, pad_y:
                        min(image.height, y2 + pad_y)))
 
 
+def piece_crop(image: Image.Image, piece: TextPiece) -> Image.Image:
+    """The crop of one line or word, as the ``line``/``word`` tasks show it: a little padding
+    around the ink, less vertically because lines sit close."""
+    h = piece.box_px[3] - piece.box_px[1]
+    return _crop(image, piece.box_px, max(2, h // 4), 2)
+
+
+def readable_pieces(pieces: Sequence[TextPiece]) -> list[TextPiece]:
+    """Lines or words worth a crop task: those with a letter or digit (not a lone bullet)."""
+    return [p for p in pieces if any(ch.isalnum() for ch in p.text)]
+
+
 def save_png(image: Image.Image, path: Path) -> None:
     """PNG, fast compression; pages with no colour are stored single-channel (load with .convert('RGB'))."""
     arr = np.asarray(image)
@@ -1056,8 +1068,8 @@ def generate(out_dir: str | os.PathLike, n_pages: int, config: SynthConfig | Non
             if "line" in tasks:
                 records += _crop_records(page, out, "line", page.lines, cfg.max_line_crops, crop_rng, split)
             if "word" in tasks:
-                words = [w for w in page.words if any(ch.isalnum() for ch in w.text)]
-                records += _crop_records(page, out, "word", words, cfg.max_word_crops, crop_rng, split)
+                records += _crop_records(page, out, "word", readable_pieces(page.words), cfg.max_word_crops,
+                                         crop_rng, split)
             for r in records:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(manifest)
@@ -1070,8 +1082,7 @@ def _crop_records(page: SynthPage, out: Path, task: str, pieces: list[TextPiece]
     records = []
     for k in chosen:
         p = pieces[k]
-        h = p.box_px[3] - p.box_px[1]
-        crop = _crop(page.image, p.box_px, max(2, h // 4), 2)  # little vertical pad: lines sit close
+        crop = piece_crop(page.image, p)
         rel = f"images/{page.page_id}-{task}{k:03d}.png"
         save_png(crop, out / rel)
         records.append({"id": f"{page.page_id}-{task}{k:03d}", "image": rel, "prompt": PROMPT_FREE,

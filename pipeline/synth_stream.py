@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 SPLIT = "train"  # the stream only ever draws training pages; held-out pages are files
+STREAM_TASKS = ("markdown", "free", "line", "word")  # line/word: one crop of the page, read freely
 
 
 @dataclass
@@ -45,9 +46,9 @@ class SynthStreamConfig:
             raise ValueError(f"synth.pages must be >= 1, got {self.pages}")
         if self.pages_per_task < 1:
             raise ValueError(f"synth.pages_per_task must be >= 1, got {self.pages_per_task}")
-        bad = [t for t in self.tasks if t not in ("markdown", "free")]
+        bad = [t for t in self.tasks if t not in STREAM_TASKS]
         if bad or not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
-            raise ValueError(f"synth.tasks must weight 'markdown' and/or 'free' (>= 0, some > 0), got {self.tasks}")
+            raise ValueError(f"synth.tasks must weight some of {STREAM_TASKS} (>= 0, some > 0), got {self.tasks}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {sorted(MODES)}")
         self.synth_config().validate()  # an unknown profile or override field fails here, on the driver
@@ -75,13 +76,27 @@ class _RenderSpec:
 
 
 def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, dict]:
-    """(page image, record) of stream page ``index``: the page and the task drawn for it."""
-    from pipeline.synth import make_page, page_records
+    """(image, record) of stream page ``index`` and the task drawn for it.
+
+    Page tasks show the whole page; ``line``/``word`` show one crop of it (a curriculum starts
+    there: one line of text is read without having to find it on the page first).
+    """
+    from pipeline.synth import PROMPT_FREE, make_page, page_records, piece_crop, readable_pieces
 
     synth = synth or stream.synth_config()
     page = make_page(index, synth, stream.seed, SPLIT)
+    rng = random.Random(f"ndocr-stream-task/{stream.seed}/{index}")
     tasks, weights = zip(*stream.tasks.items())
-    task = random.Random(f"ndocr-stream-task/{stream.seed}/{index}").choices(tasks, weights)[0]
+    task = rng.choices(tasks, weights)[0]
+    if task in ("line", "word"):
+        pieces = readable_pieces(page.lines if task == "line" else page.words)
+        if pieces:
+            k = rng.randrange(len(pieces))
+            rid = f"{page.page_id}-{task}{k:03d}"
+            return piece_crop(page.image, pieces[k]), {
+                "id": rid, "image": f"stream/{rid}.png", "prompt": PROMPT_FREE, "response": pieces[k].text,
+                "task": task, "split": SPLIT, "page": page.page_id}
+        task = "free"  # a page without text (figures only): read it whole
     record = page_records(page, f"stream/{page.page_id}.png", (task,), SPLIT)[0]
     return page.image, record
 

@@ -3,7 +3,8 @@
 Stage 1 trains everything on vision data. Stage 2 starts from a stage-1 checkpoint, freezes
 SAM + neck + compressor and trains on a vision/text mixture. Each worker streams its shard of
 the Parquet dataset, packs samples into fixed-length sequences, and steps with gradient
-accumulation, clipping and DDP (FSDP selectable); bf16 autocast on GPU. Checkpoints go through
+accumulation, clipping and DDP, or FSDP2 sharded per block (``strategy: fsdp``, see
+``pipeline.distributed``); bf16 autocast on GPU. Checkpoints go through
 ``ray.train.report`` so a restarted worker group resumes from the latest one. Rank 0 logs to
 the MLflow run that the driver created (RAY_NOTES: never let workers create runs).
 """
@@ -26,6 +27,8 @@ import torch
 
 from model.config import from_yaml, preset as model_preset
 from model.vlm import ImageViews, NanoDeepseekOCR
+from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, is_sharded, shard_model,
+                                  shard_optimizer_state, to_float, vision_on_every_rank)
 from pipeline.mixture import Sample, batches, mixture_counts
 from pipeline.optim import build_optimizer, lr_multiplier, set_lr
 from pipeline.synth_stream import SynthStreamConfig
@@ -50,7 +53,7 @@ class TrainConfig:
     tracking_uri: str | None = None
     num_workers: int = 1
     use_gpu: bool = False
-    strategy: str = "ddp"  # ddp | fsdp
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2, one shard group per block; checkpoints load with either)
     seq_len: int = 1024
     batch_size: int = 4  # packed rows per micro-step per worker
     grad_accum: int = 1
@@ -197,29 +200,57 @@ def _local_file(path: str) -> str:
 
 
 def _unwrap(model: torch.nn.Module) -> NanoDeepseekOCR:
-    return model.module if hasattr(model, "module") else model
+    """The model under DDP's ``.module`` and torch.compile's ``._orig_mod`` (FSDP2 wraps nothing)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
 
 
-def _full_state_and_optim(model, optimizer, strategy: str):
-    """Model and optimizer state for a checkpoint (gathered to rank 0 under FSDP)."""
-    if strategy == "fsdp" and not isinstance(model, NanoDeepseekOCR):
-        from torch.distributed.fsdp import FullStateDictConfig, FullOptimStateDictConfig
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp import StateDictType
+def _full_state_and_optim(model, optimizer, rank: int) -> tuple[dict | None, dict | None]:
+    """Model and optimizer state for a checkpoint, in the one-GPU layout whatever the strategy.
 
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-                                  FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-            state = model.state_dict()
-            optim = {"optimizers": [FSDP.optim_state_dict(model, o) for o in optimizer.optimizers]}
-        return state, optim
-    return _unwrap(model).state_dict(), optimizer.state_dict()
+    Under FSDP2 every rank takes part in gathering the shards and only rank 0 gets them (the
+    others get None, None), so an FSDP checkpoint resumes under DDP or on one GPU.
+    """
+    inner = _unwrap(model)
+    if is_sharded(inner):
+        state = full_model_state(inner)
+        optim = [full_optimizer_state(o.state_dict(), keep=rank == 0) for o in optimizer.optimizers]
+        return (state, {"optimizers": optim}) if rank == 0 else (None, None)
+    return inner.state_dict(), optimizer.state_dict()
+
+
+def _load_optimizer(optimizer, state: dict, sharded: bool) -> None:
+    """Load a checkpoint's (one-GPU layout) optimizer state, cut to this rank's shards under FSDP2."""
+    if sharded:
+        saved = state["optimizers"]
+        if len(saved) != len(optimizer.optimizers):
+            raise ValueError(f"optimizer state has {len(saved)} parts, this optimizer {len(optimizer.optimizers)}")
+        state = {"optimizers": [shard_optimizer_state(o, s) for o, s in zip(optimizer.optimizers, saved)]}
+    optimizer.load_state_dict(state)
+
+
+def _plain_copy(model: NanoDeepseekOCR, state: dict[str, torch.Tensor], device: torch.device) -> NanoDeepseekOCR:
+    """An unsharded model from a full state dict (rank 0's sample prediction after FSDP: a
+    sharded model would wait for the other ranks in every forward)."""
+    from model.weights import load_into
+
+    with torch.device("meta"):
+        copy = NanoDeepseekOCR(model.config)
+    copy = copy.to_empty(device=device)
+    load_into(copy, state, "gathered FSDP state")
+    copy.gpt.init_rotary()
+    return copy
 
 
 def _save(cfg: TrainConfig, model, optimizer, tokenizer, step: int, mode: str | None, rank: int) -> str | None:
+    """Write a checkpoint on rank 0 and return its directory (None on other ranks).
+
+    Every rank must call it: under FSDP2 gathering the state is a collective.
+    """
     from model.weights import save_checkpoint
 
-    state, optim = _full_state_and_optim(model, optimizer, cfg.strategy)
+    state, optim = _full_state_and_optim(model, optimizer, rank)
     if rank != 0:
         return None
     directory = tempfile.mkdtemp(prefix="ckpt-")
@@ -319,21 +350,23 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if cfg.stage == 2:
         model.freeze_stage2()
     model.train()
-    if world > 1:
+    fsdp = cfg.strategy == "fsdp" and world > 1  # one worker: nothing to shard, plain model
+    if fsdp:
+        model = shard_model(model, device)
+    elif world > 1:
         kwargs = {"find_unused_parameters": True} if cfg.stage == 2 else {}
-        model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy,
-                                              parallel_strategy_kwargs=kwargs)
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=kwargs)
     else:
         model = model.to(device)
+    inner = _unwrap(model)
     if cfg.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.muon_lr,
                                 cfg.encoder_lr_scale)
     if optim_state is not None:
-        optimizer.load_state_dict(optim_state["optimizer"])
+        _load_optimizer(optimizer, optim_state["optimizer"], fsdp)
         start_step = int(optim_state.get("step", start_step))
     tracker = _Tracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
-    inner = _unwrap(model)
     flops_per_token = inner.flops_per_token(cfg.seq_len)
     peak = _peak_flops(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -368,6 +401,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         loss_sum = 0.0
         for i, batch in enumerate(micro):
             batch = batch.to(device)
+            if fsdp and cfg.stage == 2:  # stage 1 rows all carry an image; stage 2 mixes in text rows
+                batch = vision_on_every_rank(batch, inner, device)
+            # DDP skips the all-reduce on all but the last micro-step. FSDP2 (no no_sync)
+            # reduce-scatters every micro-step: skipping would keep unsharded gradients alive
+            # across micro-steps and give back the memory that sharding saves.
             sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
             ctx_sync = model.no_sync() if not sync else contextlib.nullcontext()
             with ctx_sync, autocast:
@@ -384,7 +422,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         tokens = sum(b.input_ids.numel() for b in micro) * world
         tok_per_s = tokens / max(now - t_last, 1e-9)
         t_last = now
-        metrics = {"loss": loss_sum / n_targets, "lr": lr, "grad_norm": float(grad_norm),
+        metrics = {"loss": loss_sum / n_targets, "lr": lr, "grad_norm": to_float(grad_norm),
                    "tokens_per_s": tok_per_s, "step": step}
         if peak:
             metrics["mfu"] = flops_per_token * tok_per_s / (peak * world)
@@ -396,7 +434,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                       f"grad_norm {metrics['grad_norm']:.3f} tok/s {tok_per_s:.0f}", flush=True)
             tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
         out_of_time = (cfg.time_limit_s is not None and step < cfg.steps
-                       and _all_agree(now - t_start >= cfg.time_limit_s, device))
+                       and any_rank(now - t_start >= cfg.time_limit_s, device))  # all stop at one step
         if out_of_time:
             metrics["stopped_at_time_limit"] = 1.0
             if rank == 0:
@@ -410,23 +448,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 shutil.rmtree(directory, ignore_errors=True)
         if out_of_time:
             return metrics
-    if rank == 0 and cfg.sample_prediction and first_sample is not None and loop_config.get("run_id"):
-        try:
-            _log_sample_prediction(inner, tokenizer, first_sample, tracker)
-        except Exception as exc:  # a picture must never fail a finished run
-            print(f"sample prediction skipped: {exc}", flush=True)
+    if cfg.sample_prediction and first_sample is not None and loop_config.get("run_id"):
+        state = full_model_state(inner) if fsdp else None  # every rank helps gather; rank 0 predicts
+        if rank == 0:
+            try:
+                predictor = inner if state is None else _plain_copy(inner, state, device)
+                _log_sample_prediction(predictor, tokenizer, first_sample, tracker)
+            except Exception as exc:  # a picture must never fail a finished run
+                print(f"sample prediction skipped: {exc}", flush=True)
     return metrics
-
-
-def _all_agree(flag: bool, device: torch.device) -> bool:
-    """``flag`` on any rank, on every rank (so that all workers stop at the same step)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _prompt_text(tokenizer, ids: torch.Tensor, targets: torch.Tensor) -> str:
@@ -457,7 +487,7 @@ def _log_sample_prediction(model: NanoDeepseekOCR, tokenizer, batch, tracker: _T
     seg0 = batch.segment_ids[0] == 0
     prompt = _prompt_text(tokenizer, batch.input_ids[0][seg0].cpu(), batch.targets[0][seg0].cpu())
     image = batch.images[0]
-    result = Engine(model, tokenizer).generate(
+    result = Engine(model, tokenizer, compile_encoder=False).generate(  # one page: a compile would cost more
         [GenerationRequest(prompt, [image], params=SamplingParams(max_new_tokens=256))])[0]
     page = Image.fromarray(image.global_view.permute(1, 2, 0).cpu().numpy())
     parsed = parse_grounding(result.text)

@@ -62,7 +62,7 @@ def test_stretch_scales_pixels_not_relative_boxes():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(tasks={"line": 1.0}), "synth.tasks"),
+    (dict(tasks={"figure": 1.0}), "synth.tasks"),
     (dict(tasks={"free": 0.0}), "synth.tasks"),
     (dict(overrides={"no_such_field": 1}), "unknown synth.overrides"),
     (dict(pages=0), "pages"),
@@ -72,6 +72,20 @@ def test_stretch_scales_pixels_not_relative_boxes():
 def test_stream_config_errors_are_clear(bad, match):
     with pytest.raises(ValueError, match=match):
         SynthStreamConfig(**{**TINY_STREAM, **bad})
+
+
+def test_stream_crop_tasks_show_one_line_or_word_of_the_page():
+    stream = SynthStreamConfig(**{**TINY_STREAM, "tasks": {"line": 1.0, "word": 1.0}})
+    tasks = set()
+    for index in range(8):
+        image, rec = render_record(index, stream)
+        page = make_page(index, stream.synth_config(), stream.seed, "train")
+        pieces = page.lines if rec["task"] == "line" else page.words
+        assert rec["prompt"] == "<image>\nFree OCR." and rec["response"] in [p.text for p in pieces]
+        assert any(ch.isalnum() for ch in rec["response"])
+        assert image.width < page.size[0] and image.height < page.size[1] // 4  # a crop, not the page
+        tasks.add(rec["task"])
+    assert tasks == {"line", "word"}
 
 
 def test_stream_for_resume_draws_other_pages():

@@ -64,6 +64,26 @@ def test_batched_encoding_equals_one_by_one():
         assert torch.allclose(m.encode_images([im])[0], t, atol=1e-5)
 
 
+def test_fixed_view_chunks_pad_without_changing_features():
+    """compile_vision's static chunks: views go through the towers exactly ``chunk`` at a time
+    (the last chunk padded with blank views), and every image's embeddings stay the same."""
+    m = _model()
+    imgs = [_views(512, seed=1), _views(1024, tiles=3, crop=(3, 1), seed=2), _views(512, seed=4),
+            _views(512, seed=5), _views(512, seed=6)]
+    plain = m.encode_images(imgs)
+    seen = []
+    hook = m.sam_model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    m.view_chunk = 3
+    chunked = m.encode_images(imgs)
+    hook.remove()
+    # four 512 globals: 3 + (1 + 2 blank); the 1024 global: 1 + 2 blank; three 640 tiles: 3
+    assert seen == [3, 3, 3, 3]
+    for a, b in zip(plain, chunked):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk"):
+        m.compile_vision(0)
+
+
 def test_slot_mismatch_is_a_clear_error():
     m = _model()
     ids = torch.tensor([[1] + [5] * 10 + [2]])
