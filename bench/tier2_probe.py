@@ -82,24 +82,22 @@ def cell_char_targets(page, view_size: int) -> np.ndarray:
 
 def crop_targets(page, task: str, piece_id: str, view_size: int) -> np.ndarray:
     """:func:`cell_char_targets` of a ``line``/``word`` crop: the words inside it, moved into
-    the crop's own coordinates (the crop box is :func:`pipeline.synth.piece_crop`'s)."""
+    the crop's own coordinates (the box :func:`pipeline.synth.piece_crop` cuts)."""
     from types import SimpleNamespace
 
-    from pipeline.synth import TextPiece, piece_crop, readable_pieces
+    from pipeline.synth import TextPiece, piece_crop_box, readable_pieces
 
     k = int(piece_id.rsplit(task, 1)[1])
     piece = readable_pieces(page.lines if task == "line" else page.words)[k]
-    x1, y1, x2, y2 = piece.box_px
-    h = y2 - y1
-    ox, oy = max(0, x1 - max(2, h // 4)), max(0, y1 - 2)
-    crop = piece_crop(page.image, piece)
-    inside = [w for w in page.words if w.box_px[0] >= x1 - 1 and w.box_px[2] <= x2 + 1
-              and (w.box_px[1] + w.box_px[3]) / 2 >= y1 and (w.box_px[1] + w.box_px[3]) / 2 <= y2]
-    if task == "word":
-        inside = [piece]
-    moved = [TextPiece(w.text, (w.box_px[0] - ox, w.box_px[1] - oy, w.box_px[2] - ox, w.box_px[3] - oy))
+    cx1, cy1, cx2, cy2 = piece_crop_box(page.size, piece)
+    inside = [piece]
+    if task == "line":
+        x1, y1, x2, y2 = piece.box_px
+        inside = [w for w in page.words if w.box_px[0] >= x1 - 1 and w.box_px[2] <= x2 + 1
+                  and y1 <= (w.box_px[1] + w.box_px[3]) / 2 <= y2]
+    moved = [TextPiece(w.text, (w.box_px[0] - cx1, w.box_px[1] - cy1, w.box_px[2] - cx1, w.box_px[3] - cy1))
              for w in inside]
-    return cell_char_targets(SimpleNamespace(size=crop.size, words=moved), view_size)
+    return cell_char_targets(SimpleNamespace(size=(cx2 - cx1, cy2 - cy1), words=moved), view_size)
 
 
 class _Rendered(torch.utils.data.IterableDataset):
@@ -113,8 +111,7 @@ class _Rendered(torch.utils.data.IterableDataset):
         from model.tokenizer import Tokenizer
         from model.vlm import ImageViews
         from pipeline.mixture import Sample
-        from pipeline.synth import make_page
-        from pipeline.synth_stream import SPLIT, render_record
+        from pipeline.synth_stream import render_sample
 
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -124,13 +121,12 @@ class _Rendered(torch.utils.data.IterableDataset):
         synth = self.stream.synth_config()
         index = wid
         while True:
-            image, rec = render_record(index, self.stream, synth)
+            page, image, rec = render_sample(index, self.stream, synth)
             p = proc.process(image)
             ids, mask = tok.render_vision(rec["prompt"], rec["response"], p.n_image_tokens)
             if len(ids) <= self.max_len:
                 views = ImageViews.from_processed(p)
-                if self.aux:  # the same page again, for its word boxes
-                    page = make_page(index, synth, self.stream.seed, SPLIT)
+                if self.aux:
                     size = p.global_view.shape[0]
                     cells = (crop_targets(page, rec["task"], rec["id"], size) if rec["task"] in ("line", "word")
                              else cell_char_targets(page, size))

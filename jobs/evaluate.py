@@ -28,11 +28,13 @@ except ImportError:  # imported as jobs.evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.synth import PROFILES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="eval manifest (.jsonl), Fox page-OCR .json or OmniDocBench.json")
     p.add_argument("--synth", type=int, default=0, metavar="N",
                    help="no --data: generate N held-out synthetic pages (easy profile) and evaluate them")
-    p.add_argument("--synth-profile", default="easy", choices=["easy", "document", "reading"])
+    p.add_argument("--synth-profile", default="easy", choices=PROFILES)
     p.add_argument("--image-dir", help="image folder of a Fox / OmniDocBench set")
     p.add_argument("--checkpoint", help="checkpoint directory (model.safetensors, config.json, tokenizer.json)")
     p.add_argument("--baseline", choices=["tesseract"], help="also evaluate a peer baseline on the same pages")

@@ -185,10 +185,9 @@ class SynthConfig:
 
     @classmethod
     def from_profile(cls, name: str, **overrides: Any) -> "SynthConfig":
-        builders = {"easy": cls.easy, "document": cls.document, "reading": cls.reading}
-        if name not in builders:
-            raise ValueError(f"unknown synth profile {name!r}; choose one of {sorted(builders)}")
-        return builders[name](**overrides)
+        if name not in PROFILES:
+            raise ValueError(f"unknown synth profile {name!r}; choose one of {sorted(PROFILES)}")
+        return getattr(cls, name)(**overrides)
 
     def validate(self) -> None:
         bad = [k for k in self.block_weights if k not in LABELS]
@@ -208,6 +207,9 @@ class SynthConfig:
         for fam in (*self.train_fonts, *self.heldout_fonts):
             if fam not in FONT_FAMILIES:
                 raise ValueError(f"unknown font family {fam!r}; choose from {sorted(FONT_FAMILIES)}")
+
+
+PROFILES = ("easy", "document", "reading")  # the SynthConfig constructors of that name
 
 
 def normalise_tasks(tasks: Sequence[str] | str) -> tuple[str, ...]:
@@ -997,17 +999,23 @@ def _degrade(image: Image.Image, cfg: SynthConfig, rng: random.Random, nrng: np.
 # ---------------------------------------------------------------------------------- records
 
 
-def _crop(image: Image.Image, box: tuple[int, int, int, int], pad_x: int, pad_y: int) -> Image.Image:
-    x1, y1, x2, y2 = box
-    return image.crop((max(0, x1 - pad_x), max(0, y1 - pad_y), min(image.width, x2 + pad_x),
-                       min(image.height, y2 + pad_y)))
+def piece_crop_box(size: tuple[int, int], piece: TextPiece) -> tuple[int, int, int, int]:
+    """The page-pixel box the ``line``/``word`` tasks crop: the ink with a little padding, less
+    vertically because lines sit close, clipped to the page (``size`` = (W, H))."""
+    x1, y1, x2, y2 = piece.box_px
+    pad_x = max(2, (y2 - y1) // 4)
+    return max(0, x1 - pad_x), max(0, y1 - 2), min(size[0], x2 + pad_x), min(size[1], y2 + 2)
 
 
 def piece_crop(image: Image.Image, piece: TextPiece) -> Image.Image:
-    """The crop of one line or word, as the ``line``/``word`` tasks show it: a little padding
-    around the ink, less vertically because lines sit close."""
-    h = piece.box_px[3] - piece.box_px[1]
-    return _crop(image, piece.box_px, max(2, h // 4), 2)
+    """The crop of one line or word, as the ``line``/``word`` tasks show it."""
+    return image.crop(piece_crop_box(image.size, piece))
+
+
+def crop_record(page: SynthPage, task: str, k: int, text: str, image_rel: str, split: str) -> dict:
+    """The manifest record of crop ``k`` (a line or word of ``page``): read with the free prompt."""
+    return {"id": f"{page.page_id}-{task}{k:03d}", "image": image_rel, "prompt": PROMPT_FREE, "response": text,
+            "task": task, "split": split, "page": page.page_id}
 
 
 def readable_pieces(pieces: Sequence[TextPiece]) -> list[TextPiece]:
@@ -1081,12 +1089,9 @@ def _crop_records(page: SynthPage, out: Path, task: str, pieces: list[TextPiece]
     chosen = sorted(rng.sample(range(len(pieces)), min(limit, len(pieces))))
     records = []
     for k in chosen:
-        p = pieces[k]
-        crop = piece_crop(page.image, p)
         rel = f"images/{page.page_id}-{task}{k:03d}.png"
-        save_png(crop, out / rel)
-        records.append({"id": f"{page.page_id}-{task}{k:03d}", "image": rel, "prompt": PROMPT_FREE,
-                        "response": p.text, "task": task, "split": split, "page": page.page_id})
+        save_png(piece_crop(page.image, pieces[k]), out / rel)
+        records.append(crop_record(page, task, k, pieces[k].text, rel, split))
     return records
 
 
@@ -1139,7 +1144,7 @@ def synth_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="artifacts/synth", help="output directory (manifest.jsonl, images/)")
     p.add_argument("--pages", type=int, default=16, help="number of pages")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", choices=["easy", "document", "reading"], default="document")
+    p.add_argument("--profile", choices=PROFILES, default="document")
     p.add_argument("--split", choices=list(SPLITS), default="train")
     p.add_argument("--tasks", default=None, help=f"comma list from {','.join(TASKS)} (default: markdown,free)")
     p.add_argument("--text-records", type=int, default=0, help="also write this many text-only records to text.jsonl")

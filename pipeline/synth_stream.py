@@ -24,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 
 SPLIT = "train"  # the stream only ever draws training pages; held-out pages are files
-STREAM_TASKS = ("markdown", "free", "line", "word")  # line/word: one crop of the page, read freely
 
 
 @dataclass
@@ -41,14 +40,15 @@ class SynthStreamConfig:
 
     def __post_init__(self) -> None:
         from model.config import MODES
+        from pipeline.synth import TASKS
 
         if self.pages < 1:
             raise ValueError(f"synth.pages must be >= 1, got {self.pages}")
         if self.pages_per_task < 1:
             raise ValueError(f"synth.pages_per_task must be >= 1, got {self.pages_per_task}")
-        bad = [t for t in self.tasks if t not in STREAM_TASKS]
+        bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
-            raise ValueError(f"synth.tasks must weight some of {STREAM_TASKS} (>= 0, some > 0), got {self.tasks}")
+            raise ValueError(f"synth.tasks must weight some of {TASKS} (>= 0, some > 0), got {self.tasks}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {sorted(MODES)}")
         self.synth_config().validate()  # an unknown profile or override field fails here, on the driver
@@ -75,13 +75,14 @@ class _RenderSpec:
     max_seq_len: int
 
 
-def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, dict]:
-    """(image, record) of stream page ``index`` and the task drawn for it.
+def render_sample(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, Any, dict]:
+    """(page, image, record) of stream page ``index`` and the task drawn for it.
 
     Page tasks show the whole page; ``line``/``word`` show one crop of it (a curriculum starts
-    there: one line of text is read without having to find it on the page first).
+    there: one line of text is read without having to find it on the page first). The page
+    itself comes along for callers that need its boxes (the recipe probes' cell targets).
     """
-    from pipeline.synth import PROMPT_FREE, make_page, page_records, piece_crop, readable_pieces
+    from pipeline.synth import crop_record, make_page, page_records, piece_crop, readable_pieces
 
     synth = synth or stream.synth_config()
     page = make_page(index, synth, stream.seed, SPLIT)
@@ -92,13 +93,15 @@ def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[An
         pieces = readable_pieces(page.lines if task == "line" else page.words)
         if pieces:
             k = rng.randrange(len(pieces))
-            rid = f"{page.page_id}-{task}{k:03d}"
-            return piece_crop(page.image, pieces[k]), {
-                "id": rid, "image": f"stream/{rid}.png", "prompt": PROMPT_FREE, "response": pieces[k].text,
-                "task": task, "split": SPLIT, "page": page.page_id}
+            record = crop_record(page, task, k, pieces[k].text, f"stream/{page.page_id}-{task}{k:03d}.png", SPLIT)
+            return page, piece_crop(page.image, pieces[k]), record
         task = "free"  # a page without text (figures only): read it whole
-    record = page_records(page, f"stream/{page.page_id}.png", (task,), SPLIT)[0]
-    return page.image, record
+    return page, page.image, page_records(page, f"stream/{page.page_id}.png", (task,), SPLIT)[0]
+
+
+def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, dict]:
+    """(image, record) of stream page ``index``: :func:`render_sample` without the page."""
+    return render_sample(index, stream, synth)[1:]
 
 
 def render_batch(batch: Mapping[str, np.ndarray], spec: _RenderSpec) -> pa.Table:

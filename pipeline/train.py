@@ -580,7 +580,7 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     uri = cfg.tracking_uri or tracking.tracking_uri()
     data_stats = _shard_stats(cfg)
     mode = data_stats.get("mode")
-    storage_path = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
+    storage_path = cfg.out  # absolute, or an s3:// URI (normalised above)
     pending = storage.join(storage_path, cfg.run_name, PENDING_RUN_FILE)  # a time-limited attempt to go on with
     previous = json.loads(storage.read_text(pending)) if storage.exists(pending) else {}
     run_id = previous.get("run_id")
