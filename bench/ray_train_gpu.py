@@ -42,10 +42,11 @@ def prepare_data(work: Path, preset: str, mode: str, pages: int, seq_len: int) -
 
 def train_run(work: Path, preset: str, num_workers: int, steps: int, batch_size: int, seq_len: int,
               strategy: str = "ddp", run_name: str | None = None, resume_from: str | None = None,
-              checkpoint_every: int = 0, optimizer: str = "adamw") -> dict:
+              checkpoint_every: int = 0, optimizer: str = "adamw", **train: object) -> dict:
     """One stage-1 run through TorchTrainer; tokens/s is the median over the second half of steps.
 
-    ``strategy`` ddp or fsdp (FSDP2 per block, ``pipeline.distributed``); ``optimizer`` adamw or muon.
+    ``strategy`` ddp or fsdp (FSDP2 per block, ``pipeline.distributed``); ``optimizer`` adamw or muon;
+    ``train``: further ``TrainConfig`` fields (packing, prefetch).
     """
     import torch
 
@@ -57,15 +58,16 @@ def train_run(work: Path, preset: str, num_workers: int, steps: int, batch_size:
                             num_workers=num_workers, strategy=strategy, steps=steps, batch_size=batch_size,
                             seq_len=seq_len, lr=1e-3, encoder_lr_scale=0.3, warmup_steps=10, log_every=1,
                             sample_prediction=False, experiment="bench-gpu", resume_from=resume_from,
-                            checkpoint_every=checkpoint_every, optimizer=optimizer)
+                            checkpoint_every=checkpoint_every, optimizer=optimizer, **train)
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     result = run_stage(cfg)
     client = tracking.client()
     history = lambda key: [m.value for m in sorted(client.get_metric_history(result.run_id, key),  # noqa: E731
                                                    key=lambda m: m.step)]
-    tps, mfu, loss = history("tokens_per_s"), history("mfu"), history("loss")
-    steady = tps[len(tps) // 2:] or tps
-    return {"tokens_per_s": statistics.median(steady), "mfu": mfu, "loss": loss, "result": result,
+    tps, mfu, loss, wait = history("tokens_per_s"), history("mfu"), history("loss"), history("data_wait_s")
+    second_half = lambda xs: xs[len(xs) // 2:] or xs  # noqa: E731  (past compile and warm-up)
+    return {"tokens_per_s": statistics.median(second_half(tps)), "mfu": mfu, "loss": loss, "result": result,
+            "tokens_per_s_steps": tps, "data_wait_s": statistics.median(second_half(wait)) if wait else float("nan"),
             "peak_mem_gib": (history("peak_mem_gib") or [float("nan")])[-1]}
 
 

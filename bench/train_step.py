@@ -72,7 +72,7 @@ def segment_lengths(batch) -> list[int]:
 
 
 def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args, dense: bool = False,
-        sam_bias: bool = False) -> dict:
+        sam_bias: bool = False, compile_chunk: int = 0) -> dict:
     import model.gpt as gpt_module
     from model.sam import SAMAttention
 
@@ -84,14 +84,16 @@ def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, a
 
         SAMAttention.forward = bias_rel_pos_forward  # SAM's old dense-bias attention (the baseline)
     try:
-        return _run(preset, rows, seq_len, steps, warmup, device, args)
+        return _run(preset, rows, seq_len, steps, warmup, device, args, compile_chunk)
     finally:
         gpt_module._VARLEN, SAMAttention.forward = saved, saved_fwd
 
 
-def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args) -> dict:
+def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args, compile_chunk: int = 0) -> dict:
     rng = np.random.default_rng(args.seed)
     model = build_model(preset, device, seed=args.seed, image_token_id=IMAGE_ID)  # fp32 master weights
+    if compile_chunk:
+        model.compile_vision(compile_chunk)  # the trainer's compile_vision option (static chunks of views)
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)  # bypassed, as in the trainer
     model.train()
     opt = build_optimizer(model, "adamw", lr=1e-4)  # fused on CUDA
@@ -189,6 +191,9 @@ def main() -> None:
     p.add_argument("--dense-baseline", default="full", help="presets also timed with the dense-mask attention")
     p.add_argument("--sam-bias", default="", help="presets also timed with SAM's old dense-bias attention")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
+    p.add_argument("--compile-vision", default="", metavar="PRESETS",
+                   help="presets also timed with the vision towers compiled (TrainConfig.compile_vision)")
+    p.add_argument("--compile-chunk", type=int, default=4, help="views per compiled vision chunk")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.quick:
@@ -200,18 +205,21 @@ def main() -> None:
     jobs = [(spec.split(":")[0], int(spec.split(":")[1]), "") for spec in args.presets.split(",")]
     jobs += [(name, r, "dense") for name, r, _ in jobs if name in args.dense_baseline.split(",")]
     jobs += [(name, r, "sambias") for name, r, v in jobs if not v and name in args.sam_bias.split(",")]
+    jobs += [(name, r, "compiled") for name, r, v in jobs if not v and name in args.compile_vision.split(",")]
     import model.gpt as gpt_module
 
     fast_label = "varlen flash" if device.type == "cuda" and gpt_module._varlen_causal_fn() else "dense mask"
     for name, n_rows, variant in jobs:
         dense = variant == "dense"
-        label = {"dense": "dense mask", "sambias": fast_label + ", SAM dense-bias attention"}.get(variant, fast_label)
+        label = {"dense": "dense mask", "sambias": fast_label + ", SAM dense-bias attention",
+                 "compiled": f"{fast_label}, vision compiled (chunks of {args.compile_chunk})"}.get(variant, fast_label)
         r = None
         while r is None and n_rows >= 1:
             free_memory(device)
             try:
                 r = run(name, n_rows, args.seq, args.steps, args.warmup, device, args, dense=dense,
-                        sam_bias=variant == "sambias")
+                        sam_bias=variant == "sambias",
+                        compile_chunk=args.compile_chunk if variant == "compiled" else 0)
             except Exception as exc:
                 if not is_oom(exc):
                     raise

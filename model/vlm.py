@@ -56,6 +56,10 @@ class ImageViews:
         return ImageViews(self.global_view.to(device, non_blocking=True),
                           self.tiles.to(device, non_blocking=True), self.spatial_crop)
 
+    def pin_memory(self) -> "ImageViews":
+        """Page-locked copies, so that ``to(cuda)`` runs asynchronously."""
+        return ImageViews(self.global_view.pin_memory(), self.tiles.pin_memory(), self.spatial_crop)
+
 
 def normalize(views_u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NCHW -> float with mean = std = 0.5 (DeepSeek-OCR's normalisation)."""

@@ -46,6 +46,12 @@ class PackedBatch:
                            self.positions.to(device, non_blocking=True), self.segment_ids.to(device, non_blocking=True),
                            [im.to(device) for im in self.images], self.n_samples, self.n_target_tokens)
 
+    def pin_memory(self) -> "PackedBatch":
+        """Page-locked copies (a background thread prepares them; see ``pipeline.prefetch``)."""
+        return PackedBatch(self.input_ids.pin_memory(), self.targets.pin_memory(), self.positions.pin_memory(),
+                           self.segment_ids.pin_memory(), [im.pin_memory() for im in self.images], self.n_samples,
+                           self.n_target_tokens)
+
 
 def sample_targets(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
     """Next-token targets: ``ids[t+1]`` where ``mask[t+1]`` is set, else -1; the last is -1."""
@@ -55,20 +61,62 @@ def sample_targets(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
     return targets
 
 
-def pack_sequences(samples: Iterable[Sample], seq_len: int) -> Iterator[list[Sample]]:
-    """Greedy first-fit in arrival order: groups of samples whose total length fits ``seq_len``."""
-    group: list[Sample] = []
-    used = 0
-    for s in samples:
-        if len(s) > seq_len:
-            raise ValueError(f"a sample of {len(s)} tokens does not fit seq_len {seq_len} "
-                             "(preprocess with --max-seq-len <= the training seq_len)")
-        if used + len(s) > seq_len and group:
-            yield group
-            group, used = [], 0
-        group.append(s)
-        used += len(s)
-    if group:
+def view_pixels(sample: Sample) -> int:
+    """Pixels of every view (global + tiles) a sample carries: what its vision work scales with."""
+    return sum(im.global_view[0].numel() + (im.tiles[:, 0].numel() if im.tiles.shape[0] else 0)
+               for im in sample.images)
+
+
+def pack_sequences(samples: Iterable[Sample], seq_len: int, max_pixels: int | None = None,
+                   lookahead: int = 1) -> Iterator[list[Sample]]:
+    """Groups of samples whose total length fits ``seq_len`` (and whose views fit ``max_pixels``).
+
+    Why a pixel cap: a packed row's GPT work is fixed by ``seq_len``, but its vision work grows
+    with the views of the pages that happen to land in it (one, two or three Gundam pages in
+    4096 tokens). Data-parallel steps wait for the slowest worker, so rows of unequal vision
+    work cost the difference on every step; capping the pixels per row makes the rows even.
+    A sample larger than the cap still gets a row of its own.
+
+    ``lookahead`` samples that did not fit wait for the next rows, which are first filled from
+    them in arrival order (first fit); 1 is plain greedy packing in arrival order. A waiting
+    sample is never overtaken for long: the oldest one always opens the next row.
+    """
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+
+    def fits(s: Sample, used: int, pixels: int) -> bool:
+        if used == 0:  # an empty row takes anything
+            return True
+        return used + len(s) <= seq_len and (max_pixels is None or pixels + view_pixels(s) <= max_pixels)
+
+    source = iter(samples)
+    waiting: list[Sample] = []
+    exhausted = False
+    while True:
+        group: list[Sample] = []
+        used = pixels = 0
+        kept: list[Sample] = []
+        for s in waiting:
+            if fits(s, used, pixels):
+                group.append(s)
+                used, pixels = used + len(s), pixels + view_pixels(s)
+            else:
+                kept.append(s)
+        waiting = kept
+        while not exhausted and len(waiting) < lookahead and used < seq_len:
+            s = next(source, None)
+            if s is None:
+                exhausted = True
+            elif len(s) > seq_len:
+                raise ValueError(f"a sample of {len(s)} tokens does not fit seq_len {seq_len} "
+                                 "(preprocess with --max-seq-len <= the training seq_len)")
+            elif fits(s, used, pixels):
+                group.append(s)
+                used, pixels = used + len(s), pixels + view_pixels(s)
+            else:
+                waiting.append(s)
+        if not group:
+            return
         yield group
 
 
@@ -95,10 +143,12 @@ def collate(groups: Sequence[list[Sample]], seq_len: int) -> PackedBatch:
     return PackedBatch(ids, targets, positions, segments, images, n_samples, int((targets >= 0).sum()))
 
 
-def batches(samples: Iterable[Sample], seq_len: int, batch_size: int) -> Iterator[PackedBatch]:
-    """Packed batches of ``batch_size`` rows each (the last one may be smaller)."""
+def batches(samples: Iterable[Sample], seq_len: int, batch_size: int, max_pixels: int | None = None,
+            lookahead: int = 1) -> Iterator[PackedBatch]:
+    """Packed batches of ``batch_size`` rows each (the last one may be smaller); see
+    :func:`pack_sequences` for ``max_pixels`` and ``lookahead``."""
     rows: list[list[Sample]] = []
-    for group in pack_sequences(samples, seq_len):
+    for group in pack_sequences(samples, seq_len, max_pixels, lookahead):
         rows.append(group)
         if len(rows) == batch_size:
             yield collate(rows, seq_len)

@@ -31,6 +31,7 @@ from pipeline.distributed import (any_rank, full_model_state, full_optimizer_sta
                                   shard_optimizer_state, to_float, vision_on_every_rank)
 from pipeline.mixture import Sample, batches, mixture_counts
 from pipeline.optim import build_optimizer, lr_multiplier, set_lr
+from pipeline.prefetch import Prefetcher
 from pipeline.synth_stream import SynthStreamConfig
 
 PENDING_RUN_FILE = "ndocr_pending_run.json"  # beside Ray's run state while a time-limited stage is unfinished
@@ -56,6 +57,9 @@ class TrainConfig:
     strategy: str = "ddp"  # ddp | fsdp (FSDP2, one shard group per block; checkpoints load with either)
     seq_len: int = 1024
     batch_size: int = 4  # packed rows per micro-step per worker
+    max_row_megapixels: float | None = None  # cap on the views' pixels per packed row: even vision work per rank
+    pack_lookahead: int = 1  # samples that may wait for a later row (1: greedy packing in arrival order)
+    prefetch_batches: int = 2  # micro-batches prepared on a background thread (0: in the loop)
     grad_accum: int = 1
     steps: int = 100
     optimizer: str = "adamw"  # adamw | muon
@@ -81,6 +85,7 @@ class TrainConfig:
     max_failures: int = 0
     log_every: int = 1
     compile: bool = False
+    compile_vision: int = 0  # > 0: SAM + CLIP compiled, views in static chunks of this many (DDP / one GPU)
     torch_threads: int | None = None  # CPU workers: default this node's cores / local workers
     sample_prediction: bool = True
     register_model: str | None = None  # a model-registry name (stage 2 default: nano-deepseek-ocr)
@@ -102,6 +107,13 @@ class TrainConfig:
             raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.compile_vision < 0 or (self.compile_vision and self.strategy == "fsdp"):
+            raise ValueError("compile_vision is a chunk size >= 0, for ddp (FSDP2's per-block hooks are not "
+                             "traced through the compiled towers here)")
+        if self.pack_lookahead < 1 or self.prefetch_batches < 0:
+            raise ValueError("pack_lookahead must be >= 1 and prefetch_batches >= 0")
+        if self.max_row_megapixels is not None and self.max_row_megapixels <= 0:
+            raise ValueError(f"max_row_megapixels must be > 0, got {self.max_row_megapixels}")
         if self.run_name is None:
             self.run_name = f"stage{self.stage}-{self.preset}"
         if isinstance(self.synth, dict):
@@ -349,6 +361,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)  # bypassed by SAM features
     if cfg.stage == 2:
         model.freeze_stage2()
+    if cfg.compile_vision:
+        model.compile_vision(cfg.compile_vision)
     model.train()
     fsdp = cfg.strategy == "fsdp" and world > 1  # one worker: nothing to shard, plain model
     if fsdp:
@@ -367,96 +381,108 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         _load_optimizer(optimizer, optim_state["optimizer"], fsdp)
         start_step = int(optim_state.get("step", start_step))
     tracker = _Tracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
-    flops_per_token = inner.flops_per_token(cfg.seq_len)
-    peak = _peak_flops(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     shard = ray.train.get_dataset_shard("train")
-    stream = batches(_samples(shard, cfg.seed, 0 if cfg.synth else cfg.cache_data_mb), cfg.seq_len, cfg.batch_size)
+    max_pixels = int(cfg.max_row_megapixels * 1e6) if cfg.max_row_megapixels else None
+    stream = batches(_samples(shard, cfg.seed, 0 if cfg.synth else cfg.cache_data_mb), cfg.seq_len, cfg.batch_size,
+                     max_pixels, cfg.pack_lookahead)
     if cfg.synth is None:
         for _ in range(start_step * cfg.grad_accum):  # resume: skip what the finished steps consumed
             next(stream)
     elif start_step and rank == 0:  # a fresh pass of rendered pages; skipping would re-render them
         print(f"resumed at step {start_step}: the synthetic stream (seed {cfg.synth.seed}) starts a new pass",
               flush=True)
-    first_sample = None
-    metrics: dict[str, float] = {}
-    step = start_step
-    t_last = t_start = time.perf_counter()
-    while step < cfg.steps:
-        if cfg.inject_failure_at_step == step and rank == 0:
-            marker = Path(loop_config["fault_marker"])
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(f"worker died at step {step}\n")
-                print(f"[fault injection] rank 0 dies at step {step}", flush=True)
-                time.sleep(10)  # a crash mid-step: the controller has collected the last report
-                os._exit(1)
-        lr = set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.schedule, cfg.warmup_steps, cfg.min_lr_frac,
-                                             cfg.step_milestones, cfg.step_gamma))
-        micro = [next(stream) for _ in range(cfg.grad_accum)]
-        if first_sample is None:
-            first_sample = micro[0]
-        n_targets = max(1, sum(b.n_target_tokens for b in micro))
-        loss_sum = 0.0
-        for i, batch in enumerate(micro):
-            batch = batch.to(device)
-            if fsdp and cfg.stage == 2:  # stage 1 rows all carry an image; stage 2 mixes in text rows
-                batch = vision_on_every_rank(batch, inner, device)
-            # DDP skips the all-reduce on all but the last micro-step. FSDP2 (no no_sync)
-            # reduce-scatters every micro-step: skipping would keep unsharded gradients alive
-            # across micro-steps and give back the memory that sharding saves.
-            sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-            ctx_sync = model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx_sync, autocast:
-                loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
-                             segment_ids=batch.segment_ids, loss_reduction="sum")
-            (loss / n_targets).backward()
-            loss_sum += float(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        now = time.perf_counter()
-        tokens = sum(b.input_ids.numel() for b in micro) * world
-        tok_per_s = tokens / max(now - t_last, 1e-9)
-        t_last = now
-        metrics = {"loss": loss_sum / n_targets, "lr": lr, "grad_norm": to_float(grad_norm),
-                   "tokens_per_s": tok_per_s, "step": step}
-        if peak:
-            metrics["mfu"] = flops_per_token * tok_per_s / (peak * world)
-        if device.type == "cuda":
-            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if step % cfg.log_every == 0 or step == cfg.steps:
+    if cfg.prefetch_batches:
+        stream = Prefetcher(stream, cfg.prefetch_batches,
+                            prepare=(lambda b: b.pin_memory()) if device.type == "cuda" else None)
+    flops_per_token = inner.flops_per_token(cfg.seq_len)
+    peak = _peak_flops(device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    try:
+        first_sample = None
+        metrics: dict[str, float] = {}
+        step = start_step
+        t_last = t_start = time.perf_counter()
+        while step < cfg.steps:
+            if cfg.inject_failure_at_step == step and rank == 0:
+                marker = Path(loop_config["fault_marker"])
+                if not marker.exists():
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.write_text(f"worker died at step {step}\n")
+                    print(f"[fault injection] rank 0 dies at step {step}", flush=True)
+                    time.sleep(10)  # a crash mid-step: the controller has collected the last report
+                    os._exit(1)
+            lr = set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.schedule, cfg.warmup_steps, cfg.min_lr_frac,
+                                                 cfg.step_milestones, cfg.step_gamma))
+            t_data = time.perf_counter()
+            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            data_wait = time.perf_counter() - t_data
+            if first_sample is None:
+                first_sample = micro[0]
+            n_targets = max(1, sum(b.n_target_tokens for b in micro))
+            loss_sum = 0.0
+            for i, batch in enumerate(micro):
+                batch = batch.to(device)
+                if fsdp and cfg.stage == 2:  # stage 1 rows all carry an image; stage 2 mixes in text rows
+                    batch = vision_on_every_rank(batch, inner, device)
+                # DDP skips the all-reduce on all but the last micro-step. FSDP2 (no no_sync)
+                # reduce-scatters every micro-step: skipping would keep unsharded gradients alive
+                # across micro-steps and give back the memory that sharding saves.
+                sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
+                ctx_sync = model.no_sync() if not sync else contextlib.nullcontext()
+                with ctx_sync, autocast:
+                    loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
+                                 segment_ids=batch.segment_ids, loss_reduction="sum")
+                (loss / n_targets).backward()
+                loss_sum += float(loss.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            now = time.perf_counter()
+            tokens = sum(b.input_ids.numel() for b in micro) * world
+            tok_per_s = tokens / max(now - t_last, 1e-9)
+            t_last = now
+            metrics = {"loss": loss_sum / n_targets, "lr": lr, "grad_norm": to_float(grad_norm),
+                       "tokens_per_s": tok_per_s, "data_wait_s": data_wait, "step": step}
+            if peak:
+                metrics["mfu"] = flops_per_token * tok_per_s / (peak * world)
+            if device.type == "cuda":
+                metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                if rank == 0:
+                    print(f"stage{cfg.stage} step {step}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                          f"grad_norm {metrics['grad_norm']:.3f} tok/s {tok_per_s:.0f}", flush=True)
+                tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+            out_of_time = (cfg.time_limit_s is not None and step < cfg.steps
+                           and any_rank(now - t_start >= cfg.time_limit_s, device))  # all stop at one step
+            if out_of_time:
+                metrics["stopped_at_time_limit"] = 1.0
+                if rank == 0:
+                    print(f"time limit {cfg.time_limit_s:.0f} s reached at step {step}/{cfg.steps}: checkpointing; "
+                          "run the same stage again to resume", flush=True)
+            if step == cfg.steps or out_of_time or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                directory = _save(cfg, model, optimizer, tokenizer, step, mode, rank)
+                checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+                ray.train.report(metrics, checkpoint=checkpoint)
+                if directory:
+                    shutil.rmtree(directory, ignore_errors=True)
+            if out_of_time:
+                return metrics
+        if cfg.sample_prediction and first_sample is not None and loop_config.get("run_id"):
+            state = full_model_state(inner) if fsdp else None  # every rank helps gather; rank 0 predicts
             if rank == 0:
-                print(f"stage{cfg.stage} step {step}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
-                      f"grad_norm {metrics['grad_norm']:.3f} tok/s {tok_per_s:.0f}", flush=True)
-            tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
-        out_of_time = (cfg.time_limit_s is not None and step < cfg.steps
-                       and any_rank(now - t_start >= cfg.time_limit_s, device))  # all stop at one step
-        if out_of_time:
-            metrics["stopped_at_time_limit"] = 1.0
-            if rank == 0:
-                print(f"time limit {cfg.time_limit_s:.0f} s reached at step {step}/{cfg.steps}: checkpointing; "
-                      "run the same stage again to resume", flush=True)
-        if step == cfg.steps or out_of_time or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            directory = _save(cfg, model, optimizer, tokenizer, step, mode, rank)
-            checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
-            ray.train.report(metrics, checkpoint=checkpoint)
-            if directory:
-                shutil.rmtree(directory, ignore_errors=True)
-        if out_of_time:
-            return metrics
-    if cfg.sample_prediction and first_sample is not None and loop_config.get("run_id"):
-        state = full_model_state(inner) if fsdp else None  # every rank helps gather; rank 0 predicts
-        if rank == 0:
-            try:
-                predictor = inner if state is None else _plain_copy(inner, state, device)
-                _log_sample_prediction(predictor, tokenizer, first_sample, tracker)
-            except Exception as exc:  # a picture must never fail a finished run
-                print(f"sample prediction skipped: {exc}", flush=True)
-    return metrics
+                try:
+                    predictor = inner if state is None else _plain_copy(inner, state, device)
+                    _log_sample_prediction(predictor, tokenizer, first_sample, tracker)
+                except Exception as exc:  # a picture must never fail a finished run
+                    print(f"sample prediction skipped: {exc}", flush=True)
+        return metrics
+    finally:
+        if isinstance(stream, Prefetcher):
+            stream.close()
 
 
 def _prompt_text(tokenizer, ids: torch.Tensor, targets: torch.Tensor) -> str:

@@ -114,8 +114,10 @@ def test_stage2_freezes_sam_and_compressor_only(workspace, stage1):
 
 
 def test_worker_crash_resumes_from_last_checkpoint(workspace, stage1):
+    # balanced packing (two 512 px pages per row at most) and the prefetch thread on the same path
     cfg = _cfg(workspace, stage=1, run_name="crash", steps=6, checkpoint_every=2, max_failures=1,
-               inject_failure_at_step=3, sample_prediction=False, batch_size=1, log_every=1)
+               inject_failure_at_step=3, sample_prediction=False, batch_size=1, log_every=1,
+               max_row_megapixels=0.53, pack_lookahead=4, prefetch_batches=2)
     result = run_stage(cfg)
     marker = Path(workspace["runs"]) / "crash" / "fault_injected"
     assert marker.is_file(), "the fault was never injected"
@@ -126,3 +128,5 @@ def test_worker_crash_resumes_from_last_checkpoint(workspace, stage1):
     steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
     # died after 3 steps with the last checkpoint at 2: step 3 ran twice, then on to 6
     assert steps.count(3) == 2 and steps.count(2) == 1 and max(steps) == 6, steps
+    waits = client.get_metric_history(result.run_id, "data_wait_s")
+    assert len(waits) == len(steps) and all(m.value >= 0 for m in waits)
