@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=1, help="packed rows per GPU")
     parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-steps per optimizer step (one gradient all-reduce per step)")
     parser.add_argument("--strategies", default="ddp", help="ddp and/or fsdp (FSDP2, per block), comma-separated")
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))
     parser.add_argument("--resume-check", nargs="?", const="all", default="",
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for packing in args.packing.split(","):
         if packing not in packings:
             parser.error(f"--packing: {packing!r} is not one of {sorted(packings)}")
-        pack = {**packings[packing], "prefetch_batches": args.prefetch}
+        pack = {**packings[packing], "prefetch_batches": args.prefetch, "grad_accum": args.grad_accum}
         single = None  # one worker is the same plain model whatever the strategy: measured once
         for strategy in args.strategies.split(","):
             base = None
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 if n == 1:
                     base = single = tps
                 eff = tps / (n * base) if base else float("nan")
-                step_s = args.batch_size * args.seq_len * n / tps
+                step_s = args.batch_size * args.seq_len * args.grad_accum * n / tps
                 steady = sorted(run["tokens_per_s_steps"][args.steps // 2:]) or [float("nan")]
                 results.append((packing, strategy, n, tps, step_s, eff, f"{steady[0]:,.0f}-{steady[-1]:,.0f}",
                                 run["data_wait_s"], run["peak_mem_gib"], run["loss"][-1]))
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"\n## Multi-GPU scaling (bench/scaling.py) — {device}, torch {torch.__version__}, {stamp}\n\n"
                f"{args.preset} preset, {args.mode} mode ({rows_out} rows), {args.optimizer}, "
-               f"{args.batch_size} x {args.seq_len} tokens per GPU per step, {args.steps} steps per run, "
+               f"{args.batch_size} x {args.seq_len} tokens per GPU per micro-step, {args.grad_accum} micro-steps "
+               f"per step, {args.steps} steps per run, "
                f"balanced = at most {args.max_row_mp} MP of views per row with a lookahead of {args.lookahead}, "
                f"prefetch {args.prefetch}, one host.\n\n" + "\n".join(lines) + "\n")
     print(section)
