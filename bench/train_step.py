@@ -93,7 +93,7 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
     rng = np.random.default_rng(args.seed)
     model = build_model(preset, device, seed=args.seed, image_token_id=IMAGE_ID)  # fp32 master weights
     if compile_chunk:
-        model.compile_vision(compile_chunk)  # the trainer's compile_vision option (static chunks of views)
+        model.compile_vision(compile_chunk)  # the engine's static chunks of views, for training
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)  # bypassed, as in the trainer
     model.train()
     opt = build_optimizer(model, "adamw", lr=1e-4)  # fused on CUDA
@@ -192,7 +192,7 @@ def main() -> None:
     p.add_argument("--sam-bias", default="", help="presets also timed with SAM's old dense-bias attention")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
     p.add_argument("--compile-vision", default="", metavar="PRESETS",
-                   help="presets also timed with the vision towers compiled (TrainConfig.compile_vision)")
+                   help="presets also timed with the vision towers compiled in static chunks of views")
     p.add_argument("--compile-chunk", type=int, default=4, help="views per compiled vision chunk")
     args = p.parse_args()
     device = torch.device(args.device)

@@ -75,6 +75,39 @@ class _RenderSpec:
     max_seq_len: int
 
 
+def _draw(index: int, stream: SynthStreamConfig, synth) -> tuple[Any, str, random.Random]:
+    """Stream page ``index``, the task drawn for it and the generator that goes on to pick its crop."""
+    from pipeline.synth import make_page
+
+    page = make_page(index, synth or stream.synth_config(), stream.seed, SPLIT)
+    rng = random.Random(f"ndocr-stream-task/{stream.seed}/{index}")
+    tasks, weights = zip(*stream.tasks.items())
+    return page, rng.choices(tasks, weights)[0], rng
+
+
+def _crop_pieces(page, task: str) -> list:
+    """The lines or words a ``line``/``word`` task may crop (none for the page tasks)."""
+    from pipeline.synth import readable_pieces
+
+    return readable_pieces(page.lines if task == "line" else page.words) if task in ("line", "word") else []
+
+
+def _crop_sample(page, task: str, k: int, piece) -> tuple[Any, dict]:
+    """(image, record) of crop ``k`` of ``page``."""
+    from pipeline.synth import crop_record, piece_crop
+
+    record = crop_record(page, task, k, piece.text, f"stream/{page.page_id}-{task}{k:03d}.png", SPLIT)
+    return piece_crop(page.image, piece), record
+
+
+def _page_sample(page, task: str) -> tuple[Any, dict]:
+    """(image, record) of the whole page; a crop task on a page without text (figures only) reads it whole."""
+    from pipeline.synth import page_records
+
+    task = "free" if task in ("line", "word") else task
+    return page.image, page_records(page, f"stream/{page.page_id}.png", (task,), SPLIT)[0]
+
+
 def render_sample(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, Any, dict]:
     """(page, image, record) of stream page ``index`` and the task drawn for it.
 
@@ -82,21 +115,27 @@ def render_sample(index: int, stream: SynthStreamConfig, synth=None) -> tuple[An
     there: one line of text is read without having to find it on the page first). The page
     itself comes along for callers that need its boxes (the recipe probes' cell targets).
     """
-    from pipeline.synth import crop_record, make_page, page_records, piece_crop, readable_pieces
+    page, task, rng = _draw(index, stream, synth)
+    pieces = _crop_pieces(page, task)
+    if pieces:
+        k = rng.randrange(len(pieces))
+        return (page, *_crop_sample(page, task, k, pieces[k]))
+    return (page, *_page_sample(page, task))
 
-    synth = synth or stream.synth_config()
-    page = make_page(index, synth, stream.seed, SPLIT)
-    rng = random.Random(f"ndocr-stream-task/{stream.seed}/{index}")
-    tasks, weights = zip(*stream.tasks.items())
-    task = rng.choices(tasks, weights)[0]
-    if task in ("line", "word"):
-        pieces = readable_pieces(page.lines if task == "line" else page.words)
-        if pieces:
-            k = rng.randrange(len(pieces))
-            record = crop_record(page, task, k, pieces[k].text, f"stream/{page.page_id}-{task}{k:03d}.png", SPLIT)
-            return page, piece_crop(page.image, pieces[k]), record
-        task = "free"  # a page without text (figures only): read it whole
-    return page, page.image, page_records(page, f"stream/{page.page_id}.png", (task,), SPLIT)[0]
+
+def render_crops(index: int, stream: SynthStreamConfig, synth=None,
+                 limit: int | None = None) -> tuple[Any, list[tuple[Any, dict]]]:
+    """The page of :func:`render_sample` and every (image, record) it offers for its task: its
+    readable crops for ``line``/``word`` (at most ``limit``, drawn per page), the page itself
+    otherwise. A consumer that can use many crops of one page renders it once, not once per crop."""
+    page, task, rng = _draw(index, stream, synth)
+    pieces = _crop_pieces(page, task)
+    if not pieces:
+        return page, [_page_sample(page, task)]
+    ks = range(len(pieces))
+    if limit is not None and limit < len(pieces):
+        ks = sorted(rng.sample(ks, limit))
+    return page, [_crop_sample(page, task, k, pieces[k]) for k in ks]
 
 
 def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, dict]:

@@ -85,7 +85,6 @@ class TrainConfig:
     max_failures: int = 0
     log_every: int = 1
     compile: bool = False
-    compile_vision: int = 0  # > 0: SAM + CLIP compiled, views in static chunks of this many (DDP / one GPU)
     torch_threads: int | None = None  # CPU workers: default this node's cores / local workers
     sample_prediction: bool = True
     register_model: str | None = None  # a model-registry name (stage 2 default: nano-deepseek-ocr)
@@ -107,9 +106,6 @@ class TrainConfig:
             raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
-        if self.compile_vision < 0 or (self.compile_vision and self.strategy == "fsdp"):
-            raise ValueError("compile_vision is a chunk size >= 0, for ddp (FSDP2's per-block hooks are not "
-                             "traced through the compiled towers here)")
         if self.pack_lookahead < 1 or self.prefetch_batches < 0:
             raise ValueError("pack_lookahead must be >= 1 and prefetch_batches >= 0")
         if self.max_row_megapixels is not None and self.max_row_megapixels <= 0:
@@ -361,8 +357,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)  # bypassed by SAM features
     if cfg.stage == 2:
         model.freeze_stage2()
-    if cfg.compile_vision:
-        model.compile_vision(cfg.compile_vision)
     model.train()
     fsdp = cfg.strategy == "fsdp" and world > 1  # one worker: nothing to shard, plain model
     if fsdp:

@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 from model.processor import ImageProcessor
 from model.tokenizer import Tokenizer
 from pipeline.synth import SynthConfig, load_corpus, make_page
-from pipeline.synth_stream import SynthStreamConfig, render_record, stream_texts, synth_dataset
+from pipeline.synth_stream import (SynthStreamConfig, render_crops, render_record, render_sample, stream_texts,
+                                   synth_dataset)
 from pipeline.train import PENDING_RUN_FILE, load_train_config, run_stage
 
 TINY_STREAM = dict(profile="reading", pages=48, seed=3, mode="tiny", pages_per_task=8,
@@ -86,6 +87,24 @@ def test_stream_crop_tasks_show_one_line_or_word_of_the_page():
         assert image.width < page.size[0] and image.height < page.size[1] // 4  # a crop, not the page
         tasks.add(rec["task"])
     assert tasks == {"line", "word"}
+
+
+def test_render_crops_renders_a_page_once_for_all_its_crops():
+    stream = SynthStreamConfig(**{**TINY_STREAM, "tasks": {"line": 1.0, "word": 1.0, "free": 1.0}})
+    kinds = set()
+    for index in range(9):
+        _, image, rec = render_sample(index, stream)
+        page, crops = render_crops(index, stream)
+        records = [r for _, r in crops]
+        assert rec in records  # the stream's one sample of the page is among them
+        kinds.add(rec["task"])
+        if rec["task"] in ("line", "word"):
+            assert len({r["id"] for r in records}) == len(records) > 1  # distinct crops
+            _, few = render_crops(index, stream, limit=1)
+            assert len(few) == 1 and few[0][1] in records
+        else:
+            assert len(crops) == 1 and crops[0][0].size == page.size  # a page task: the page itself
+    assert {"line", "word", "free"} <= kinds
 
 
 def test_stream_for_resume_draws_other_pages():
