@@ -194,6 +194,7 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
     from pipeline.metrics import cer
     from pipeline.mixture import batches
     from pipeline.optim import build_optimizer, lr_multiplier, set_lr
+    from pipeline.prefetch import Prefetcher
     from pipeline.synth_stream import SynthStreamConfig
     from pipeline.train import TrainConfig, _build_model
 
@@ -249,7 +250,8 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
         loader = torch.utils.data.DataLoader(
             _Rendered(stream, tokenizer_json, args.seq_len, bool(aux_weight), args.crops_per_page or None),
             batch_size=None, num_workers=args.workers, prefetch_factor=8, persistent_workers=False)
-        data = batches(iter(loader), args.seq_len, args.batch_size)
+        # packing and collating 128 crops is main-process work: done ahead, as the trainer does
+        data = Prefetcher(batches(iter(loader), args.seq_len, args.batch_size), depth=2)
         start = None
         while True:
             asked = time.perf_counter()
@@ -272,6 +274,7 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
                 curve.append((step, round(elapsed, 1), round(ema, 4)))
                 print(f"[{name}] step {step} t {elapsed:.0f}s loss(ema) {ema:.3f} aux {aux_ema:.4f} "
                       f"samples {samples} ({samples / elapsed:.0f}/s, data wait {waited / elapsed:.0%})", flush=True)
+        data.close()
         del loader, data
     if aux_head is not None:
         del model.aux_head
