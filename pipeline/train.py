@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -316,50 +315,27 @@ def _peak_flops(device: torch.device) -> float | None:
 
 
 class _Tracker:
-    """Rank 0's MLflow logging into the run the driver created, off the training thread.
-
-    Why a thread: every rank waits for rank 0 at the next gradient all-reduce, so a step that
-    waits for the tracking server (a database write or an HTTP round trip, 10-50 ms) makes the
-    whole job wait. Metrics go out in order on one background thread; :meth:`flush` waits for
-    them and raises the first logging error, so nothing is dropped silently.
-    """
+    """Rank 0's MLflow logging into the run the driver created."""
 
     def __init__(self, run_id: str | None, tracking_uri: str | None, rank: int) -> None:
         self.active = bool(run_id) and rank == 0
         self.run_id = run_id
         self.uri = tracking_uri
-        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ndocr-mlflow") if self.active else None
-        self._sent: list[Future] = []
+        self.pending: dict[int, dict[str, float]] = {}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
             return
         from pipeline import tracking
 
-        self._check(wait=False)
-        self._sent.append(self._sender.submit(tracking.log_metrics, self.run_id, dict(metrics), step, self.uri,
-                                             int(time.time() * 1000)))  # stamped when measured
+        tracking.log_metrics(self.run_id, metrics, step=step, tracking_uri=self.uri)
 
     def artifact(self, path: str, artifact_path: str | None = None) -> None:
         if not self.active:
             return
         from pipeline import tracking
 
-        self.flush()
         tracking.log_artifact(self.run_id, path, artifact_path=artifact_path, tracking_uri=self.uri)
-
-    def flush(self) -> None:
-        """Wait until every metric is logged; raise the first error of the thread."""
-        self._check(wait=True)
-
-    def _check(self, wait: bool) -> None:
-        pending = []
-        for future in self._sent:
-            if wait or future.done():
-                future.result()  # raises what the logging call raised
-            else:
-                pending.append(future)
-        self._sent = pending
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -488,7 +464,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 if directory:
                     shutil.rmtree(directory, ignore_errors=True)
             if out_of_time:
-                tracker.flush()
                 return metrics
         if cfg.sample_prediction and first_sample is not None and loop_config.get("run_id"):
             state = full_model_state(inner) if fsdp else None  # every rank helps gather; rank 0 predicts
@@ -498,7 +473,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     _log_sample_prediction(predictor, tokenizer, first_sample, tracker)
                 except Exception as exc:  # a picture must never fail a finished run
                     print(f"sample prediction skipped: {exc}", flush=True)
-        tracker.flush()
         return metrics
     finally:
         if isinstance(stream, Prefetcher):
