@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -387,7 +388,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         print(f"resumed at step {start_step}: the synthetic stream (seed {cfg.synth.seed}) starts a new pass",
               flush=True)
     if cfg.prefetch_batches:
-        stream = Prefetcher(stream, cfg.prefetch_batches,
+        # the first batch on this thread: whatever the data path initialises lazily (imports, Ray
+        # Data's iterator, environment variables) happens here, not beside running CUDA kernels
+        first = next(stream)
+        stream = Prefetcher(itertools.chain([first], stream), cfg.prefetch_batches,
                             prepare=(lambda b: b.pin_memory()) if device.type == "cuda" else None)
     flops_per_token = inner.flops_per_token(cfg.seq_len)
     peak = _peak_flops(device)
