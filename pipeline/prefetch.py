@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -18,8 +17,7 @@ _DONE = object()
 
 
 class Prefetcher(Generic[T]):
-    """Iterate ``source`` on a daemon thread, ``depth`` items ahead; ``wait_s`` accumulates the
-    time the consumer spent waiting (a data-bound step shows up there)."""
+    """Iterate ``source`` on a daemon thread, ``depth`` items ahead (``prepare`` applied there)."""
 
     def __init__(self, source: Iterator[T], depth: int = 2, prepare: Callable[[T], T] | None = None) -> None:
         if depth < 1:
@@ -27,7 +25,6 @@ class Prefetcher(Generic[T]):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._source, self._prepare = source, prepare
-        self.wait_s = 0.0
         self._thread = threading.Thread(target=self._run, name="ndocr-prefetch", daemon=True)
         self._thread.start()
 
@@ -57,9 +54,7 @@ class Prefetcher(Generic[T]):
     def __next__(self) -> T:
         if self._stop.is_set():
             raise StopIteration
-        t0 = time.perf_counter()
         item = self._queue.get()
-        self.wait_s += time.perf_counter() - t0
         if item is _DONE:
             self._stop.set()
             raise StopIteration

@@ -30,7 +30,7 @@ def test_a_producer_error_is_raised_in_the_consumer_after_the_items_before_it():
         next(it)
 
 
-def test_the_producer_runs_ahead_while_the_consumer_works_and_wait_time_is_counted():
+def test_the_producer_runs_ahead_while_the_consumer_works():
     def slow():
         for i in itertools.count():
             time.sleep(0.05)
@@ -41,10 +41,10 @@ def test_the_producer_runs_ahead_while_the_consumer_works_and_wait_time_is_count
         time.sleep(0.3)  # the "GPU step": the producer fills the queue meanwhile
         t0 = time.perf_counter()
         first = [next(it) for _ in range(4)]
-        assert first == [0, 1, 2, 3] and time.perf_counter() - t0 < 0.04  # already prepared
-        assert it.wait_s < 0.04
-        rest = [next(it) for _ in range(6)]  # these are produced while we wait
-        assert rest == list(range(4, 10)) and it.wait_s > 0.1
+        assert first == [0, 1, 2, 3] and time.perf_counter() - t0 < 0.2  # already prepared
+        t0 = time.perf_counter()
+        rest = [next(it) for _ in range(10)]  # these are produced while we wait (50 ms each)
+        assert rest == list(range(4, 14)) and time.perf_counter() - t0 > 0.4
     finally:
         it.close()
 
