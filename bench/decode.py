@@ -69,6 +69,7 @@ def check(model, device, dtype, eos: int) -> list[str]:
         fp32_note = f"; vs an fp32 reference: fast {err(fast_logits):.2e}, eager {err(logits):.2e}"
     else:
         fp32_note = ""
+    notes_ops = check_triton_ops(model, device, dtype)
     agree = [sum(a == b for a, b in zip(out[False][i], out[True][i])) for i in range(4)]
     first_diff = []
     for i in range(4):
@@ -80,7 +81,56 @@ def check(model, device, dtype, eos: int) -> list[str]:
     print(notes[0], flush=True)
     if dtype == torch.float32 and rel > 1e-4:
         raise AssertionError(f"fast decode path disagrees with eager in fp32: {rel}")
-    return notes
+    return notes + notes_ops
+
+
+@torch.inference_mode()
+def check_triton_ops(model, device, dtype) -> list[str]:
+    """The Triton decode ops against their torch references at the model's shapes: the skinny
+    GEMV for every product and epilogue (1 and 3 rows), RoPE + cache write + attention fused and
+    as separate launches (3 rows of different lengths, twice on one scratch)."""
+    from model.gpt import DecodeKernels
+
+    if device.type != "cuda":
+        return []
+    fused, ref = DecodeKernels(True), DecodeKernels(False)
+    worst = {}
+    for name, n, k, norm, epilogue in gemv_shapes(model.config.gpt):
+        w = torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5
+        for batch in (1, 3):
+            x = torch.randn(batch, k, device=device, dtype=dtype)
+            base = torch.randn(batch, n, device=device, dtype=torch.float32 if epilogue == "softcap" else dtype)
+            a, b = base.clone(), base.clone()
+            ya = fused.skinny_linear(x, w, norm, epilogue, a, 15.0)
+            yb = ref.skinny_linear(x, w, norm, epilogue, b, 15.0)
+            rel = ((ya.float() - yb.float()).norm() / yb.float().norm()).item()
+            worst[name] = max(worst.get(name, 0.0), rel)
+    cfg = model.config.gpt
+    for fuse in (True, False):  # RoPE + cache write + split-K attention (+ merge), fused and as separate launches
+        g = torch.Generator(device="cpu").manual_seed(3)
+        B, L = 3, 1100
+        qkv = torch.randn(B, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, generator=g).to(device, dtype)
+        kc = torch.randn(B, cfg.n_kv_head, L, cfg.head_dim, generator=g).to(device, dtype)
+        vc = torch.randn(B, cfg.n_kv_head, L, cfg.head_dim, generator=g).to(device, dtype)
+        n_keys = torch.tensor([1, 517, 1000], device=device)
+        outs = []
+        for kern in (fused, ref):
+            k2, v2 = kc.clone(), vc.clone()
+            scratch = kern.attention_scratch(B, cfg.n_head, cfg.head_dim, L, device)
+            ys = [kern.rope_attention(qkv, model.gpt.cos.float(), model.gpt.sin.float(), n_keys, k2, v2,
+                                      cfg.n_head, scratch, fuse).float()
+                  for _ in range(2)]  # twice on one scratch: the merge counters must be back at zero
+            outs.append((ys, k2.float(), v2.float()))
+        (ya, ka, va), (yb, kb, vb) = outs
+        tag = "" if fuse else " (separate launches)"
+        worst[f"rope+attention{tag}"] = max(((a - yb[0]).norm() / yb[0].norm()).item() for a in ya)
+        worst[f"cache write{tag}"] = max(((ka - kb).norm() / kb.norm()).item(), ((va - vb).norm() / vb.norm()).item())
+    note = "Triton decode ops vs torch reference (relative difference, batch 1 and 3): " + ", ".join(
+        f"{k} {v:.1e}" for k, v in worst.items())
+    print(note, flush=True)
+    if max(worst.values()) > 2e-2:
+        raise AssertionError(note)
+    return [note]
 
 
 def run_batch(model, device, dtype, batch: int, prefix: int, new: int, eos: int, fast: bool, bw: float):
@@ -141,19 +191,31 @@ def profile_parts(b: DecodeBatch, model) -> dict:
 
     cfg = model.config.gpt
     B, dtype = b.capacity, b.dtype
-    q = torch.randn(B, cfg.n_head, cfg.head_dim, device=b.device, dtype=dtype)
     n_keys = dec.lengths + 1
     kv_pos = kv_bytes_per_position(model)
     attn_bytes = int(n_keys.sum()) * kv_pos
 
-    def attention():
+    qkv = torch.randn(B, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, device=b.device, dtype=dtype)
+
+    def attention():  # as the step runs it: RoPE + cache write + split-K attention + merge
         for i in range(cfg.n_layer):
-            dec.kernels.decode_attention(q, b.cache.k[i], b.cache.v[i], n_keys, dec.scratch)
+            dec.kernels.rope_attention(qkv, dec.cos, dec.sin, n_keys, b.cache.k[i], b.cache.v[i], cfg.n_head,
+                                       dec.scratch, fuse=dec.skinny)
 
     h = torch.randn(B, cfg.n_embd, device=b.device, dtype=dtype)
     m = torch.randn(B, 4 * cfg.n_embd, device=b.device, dtype=dtype)
 
+    logits = torch.empty(B, cfg.vocab_size, device=b.device, dtype=torch.float32)
+    residual = h.clone()
+
     def gemms():
+        if dec.skinny:  # the fused kernels, with their norm prologues and epilogues
+            lin = dec.kernels.skinny_linear
+            for w_qkv, w_o, w_fc, w_proj in dec.layers:
+                lin(h, w_qkv, True), lin(h, w_o, False, "residual", residual), lin(h, w_fc, True, "relu2")
+                lin(m, w_proj, False, "residual", residual)
+            lin(h, dec.lm_head, True, "softcap", logits, 15.0)
+            return
         for w_qkv, w_o, w_fc, w_proj in dec.layers:
             F.linear(h, w_qkv), F.linear(h, w_o), F.linear(h, w_fc), F.linear(m, w_proj)
         F.linear(h, dec.lm_head)
@@ -221,10 +283,72 @@ def sweep(model, device, dtype, eos: int, prefix: int, bw: float, out_path: str)
     return rows
 
 
-def path_name(fast: bool, device) -> str:
+def path_name(fast: bool, device, skinny: bool) -> str:
     if not fast:
         return "eager GPT.forward"
-    return "CUDA graph + Triton" if device.type == "cuda" else "fast path, torch ops"
+    if device.type != "cuda":
+        return "fast path, torch ops" + (" (skinny layout)" if skinny else "")
+    return "CUDA graph + Triton, skinny GEMV" if skinny else "CUDA graph + Triton, cuBLAS"
+
+
+def gemv_shapes(cfg) -> list[tuple[str, int, int, bool, str]]:
+    """(name, N, K, norm_input, epilogue) of every matrix product in one decode step."""
+    d = cfg.n_embd
+    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    return [("qkv", qkv, d, True, "none"), ("attn out", d, d, False, "residual"),
+            ("mlp fc", 4 * d, d, True, "relu2"), ("mlp proj", d, 4 * d, False, "residual"),
+            ("lm_head", cfg.vocab_size, d, True, "softcap")]
+
+
+GEMV_LAUNCHES = [(bn, warps) for bn in (1, 2, 4, 8, 16) for warps in (2, 4, 8)]
+
+
+@torch.inference_mode()
+def gemv_sweep(model, device, dtype, batches: list[int]) -> list[list[object]]:
+    """Each decode matrix product alone: cuBLAS F.linear vs the fused skinny GEMV (default launch
+    and the best of a sweep). Every call reads another copy of the weights (> 200 MB in all) so
+    that L2 (50 MB) cannot serve them, and the calls run back to back in a CUDA graph, as in a
+    decode step."""
+    import torch.nn.functional as F
+
+    from model.gpt import DecodeKernels, _next_pow2, _sm_count, skinny_launch
+
+    kernels = DecodeKernels(True)
+    rows = []
+    for name, n, k, norm, epilogue in gemv_shapes(model.config.gpt):
+        nbytes = n * k * torch.finfo(dtype).bits // 8
+        copies = max(2, min(64, -(-(200 << 20) // nbytes)))
+        ws = [torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5 for _ in range(copies)]
+        for batch in batches:
+            x = torch.randn(batch, k, device=device, dtype=dtype)
+            out = torch.zeros(batch, n, device=device, dtype=torch.float32 if epilogue == "softcap" else dtype)
+
+            def cublas():
+                for w in ws:
+                    F.linear(x, w)
+
+            def fused(launch):
+                def fn():
+                    for w in ws:
+                        kernels.skinny_linear(x, w, norm, epilogue, out, 15.0, launch)
+                return fn
+
+            t_cublas = graph_time(cublas, reps=5) / copies
+            default = skinny_launch(batch, n, k, _sm_count(device))
+            t_default = graph_time(fused(default), reps=5) / copies
+            best = (t_default, default)
+            for launch in GEMV_LAUNCHES:
+                if launch[0] * _next_pow2(k) > 32768 or launch[0] * _next_pow2(k) < 8 * 32 * launch[1]:
+                    continue  # too many registers, or fewer elements than threads
+                t = graph_time(fused(launch), reps=5) / copies
+                best = min(best, (t, launch))
+            tbs = lambda t: f"{t * 1e6:.1f} ({nbytes / t / 1e12:.2f})"  # noqa: E731
+            row = [name, f"{n} x {k}", batch, f"{nbytes / 1e6:.1f}", tbs(t_cublas), tbs(t_default),
+                   str(default), tbs(best[0]), str(best[1])]
+            print(row, flush=True)
+            rows.append(row)
+        del ws
+    return rows
 
 
 def _part(r: dict, name: str) -> str:
@@ -245,12 +369,15 @@ def main() -> None:
     p.add_argument("--prefix", type=int, default=912, help="prompt length: 903 vision slots + a short prompt")
     p.add_argument("--new", type=int, default=128, help="decode steps timed per batch size")
     p.add_argument("--eager", default="1,32", help="batch sizes also timed on the eager (non-graph) path")
+    p.add_argument("--cublas", default="1", help="skinny-path batch sizes also timed on the cuBLAS path")
+    p.add_argument("--gemv-sweep", default="", metavar="BATCHES",
+                   help="time each matrix product alone (cuBLAS vs skinny GEMV launches) at these batches, exit")
     p.add_argument("--check", action="store_true")
     p.add_argument("--sweep", default="", help="time attention launch settings; write the best to this file, exit")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.quick:
-        args.preset, args.batches, args.prefix, args.new, args.eager = "tiny", "1,4", 60, 12, "1"
+        args.preset, args.batches, args.prefix, args.new, args.eager = "tiny", "1,4,8", 60, 12, "1"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(args.preset, device, dtype, seed=args.seed).eval()
     eos = 1
@@ -264,30 +391,46 @@ def main() -> None:
                             "TB/s = KV bytes read / time; the defaults are the first row unless "
                             "NANO_OCR_DECODE_ATTN sets them"]), device, args, {"sweep": rows})
         return
+    if args.gemv_sweep:
+        rows = gemv_sweep(model, device, dtype, [int(b) for b in args.gemv_sweep.split(",")])
+        report(Table("Decode matrix products alone (bench/decode.py --gemv-sweep)",
+                     ["product", "N x K", "batch", "MB", "cuBLAS us (TB/s)", "skinny GEMV us (TB/s)", "launch",
+                      "best swept us (TB/s)", "best launch"], rows,
+                     ["each call reads its own copy of the weights (L2 cannot hold them); calls back to back "
+                      "in one CUDA graph; TB/s = weight bytes / time",
+                      "skinny GEMV = the fused kernel with its norm prologue / epilogue (it does more than "
+                      "cuBLAS's bare product); launch = (BLOCK_N, num_warps)"]), device, args, {"gemv": rows})
+        return
     notes = check(model, device, dtype, eos) if args.check else []
     rows, raw = [], []
-    runs = [(b, True) for b in map(int, args.batches.split(","))]
-    runs += [(b, False) for b in map(int, args.eager.split(","))] if args.eager else []
-    for batch, fast in runs:
+    import model.gpt as gpt_module
+
+    skinny_max = gpt_module.DECODE_GEMV["max_batch"]
+    runs = [(b, True, b <= skinny_max) for b in map(int, args.batches.split(","))]
+    runs += [(b, True, False) for b in map(int, args.cublas.split(",")) if b <= skinny_max] if args.cublas else []
+    runs += [(b, False, False) for b in map(int, args.eager.split(","))] if args.eager else []
+    for batch, fast, skinny in runs:
         free_memory(device)
+        gpt_module.DECODE_GEMV["max_batch"] = skinny_max if skinny else 0
         try:
             r = run_batch(model, device, dtype, batch, args.prefix, args.new, eos, fast, bw)
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            rows.append([batch, path_name(fast, device), "OOM"] + [""] * 11)
+            rows.append([batch, path_name(fast, device, skinny), "OOM"] + [""] * 11)
             continue
+        finally:
+            gpt_module.DECODE_GEMV["max_batch"] = skinny_max
         raw.append(r)
         print(r, flush=True)
-        rows.append([batch, path_name(fast, device), f"{r['ttft_ms']:.1f}", f"{r['step_ms']:.3f}",
+        rows.append([batch, path_name(fast, device, skinny), f"{r['ttft_ms']:.1f}", f"{r['step_ms']:.3f}",
                      f"{r['tok_s']:,.0f}", f"{r['roof_tok_s']:,.0f}", f"{100 * r['eff']:.0f}%",
                      f"{100 * r['weights_only_eff']:.0f}%", f"{r['bytes_per_step_gb']:.2f}",
                      f"{r['kv_used_gb']:.2f} / {r['kv_alloc_gb']:.2f}", f"{r['context']:.0f}",
                      _part(r, "attn"), _part(r, "gemm"),
                      f"{r['graph_step_ms']:.3f}" if "graph_step_ms" in r else ""])
-    import model.gpt as gpt_module
-
-    notes += [f"decode attention launch settings {gpt_module.DECODE_ATTENTION}"]
+    notes += [f"decode attention launch settings {gpt_module.DECODE_ATTENTION}; skinny GEMV up to batch "
+              f"{skinny_max}"]
     notes += [f"model: {args.preset} preset GPT ({model.config.gpt.n_layer} layers, width {model.config.gpt.n_embd}), "
               f"{str(dtype).replace('torch.', '')} weights and KV cache, random weights; prefix {args.prefix}-{args.prefix + 6} "
               f"tokens of vision-like embeddings; {args.new} decode steps per batch (3 warm-up)",
@@ -295,8 +438,8 @@ def main() -> None:
               f"{bw / 1e12:.2f} TB/s; 'of roofline' = roofline step time / measured step time; "
               f"'weights-only' counts the weights alone (the batch-1 target's definition)",
               "TTFT = prefill of the whole batch + first token on the host",
-              "parts (CUDA graphs of one kind of work, all layers): attention = the split-K decode kernels over "
-              "each row's KV; matmuls = every weight matrix at this batch; graph replay = one whole step without "
+              "parts (CUDA graphs of one kind of work, all layers): attention = RoPE + cache write + the split-K "
+              "decode kernels over each row's KV; matmuls = every weight matrix at this batch; graph replay = one whole step without "
               "the host's token handling; TB/s = bytes that part must read / its time"]
     table = Table("GPT decode (bench/decode.py)",
                   ["batch", "path", "TTFT ms", "step ms", "tokens/s", "roofline tokens/s", "of roofline",

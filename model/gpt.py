@@ -20,7 +20,10 @@ Fast paths on CUDA (CPU results are unchanged; the CPU always takes the plain SD
   (the cache rows hold nothing older), instead of a masked pass over the whole cache;
 - decoding: :class:`GraphedDecoder` runs one token for every cache row in a single CUDA-graph
   replay, with fused Triton kernels (RoPE + QK-norm + cache write; split-K flash decoding that
-  reads only each row's own valid keys; residual add + RMSNorm; ReLU^2). Its rotary and
+  reads only each row's own valid keys; residual add + RMSNorm; ReLU^2; at batch 1 a skinny
+  GEMV with the norm, ReLU^2, residual add or logit softcap fused in, and RoPE, cache write,
+  attention and merge in one launch; launches overlap through programmatic dependent launch on
+  Hopper). Its rotary and
   attention arithmetic is fp32, so in bf16 it rounds differently from the eager path (greedy
   tokens agree except at near-ties).
 """
@@ -416,12 +419,38 @@ def relu_square_ref(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x).square()
 
 
+EPILOGUES = ("none", "relu2", "residual", "softcap")
+
+
+def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, norm_input: bool = False, epilogue: str = "none",
+                      out: torch.Tensor | None = None, cap: float = 0.0) -> torch.Tensor:
+    """``epilogue(F.linear(rms_norm(x) if norm_input else x, w))``, the eager way.
+
+    Epilogues: ``relu2`` squares the ReLU; ``residual`` adds the product into ``out`` in place
+    (the residual stream); ``softcap`` writes ``cap * tanh(y / cap)`` in fp32 into ``out``.
+    """
+    h = rms_norm(x) if norm_input else x
+    y = F.linear(h, w)
+    if epilogue == "relu2":
+        return relu_square_ref(y)
+    if epilogue == "residual":
+        return out.add_(y)
+    if epilogue == "softcap":
+        return out.copy_(cap * torch.tanh(y.float() / cap))
+    if epilogue != "none":
+        raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {EPILOGUES}")
+    return y
+
+
 if triton is not None:
 
     @triton.jit
     def _rope_norm_store_kernel(QKV, COS, SIN, POS, QOUT, KC, VC,
                                 s_qkv, s_qo_b, s_qo_h, s_c_b, s_c_h, s_c_t, eps,
-                                H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+                                H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # wait for the kernel before (whose outputs this reads), then let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         j = tl.program_id(1)  # q heads, then k heads, then v heads
         half = tl.arange(0, D // 2)
@@ -452,7 +481,10 @@ if triton is not None:
     def _decode_attn_split_kernel(Q, KC, VC, NKEYS, MOUT, LOUT, AOUT,
                                   s_q_b, s_q_h, s_c_b, s_c_h, s_c_t, scale_log2, n_split,
                                   H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                                  SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+                                  SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # wait for the kernel before (whose outputs this reads), then let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # flash decoding: program (b, h, s) reduces keys [s*SPLIT, min((s+1)*SPLIT, n_b)) to a
         # partial (max, sum, weighted values); splits past a row's length do no loads at all
         b = tl.program_id(0)
@@ -487,8 +519,136 @@ if triton is not None:
         tl.store(AOUT + o * D + d, acc)
 
     @triton.jit
+    def _kv_tile(KC, VC, kv, t, limit, s_c_t, i, HALF: tl.constexpr):
+        """Keys and values at positions ``t`` (< limit), as two halves of the head dimension."""
+        valid = t < limit
+        offs = kv + t[:, None] * s_c_t + i[None, :]
+        k1 = tl.load(KC + offs, mask=valid[:, None], other=0.0)
+        k2 = tl.load(KC + offs + HALF, mask=valid[:, None], other=0.0)
+        v1 = tl.load(VC + offs, mask=valid[:, None], other=0.0)
+        v2 = tl.load(VC + offs + HALF, mask=valid[:, None], other=0.0)
+        return valid, k1, k2, v1, v2
+
+    @triton.jit
+    def _attend(q1, q2, valid, k1, k2, v1, v2, m_i, l_i, acc1, acc2):
+        """One online-softmax update (log2 domain) with a tile of keys and values."""
+        scores = tl.sum(k1.to(tl.float32) * q1[None, :], 1) + tl.sum(k2.to(tl.float32) * q2[None, :], 1)
+        scores = tl.where(valid, scores, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 0))
+        p = tl.exp2(scores - m_new)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), 0)
+        acc2 = acc2 * alpha + tl.sum(p[:, None] * v2.to(tl.float32), 0)
+        return m_new, l_i, acc1, acc2
+
+    @triton.jit
+    def _rotate_norm(src, c, s, i, eps, HALF: tl.constexpr):
+        """RoPE (rotate-half) then RMSNorm of one head vector at ``src``, as two fp32 halves."""
+        x1 = tl.load(src + i).to(tl.float32)
+        x2 = tl.load(src + HALF + i).to(tl.float32)
+        o1 = x1 * c + x2 * s
+        o2 = x2 * c - x1 * s
+        r = 1.0 / tl.sqrt((tl.sum(o1 * o1, 0) + tl.sum(o2 * o2, 0)) / (2 * HALF) + eps)
+        return o1 * r, o2 * r
+
+    @triton.jit
+    def _rope_attn_split_kernel(QKV, COS, SIN, NKEYS, KC, VC, MOUT, LOUT, AOUT, COUNT, OUT,
+                                s_qkv, s_c_b, s_c_h, s_c_t, s_o_b, scale_log2, eps, n_split,
+                                H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
+                                BLOCK_N: tl.constexpr, NSPLIT_P2: tl.constexpr, PDL: tl.constexpr):
+        # _rope_norm_store_kernel and _decode_attn_split_kernel in one launch. Program (b, h, s)
+        # covers keys [s*SPLIT, min((s+1)*SPLIT, n_b)). Keys before the new position were written
+        # by earlier steps, so (PDL) the first tile of them is requested before waiting on the
+        # kernel that produced qkv. Each program rotates and norms its own query from qkv; the
+        # split that holds the new position does the same for the new key, attends to it
+        # directly and (one program per KV head) writes it and its value into the cache.
+        # Vectors are handled as two halves (RoPE's rotate-half pairs element i with i + D/2).
+        # The merge needs no launch of its own: the last split of (b, h) to finish (a ticket from
+        # an atomic counter, which it then resets for the next step) merges all splits into OUT.
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        GROUP: tl.constexpr = H // HKV
+        HALF: tl.constexpr = D // 2
+        n = tl.load(NKEYS + b)  # written at the start of the step, long before this kernel
+        pos = n - 1
+        start = sp * SPLIT
+        end = tl.minimum(start + SPLIT, n)
+        old_end = tl.minimum(end, pos)  # keys [start, old_end) come from earlier steps
+        i = tl.arange(0, HALF)
+        kvh = h // GROUP
+        kv = b * s_c_b + kvh * s_c_h
+        first = _kv_tile(KC, VC, kv, start + tl.arange(0, BLOCK_N), old_end, s_c_t, i, HALF)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        c = tl.load(COS + pos * HALF + i).to(tl.float32)
+        s = tl.load(SIN + pos * HALF + i).to(tl.float32)
+        q1, q2 = _rotate_norm(QKV + b * s_qkv + h * D, c, s, i, eps, HALF)
+        q1 = q1.to(KC.dtype.element_ty).to(tl.float32) * scale_log2  # rounded as a stored q is
+        q2 = q2.to(KC.dtype.element_ty).to(tl.float32) * scale_log2
+        m_i = tl.full([], -float("inf"), tl.float32)
+        l_i = tl.zeros([], tl.float32)
+        acc1 = tl.zeros([HALF], dtype=tl.float32)
+        acc2 = tl.zeros([HALF], dtype=tl.float32)
+        if start < old_end:
+            valid, k1, k2, v1, v2 = first
+            m_i, l_i, acc1, acc2 = _attend(q1, q2, valid, k1, k2, v1, v2, m_i, l_i, acc1, acc2)
+        for t0 in range(start + BLOCK_N, old_end, BLOCK_N):
+            valid, k1, k2, v1, v2 = _kv_tile(KC, VC, kv, t0 + tl.arange(0, BLOCK_N), old_end, s_c_t, i, HALF)
+            m_i, l_i, acc1, acc2 = _attend(q1, q2, valid, k1, k2, v1, v2, m_i, l_i, acc1, acc2)
+        if (pos >= start) & (pos < end):  # this split holds the new key
+            e1, e2 = _rotate_norm(QKV + b * s_qkv + (H + kvh) * D, c, s, i, eps, HALF)
+            kn1 = e1.to(KC.dtype.element_ty)
+            kn2 = e2.to(KC.dtype.element_ty)
+            vsrc = QKV + b * s_qkv + (H + HKV + kvh) * D
+            vn1 = tl.load(vsrc + i).to(VC.dtype.element_ty)
+            vn2 = tl.load(vsrc + HALF + i).to(VC.dtype.element_ty)
+            if h % GROUP == 0:
+                dst = kv + pos * s_c_t + i
+                tl.store(KC + dst, kn1)
+                tl.store(KC + dst + HALF, kn2)
+                tl.store(VC + dst, vn1)
+                tl.store(VC + dst + HALF, vn2)
+            score = tl.sum(kn1.to(tl.float32) * q1, 0) + tl.sum(kn2.to(tl.float32) * q2, 0)
+            m_new = tl.maximum(m_i, score)
+            p = tl.exp2(score - m_new)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + p
+            acc1 = acc1 * alpha + p * vn1.to(tl.float32)
+            acc2 = acc2 * alpha + p * vn2.to(tl.float32)
+            m_i = m_new
+        o = (b * H + h) * n_split + sp
+        tl.store(MOUT + o, m_i)
+        tl.store(LOUT + o, l_i)
+        tl.store(AOUT + o * D + i, acc1)
+        tl.store(AOUT + o * D + HALF + i, acc2)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        ticket = tl.atomic_add(COUNT + b * H + h, 1, sem="acq_rel")
+        if ticket == n_split - 1:
+            base = (b * H + h) * n_split
+            sps = tl.arange(0, NSPLIT_P2)
+            ok = sps < n_split
+            m = tl.load(MOUT + base + sps, mask=ok, other=-float("inf"), cache_modifier=".cg")
+            lw = tl.load(LOUT + base + sps, mask=ok, other=0.0, cache_modifier=".cg")
+            w = tl.exp2(m - tl.max(m, 0))  # split 0 always holds key 0, so the max is finite
+            a1 = tl.load(AOUT + (base + sps)[:, None] * D + i[None, :], mask=ok[:, None], other=0.0,
+                         cache_modifier=".cg")
+            a2 = tl.load(AOUT + (base + sps)[:, None] * D + HALF + i[None, :], mask=ok[:, None], other=0.0,
+                         cache_modifier=".cg")
+            denom = tl.sum(lw * w, 0)
+            dst = OUT + b * s_o_b + h * D + i
+            tl.store(dst, (tl.sum(a1 * w[:, None], 0) / denom).to(OUT.dtype.element_ty))
+            tl.store(dst + HALF, (tl.sum(a2 * w[:, None], 0) / denom).to(OUT.dtype.element_ty))
+            tl.atomic_xchg(COUNT + b * H + h, 0)
+
+    @triton.jit
     def _decode_attn_merge_kernel(MOUT, LOUT, AOUT, OUT, s_o_b, n_split,
-                                  H: tl.constexpr, D: tl.constexpr, NSPLIT_P2: tl.constexpr):
+                                  H: tl.constexpr, D: tl.constexpr, NSPLIT_P2: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # wait for the kernel before (whose outputs this reads), then let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         bh = tl.program_id(0)
         sp = tl.arange(0, NSPLIT_P2)
         ok = sp < n_split
@@ -520,6 +680,44 @@ if triton is not None:
         x = tl.maximum(tl.load(X + i, mask=ok, other=0.0).to(tl.float32), 0.0)
         tl.store(X + i, (x * x).to(X.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _skinny_linear_kernel(X, W, Y, s_x, s_w, s_y, N, eps, cap,
+                              B: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                              NORM: tl.constexpr, EPILOGUE: tl.constexpr,
+                              BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        # y[b, n] = epilogue(sum_k x'[b, k] w[n, k]) for a few rows b. Each program holds BLOCK_N
+        # whole rows of W (K padded to the power of two KP) in registers: all of its loads go out
+        # at once, and they are issued before waiting on the previous kernel (PDL: the weights
+        # never change), so weight streaming overlaps the previous kernel's tail. Every row b then
+        # reuses the tile, so the weights are read once per step. x' is rms_norm(x) (NORM; each
+        # program recomputes the row norm, which is cheaper than a launch) rounded to x's dtype,
+        # as the eager path stores it. EPILOGUE: 0 store, 1 relu^2, 2 add into Y (the residual
+        # stream, in place), 3 cap * tanh(y / cap) in fp32 (the logit softcap).
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        k = tl.arange(0, KP)
+        k_ok = k < K
+        w = tl.load(W + n[:, None] * s_w + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        for b in tl.static_range(B):
+            x = tl.load(X + b * s_x + k, mask=k_ok, other=0.0)
+            if NORM:
+                xf = x.to(tl.float32)
+                x = (xf / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)).to(X.dtype.element_ty)
+            y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
+            y = y.to(W.dtype.element_ty).to(tl.float32)  # the product rounded, as a bf16 matmul returns it
+            if EPILOGUE == 1:
+                y = tl.maximum(y, 0.0)
+                y = y * y
+            elif EPILOGUE == 2:
+                y = tl.load(Y + b * s_y + n, mask=n_ok, other=0.0).to(tl.float32) + y
+            elif EPILOGUE == 3:
+                z = tl.exp(2.0 * y / cap)  # tanh(y / cap) = 1 - 2 / (exp(2 y / cap) + 1), exact at +-inf
+                y = cap * (1.0 - 2.0 / (z + 1.0))
+            tl.store(Y + b * s_y + n, y.to(Y.dtype.element_ty), mask=n_ok)
+
 
 def _attention_config() -> dict[str, int]:
     """Split-K decode attention launch settings; ``NANO_OCR_DECODE_ATTN=block_n,num_warps,max_split``
@@ -533,6 +731,46 @@ def _attention_config() -> dict[str, int]:
 
 DECODE_ATTENTION = _attention_config()
 
+# Decoding a single row reads every weight matrix once per token for one vector: cuBLAS's GEMV
+# runs these 3-13 MB matrices well below copy bandwidth and leaves the norms, activations and
+# residual adds to separate launches. Up to ``max_batch`` cache rows (1: at 2 and 4 rows the
+# whole-row tiles spill and cuBLAS is faster) the decoder uses the fused skinny GEMV instead.
+# ``NANO_OCR_DECODE_GEMV=max_batch`` overrides (0 turns it off); ``NANO_OCR_DECODE_PDL=0`` turns
+# programmatic dependent launch off for every decode kernel.
+DECODE_GEMV = {"max_batch": int(os.environ.get("NANO_OCR_DECODE_GEMV", "1")),
+               "pdl": os.environ.get("NANO_OCR_DECODE_PDL", "1") != "0"}
+
+
+# (N, K) -> (BLOCK_N, num_warps): the full preset's decode products, the best of
+# `bench/decode.py --gemv-sweep 1` on an H200 (one weight read per call, calls back to back).
+SKINNY_TUNED = {(3840, 1280): (8, 2), (1280, 1280): (16, 8), (5120, 1280): (16, 2), (1280, 5120): (4, 8),
+                (65536, 1280): (4, 2)}
+
+
+def skinny_launch(batch: int, n: int, k: int, sm_count: int = 132) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for the skinny GEMV: the tuned entry for this shape, else a program
+    holds BLOCK_N whole weight rows, 16384 elements (many loads in flight per thread), with at
+    least ~2 programs per SM."""
+    if (n, k) in SKINNY_TUNED:
+        return SKINNY_TUNED[(n, k)]
+    kp = _next_pow2(k)
+    block_n = 16
+    while block_n > 1 and (block_n * kp > 16384 or -(-n // block_n) < 2 * sm_count):
+        block_n //= 2
+    return block_n, 2 if block_n * kp <= 16384 else 8
+
+
+def _pdl_launch(pdl: bool) -> dict[str, bool]:
+    """Triton launch options for programmatic dependent launch (none when off, for Tritons
+    that predate the option)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors (an H100's 132 where there is no GPU: Triton's interpreter)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
 
 def _norm_eps(dtype: torch.dtype) -> float:
     """The eps F.rms_norm uses when given none: the input dtype's machine epsilon."""
@@ -542,10 +780,13 @@ def _norm_eps(dtype: torch.dtype) -> float:
 class DecodeKernels:
     """The decode step's fused ops: Triton kernels, or their torch references (``use_triton=False``)."""
 
-    def __init__(self, use_triton: bool) -> None:
+    def __init__(self, use_triton: bool, pdl: bool | None = None) -> None:
         if use_triton and triton is None:
             raise RuntimeError("Triton is not installed; use the torch reference ops")
         self.use_triton = use_triton
+        # programmatic dependent launch: Hopper and newer (a kernel's prologue overlaps the last one's tail)
+        self.pdl = (use_triton and DECODE_GEMV["pdl"] and torch.cuda.is_available()
+                    and torch.cuda.get_device_capability()[0] >= 9) if pdl is None else pdl
 
     def rope_norm_store(self, qkv, cos, sin, pos, k_cache, v_cache, n_head):
         if not self.use_triton:
@@ -556,7 +797,7 @@ class DecodeKernels:
         _rope_norm_store_kernel[(B, n_head + 2 * n_kv)](
             qkv, cos, sin, pos, q, k_cache, v_cache, qkv.stride(0), q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), _norm_eps(qkv.dtype),
-            H=n_head, HKV=n_kv, D=D, num_warps=1)
+            H=n_head, HKV=n_kv, D=D, PDL=self.pdl, num_warps=1, **_pdl_launch(self.pdl))
         return q
 
     @staticmethod
@@ -576,22 +817,50 @@ class DecodeKernels:
         n_split = -(-L // split)
         if scratch is None:
             scratch = self.attention_scratch(B, H, D, L, q.device)
-        m, lsum, acc = scratch
+        m, lsum, acc = scratch[:3]
         _decode_attn_split_kernel[(B, H, n_split)](
             q, k_cache, v_cache, n_keys, m, lsum, acc, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D ** -0.5 * 1.4426950408889634, n_split,
             H=H, GROUP=H // k_cache.shape[1], D=D, SPLIT=split, BLOCK_N=DECODE_ATTENTION["block_n"],
-            num_warps=DECODE_ATTENTION["num_warps"])
+            PDL=self.pdl, num_warps=DECODE_ATTENTION["num_warps"], **_pdl_launch(self.pdl))
         out = torch.empty(B, H * D, device=q.device, dtype=q.dtype)
         _decode_attn_merge_kernel[(B * H,)](m, lsum, acc, out, out.stride(0), n_split,
-                                            H=H, D=D, NSPLIT_P2=_next_pow2(n_split), num_warps=4)
+                                            H=H, D=D, NSPLIT_P2=_next_pow2(n_split), PDL=self.pdl, num_warps=4,
+                                            **_pdl_launch(self.pdl))
+        return out
+
+    def rope_attention(self, qkv, cos, sin, n_keys, k_cache, v_cache, n_head, scratch=None, fuse=False):
+        """rope_norm_store at position ``n_keys - 1`` then decode_attention, [B, H*D]. ``fuse``
+        (Triton): RoPE, cache write, split-K attention and the merge in one launch, which pays
+        for a single row (it recomputes each query per split and serialises the merge behind
+        the last split: on an H200 the separate launches were faster at batch 4 and 128)."""
+        if not (self.use_triton and fuse):
+            q = self.rope_norm_store(qkv, cos, sin, n_keys - 1, k_cache, v_cache, n_head)
+            return self.decode_attention(q, k_cache, v_cache, n_keys, scratch)
+        B = qkv.shape[0]
+        n_kv, L, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+        split = self.split_size(B, n_head, L)
+        n_split = -(-L // split)
+        if scratch is None:
+            scratch = self.attention_scratch(B, n_head, D, L, qkv.device)
+        m, lsum, acc, count = scratch
+        out = torch.empty(B, n_head * D, device=qkv.device, dtype=qkv.dtype)
+        _rope_attn_split_kernel[(B, n_head, n_split)](
+            qkv, cos, sin, n_keys, k_cache, v_cache, m, lsum, acc, count, out, qkv.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), D ** -0.5 * 1.4426950408889634,
+            _norm_eps(qkv.dtype), n_split, H=n_head, HKV=n_kv, D=D, SPLIT=split,
+            BLOCK_N=DECODE_ATTENTION["block_n"], NSPLIT_P2=_next_pow2(n_split), PDL=self.pdl,
+            num_warps=DECODE_ATTENTION["num_warps"], **_pdl_launch(self.pdl))
         return out
 
     def attention_scratch(self, B: int, H: int, D: int, L: int, device) -> tuple[torch.Tensor, ...]:
+        """Split-K partials (max, sum, weighted values) and, for the fused kernel, the per-(row,
+        head) counters that pick the split which merges (zero between launches)."""
         n_split = -(-L // self.split_size(B, H, L))
         return (torch.empty(B * H * n_split, device=device, dtype=torch.float32),
                 torch.empty(B * H * n_split, device=device, dtype=torch.float32),
-                torch.empty(B * H * n_split * D, device=device, dtype=torch.float32))
+                torch.empty(B * H * n_split * D, device=device, dtype=torch.float32),
+                torch.zeros(B * H, device=device, dtype=torch.int32))
 
     def add_rms_norm(self, x, y):
         if not self.use_triton:
@@ -601,6 +870,25 @@ class DecodeKernels:
         _add_rms_norm_kernel[(B,)](x, y, h, x.stride(0), y.stride(0), h.stride(0), _norm_eps(x.dtype),
                                    C=C, BLOCK=_next_pow2(C), num_warps=4)
         return x, h
+
+    def skinny_linear(self, x, w, norm_input=False, epilogue="none", out=None, cap=0.0, launch=None, pdl=None):
+        """See :func:`skinny_linear_ref`; on Triton one fused kernel. ``launch`` = (BLOCK_N,
+        num_warps) overrides :func:`skinny_launch` (benchmark sweeps)."""
+        if not self.use_triton:
+            return skinny_linear_ref(x, w, norm_input, epilogue, out, cap)
+        B, K = x.shape
+        N = w.shape[0]
+        if epilogue in ("residual", "softcap"):
+            y = out
+        else:
+            y = torch.empty(B, N, device=x.device, dtype=x.dtype)
+        block_n, warps = launch or skinny_launch(B, N, K, _sm_count(x.device))
+        pdl = self.pdl if pdl is None else pdl
+        _skinny_linear_kernel[(triton.cdiv(N, block_n),)](
+            x, w, y, x.stride(0), w.stride(0), y.stride(0), N, _norm_eps(x.dtype), float(cap),
+            B=B, K=K, KP=_next_pow2(K), NORM=norm_input, EPILOGUE=EPILOGUES.index(epilogue),
+            BLOCK_N=block_n, PDL=pdl, num_warps=warps, **_pdl_launch(pdl))
+        return y
 
     def relu_square(self, x):
         if not self.use_triton:
@@ -621,11 +909,12 @@ class GraphedDecoder:
     step. Nothing in it synchronises with the host. On CUDA it is captured once as a CUDA graph
     (at construction, so every row must be idle then) and replayed; with ``use_triton`` the
     elementwise work runs as fused Triton kernels, else as the torch references, which is how
-    the CPU runs it.
+    the CPU runs it. ``skinny`` (default: at most ``DECODE_GEMV["max_batch"]`` rows) multiplies
+    by the weights through the fused small-batch GEMV instead of cuBLAS.
     """
 
     def __init__(self, gpt: "GPT", cache: KVCache, use_graph: bool | None = None,
-                 use_triton: bool | None = None) -> None:
+                 use_triton: bool | None = None, skinny: bool | None = None) -> None:
         device = cache.k.device
         cuda = device.type == "cuda"
         self.gpt = gpt
@@ -634,6 +923,7 @@ class GraphedDecoder:
         self.use_graph = cuda if use_graph is None else use_graph
         cfg = gpt.config
         B, dtype = cache.batch_size, cache.k.dtype
+        self.skinny = B <= DECODE_GEMV["max_batch"] if skinny is None else skinny
         weight = lambda w: w.detach().to(dtype)  # noqa: E731
         self.layers = []
         for block in gpt.transformer.h:
@@ -653,14 +943,7 @@ class GraphedDecoder:
         self.greedy = torch.zeros(B, dtype=torch.long, device=device)
         self.graph = None
         if self.use_graph:
-            try:
-                self._capture()
-            except Exception as exc:  # a Triton build problem must not take decoding down
-                if not self.kernels.use_triton:
-                    raise
-                warnings.warn(f"Triton decode kernels failed ({type(exc).__name__}: {exc}); using torch ops")
-                self.kernels, self.scratch = DecodeKernels(False), None
-                self._capture()
+            self._capture_with_fallbacks()
 
     def weight_bytes(self) -> int:
         """Bytes of weights one step reads (every matrix once; the embedding rows are negligible)."""
@@ -671,22 +954,48 @@ class GraphedDecoder:
         k = self.kernels
         cache, n_head = self.cache, self.n_head
         active = self.active.long()
-        pos = self.lengths * active  # idle rows: a dummy token at position 0
-        n_keys = pos + 1
+        n_keys = self.lengths * active + 1  # the new token's position + 1 (idle rows: a dummy at 0)
         x = F.embedding(self.tokens, self.wte)
         x = rms_norm(x)
-        h = rms_norm(x)
-        for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(self.layers):
-            kc, vc = cache.k[i], cache.v[i]
-            q = k.rope_norm_store(F.linear(h, w_qkv), self.cos, self.sin, pos, kc, vc, n_head)
-            y = k.decode_attention(q, kc, vc, n_keys, self.scratch)
-            x, h = k.add_rms_norm(x, F.linear(y, w_o))
-            x, h = k.add_rms_norm(x, F.linear(k.relu_square(F.linear(h, w_fc)), w_proj))
         cap = self.gpt.config.logit_softcap
-        self.logits.copy_(cap * torch.tanh(F.linear(h, self.lm_head).float() / cap))
+        if self.skinny:  # one row: norms, activations, residual adds and the attention merge fused in
+            for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(self.layers):
+                kc, vc = cache.k[i], cache.v[i]
+                qkv = k.skinny_linear(x, w_qkv, norm_input=True)
+                y = k.rope_attention(qkv, self.cos, self.sin, n_keys, kc, vc, n_head, self.scratch, fuse=True)
+                k.skinny_linear(y, w_o, epilogue="residual", out=x)
+                m = k.skinny_linear(x, w_fc, norm_input=True, epilogue="relu2")
+                k.skinny_linear(m, w_proj, epilogue="residual", out=x)
+            k.skinny_linear(x, self.lm_head, norm_input=True, epilogue="softcap", out=self.logits, cap=cap)
+        else:
+            h = rms_norm(x)
+            for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(self.layers):
+                kc, vc = cache.k[i], cache.v[i]
+                y = k.rope_attention(F.linear(h, w_qkv), self.cos, self.sin, n_keys, kc, vc, n_head, self.scratch)
+                x, h = k.add_rms_norm(x, F.linear(y, w_o))
+                x, h = k.add_rms_norm(x, F.linear(k.relu_square(F.linear(h, w_fc)), w_proj))
+            self.logits.copy_(cap * torch.tanh(F.linear(h, self.lm_head).float() / cap))
         torch.argmax(self.logits, dim=-1, out=self.greedy)
         self.tokens.copy_(self.greedy)
         self.lengths.add_(active)
+
+    def _capture_with_fallbacks(self) -> None:
+        """Capture with the fastest kernels that work here: Triton with programmatic dependent
+        launch, Triton without it, then the torch ops (a build problem must not stop decoding)."""
+        while True:
+            try:
+                return self._capture()
+            except Exception as exc:
+                if not self.kernels.use_triton:
+                    raise
+                self.graph = None
+                if self.kernels.pdl:
+                    warnings.warn(f"decode kernels with programmatic dependent launch failed "
+                                  f"({type(exc).__name__}: {exc}); capturing without it")
+                    self.kernels = DecodeKernels(True, pdl=False)
+                else:
+                    warnings.warn(f"Triton decode kernels failed ({type(exc).__name__}: {exc}); using torch ops")
+                    self.kernels, self.scratch = DecodeKernels(False), None
 
     @torch.no_grad()
     def _capture(self) -> None:

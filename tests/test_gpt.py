@@ -86,3 +86,58 @@ def test_logits_are_softcapped():
     with torch.no_grad():
         model.lm_head.weight.mul_(1000)
     assert model(torch.randint(0, 97, (1, 4))).abs().max() <= 15.0
+
+
+def test_decoder_step_matches_eager_decode_in_both_matmul_layouts():
+    """GraphedDecoder's ops (torch references on the CPU) reproduce GPT.forward's decode step,
+    through the cuBLAS-style layout and the fused skinny-GEMV layout, for rows of different
+    lengths and an idle row (which must not advance)."""
+    import copy
+
+    from model.gpt import GraphedDecoder
+
+    model = _tiny_gpt(n_kv_head=2)
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 4))
+    padded = torch.zeros(3, 9, dtype=torch.long)
+    padded[0], padded[1, :4] = a[0], b[0]
+    nxt = torch.tensor([5, 7, 0])
+    for skinny in (False, True):
+        cache = KVCache(model.config, batch_size=3, max_len=16)
+        with torch.no_grad():
+            model(padded, kv_cache=cache, logits_rows=torch.tensor([8, 3, 0]))
+        cache.lengths.copy_(torch.tensor([9, 4, 0]))
+        eager_cache = copy.deepcopy(cache)
+        with torch.no_grad():
+            want = model(nxt[:2, None], kv_cache=eager_cache, cache_rows=torch.tensor([0, 1]))[:, 0]
+        dec = GraphedDecoder(model, cache, use_graph=False, use_triton=False, skinny=skinny)
+        assert dec.skinny is skinny
+        dec.tokens.copy_(nxt)
+        dec.active.copy_(torch.tensor([True, True, False]))
+        dec.step()
+        assert torch.allclose(dec.logits[:2], want, atol=1e-5), (dec.logits[:2] - want).abs().max()
+        assert dec.greedy[:2].tolist() == want.argmax(-1).tolist()
+        assert cache.lengths.tolist() == [10, 5, 0]
+        # the keys/values written at the new positions are the eager path's
+        for rows, length in (([0], 10), ([1], 5)):
+            assert torch.allclose(cache.k[:, rows, :, :length], eager_cache.k[:, rows, :, :length], atol=1e-5)
+            assert torch.allclose(cache.v[:, rows, :, :length], eager_cache.v[:, rows, :, :length], atol=1e-5)
+
+
+def test_skinny_linear_reference_epilogues_and_errors():
+    import pytest
+
+    from model.gpt import rms_norm, skinny_linear_ref
+
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 8), torch.randn(5, 8)
+    assert torch.allclose(skinny_linear_ref(x, w, norm_input=True), rms_norm(x) @ w.T)
+    assert torch.allclose(skinny_linear_ref(x, w, epilogue="relu2"), torch.relu(x @ w.T) ** 2)
+    res = torch.randn(2, 5)
+    out = res.clone()
+    assert skinny_linear_ref(x, w, epilogue="residual", out=out) is out
+    assert torch.allclose(out, res + x @ w.T)
+    logits = torch.empty(2, 5)
+    skinny_linear_ref(x, w, epilogue="softcap", out=logits, cap=3.0)
+    assert torch.allclose(logits, 3.0 * torch.tanh(x @ w.T / 3.0)) and logits.abs().max() < 3.0
+    with pytest.raises(ValueError, match="unknown epilogue"):
+        skinny_linear_ref(x, w, epilogue="gelu")
