@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--compile-vision", default="default", choices=("default", "on", "off", "both"),
+                        help="TrainConfig.compile_vision (default: off); both: off, then on")
     parser.add_argument("--out", default=None, help="work directory (default: a temp dir)")
     parser.add_argument("--results", default=str(REPO_ROOT / "bench" / "RESULTS.md"))
     args = parser.parse_args(argv)
@@ -92,22 +94,31 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.out or tempfile.mkdtemp(prefix="ndocr-gpu-"))
     init_ray()
     rows_out, t_synth, t_pre = prepare_data(work, args.preset, args.mode, args.pages, args.seq_len)
-    t0 = time.perf_counter()
-    run = train_run(work, args.preset, args.num_workers, args.steps, args.batch_size, args.seq_len, args.strategy)
-    t_train = time.perf_counter() - t0
-    tokens_per_s, mfu, loss, result = run["tokens_per_s"], run["mfu"], run["loss"], run["result"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     rows = [
         ("device", f"{args.num_workers} x {device}"),
         ("preset / mode", f"{args.preset} / {args.mode} ({rows_out} rows)"),
         ("seq_len x batch", f"{args.seq_len} x {args.batch_size} per worker, {args.strategy}"),
         ("steps", str(args.steps)),
-        ("tokens/s (median, 2nd half)", f"{tokens_per_s:,.0f}"),
-        ("step time (s)", f"{args.batch_size * args.seq_len * args.num_workers / tokens_per_s:.3f}"),
-        ("MFU (GPT FLOPs only)", f"{statistics.median(mfu[len(mfu) // 2:]) * 100:.1f}%" if mfu else "n/a"),
-        ("loss first -> last", f"{loss[0]:.3f} -> {loss[-1]:.3f}" if loss else "n/a"),
-        ("synth / preprocess / train (s)", f"{t_synth:.0f} / {t_pre:.0f} / {t_train:.0f}"),
     ]
+    settings = {"default": [None], "on": [True], "off": [False], "both": [False, True]}[args.compile_vision]
+    for compile_vision in settings:
+        tag = {None: "default", True: "compiled", False: "eager"}[compile_vision]
+        label = "" if compile_vision is None else f", vision {tag}"
+        t0 = time.perf_counter()
+        run = train_run(work, args.preset, args.num_workers, args.steps, args.batch_size, args.seq_len,
+                        args.strategy, run_name=f"gpu-{args.preset}-{args.num_workers}-vision-{tag}",
+                        **({} if compile_vision is None else {"compile_vision": compile_vision}))
+        t_train = time.perf_counter() - t0
+        tokens_per_s, mfu, loss, result = run["tokens_per_s"], run["mfu"], run["loss"], run["result"]
+        rows += [
+            (f"tokens/s (median, 2nd half){label}", f"{tokens_per_s:,.0f}"),
+            (f"step time (s){label}", f"{args.batch_size * args.seq_len * args.num_workers / tokens_per_s:.3f}"),
+            (f"MFU (GPT FLOPs only){label}",
+             f"{statistics.median(mfu[len(mfu) // 2:]) * 100:.1f}%" if mfu else "n/a"),
+            (f"loss first -> last{label}", f"{loss[0]:.3f} -> {loss[-1]:.3f}" if loss else "n/a"),
+            (f"synth / preprocess / train (s){label}", f"{t_synth:.0f} / {t_pre:.0f} / {t_train:.0f}"),
+        ]
     table = "\n".join(["| quantity | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]])
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"\n## Ray Train stage 1 on GPU (bench/ray_train_gpu.py) — {device}, torch {torch.__version__}, "

@@ -72,7 +72,7 @@ def segment_lengths(batch) -> list[int]:
 
 
 def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args, dense: bool = False,
-        sam_bias: bool = False, compile_chunk: int = 0) -> dict:
+        sam_bias: bool = False, compile_chunk: int | None = None) -> dict:
     import model.gpt as gpt_module
     from model.sam import SAMAttention
 
@@ -89,11 +89,12 @@ def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, a
         gpt_module._VARLEN, SAMAttention.forward = saved, saved_fwd
 
 
-def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args, compile_chunk: int = 0) -> dict:
+def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args,
+         compile_chunk: int | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     model = build_model(preset, device, seed=args.seed, image_token_id=IMAGE_ID)  # fp32 master weights
-    if compile_chunk:
-        model.compile_vision(compile_chunk)  # the engine's static chunks of views, for training
+    if compile_chunk is not None:
+        model.compile_vision(compile_chunk)  # chunks of views (0: one call per view size, dynamic count)
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)  # bypassed, as in the trainer
     model.train()
     opt = build_optimizer(model, "adamw", lr=1e-4)  # fused on CUDA
@@ -115,6 +116,7 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
         return float(loss.detach())  # the trainer's one host read per step
 
     losses = [step() for _ in range(warmup)]
+    phases = breakdown(model, batch, opt, params, autocast, device) if args.breakdown else {}
     if args.profile and device.type == "cuda":
         from encoder import top_kernels
 
@@ -138,7 +140,61 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
     del model, opt, batch
     return dict(preset=preset, rows=rows, seq=seq_len, tokens=tokens, pages=pages, step_s=step_s,
                 tok_s=tokens / step_s, flops=vision + gpt, vision_flops=vision, gpt_flops=gpt,
-                achieved=(vision + gpt) / step_s, peak_gib=mem, loss=losses[-1])
+                achieved=(vision + gpt) / step_s, peak_gib=mem, loss=losses[-1], **phases)
+
+
+def _cuda_ms(fn, device, repeat: int = 3) -> float:
+    """Median milliseconds of ``fn`` (synchronised around each call)."""
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def breakdown(model, batch, opt, params, autocast, device) -> dict:
+    """Milliseconds of each part of a step, run alone: vision towers forward+backward (SAM alone
+    too), the GPT forward+backward on the same packed rows, and clip + optimizer step."""
+    from model.vlm import normalize
+
+    def vision():
+        with autocast:
+            embeds = model.encode_images(batch.images)
+        sum(e.float().square().mean() for e in embeds).backward()
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    views = [normalize(torch.cat([im.global_view[None] for im in batch.images]).to(device), dtype)]
+    tiles = [im.tiles for im in batch.images if im.tiles.shape[0]]
+    views += [normalize(torch.cat(tiles).to(device), dtype)] if tiles else []
+
+    def sam():
+        with autocast:
+            out = [model.sam_model(v) for v in views]
+        sum(o.float().square().mean() for o in out).backward()
+
+    embeds = torch.randn(*batch.input_ids.shape, model.config.gpt.n_embd, device=device)
+
+    def gpt():
+        with autocast:
+            loss = model.gpt(targets=batch.targets, inputs_embeds=embeds, positions=batch.positions,
+                             segment_ids=batch.segment_ids, loss_reduction="sum")
+        (loss / max(1, batch.n_target_tokens)).backward()
+
+    def optimizer():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    out = {}
+    for name, fn in (("vision_ms", vision), ("sam_ms", sam), ("gpt_ms", gpt)):
+        out[name] = _cuda_ms(fn, device)
+        if name == "gpt_ms":
+            out["optimizer_ms"] = _cuda_ms(optimizer, device)  # the gradients exist now
+        opt.zero_grad(set_to_none=True)
+    print(f"step parts (ms, each alone): {out}", flush=True)
+    return out
 
 
 def check_varlen(device) -> str:
@@ -191,9 +247,12 @@ def main() -> None:
     p.add_argument("--dense-baseline", default="full", help="presets also timed with the dense-mask attention")
     p.add_argument("--sam-bias", default="", help="presets also timed with SAM's old dense-bias attention")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the step's parts alone: vision (and SAM) fwd+bwd, GPT fwd+bwd, optimizer")
     p.add_argument("--compile-vision", default="", metavar="PRESETS",
                    help="presets also timed with the vision towers compiled in static chunks of views")
-    p.add_argument("--compile-chunk", type=int, default=4, help="views per compiled vision chunk")
+    p.add_argument("--compile-chunk", type=int, default=0,
+                   help="views per compiled vision chunk (0: one call per view size, the view count dynamic)")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.quick:
@@ -212,14 +271,16 @@ def main() -> None:
     for name, n_rows, variant in jobs:
         dense = variant == "dense"
         label = {"dense": "dense mask", "sambias": fast_label + ", SAM dense-bias attention",
-                 "compiled": f"{fast_label}, vision compiled (chunks of {args.compile_chunk})"}.get(variant, fast_label)
+                 "compiled": f"{fast_label}, vision compiled "
+                             + (f"(chunks of {args.compile_chunk})" if args.compile_chunk else "(dynamic view count)"),
+                 }.get(variant, fast_label)
         r = None
         while r is None and n_rows >= 1:
             free_memory(device)
             try:
                 r = run(name, n_rows, args.seq, args.steps, args.warmup, device, args, dense=dense,
                         sam_bias=variant == "sambias",
-                        compile_chunk=args.compile_chunk if variant == "compiled" else 0)
+                        compile_chunk=args.compile_chunk if variant == "compiled" else None)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
@@ -236,6 +297,11 @@ def main() -> None:
                      f"{r['step_s'] * 1e3:.0f}", f"{r['tok_s']:,.0f}", f"{r['pages'] / r['step_s']:.1f}",
                      f"{r['flops'] / 1e12:.1f} ({100 * r['vision_flops'] / r['flops']:.0f}% vision)",
                      f"{r['achieved'] / 1e12:.0f}", mfu, mfu_measured, f"{r['peak_gib']:.1f}"])
+        if "vision_ms" in r:
+            notes.append(f"{name} ({label}), parts run alone: vision towers fwd+bwd {r['vision_ms']:.0f} ms "
+                         f"({r['vision_flops'] / r['vision_ms'] / 1e9:.0f} TFLOP/s; SAM alone {r['sam_ms']:.0f} ms), "
+                         f"GPT fwd+bwd {r['gpt_ms']:.0f} ms ({r['gpt_flops'] / r['gpt_ms'] / 1e9:.0f} TFLOP/s), "
+                         f"clip + optimizer {r['optimizer_ms']:.0f} ms; step {r['step_s'] * 1e3:.0f} ms")
     notes += [f"packed rows: 2 A4 Gundam pages (903 slots + 8 prompt + 1000 response tokens each) + a text sample; "
               f"fp32 weights, bf16 autocast, fused AdamW, grad clipping; {args.steps} timed steps after {args.warmup}",
               f"MFU against the datasheet dense bf16 peak ({peak / 1e12:.0f} TFLOP/s)" if peak else "MFU: no datasheet peak",

@@ -61,6 +61,14 @@ class ImageViews:
         return ImageViews(self.global_view.pin_memory(), self.tiles.pin_memory(), self.spatial_crop)
 
 
+def _views_dynamic_only():
+    """While the compiled towers trace: only dimensions marked dynamic (the view count) are;
+    a new view size compiles a new static graph instead of making height and width symbolic."""
+    from torch import _dynamo
+
+    return _dynamo.config.patch(automatic_dynamic_shapes=False)
+
+
 def normalize(views_u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NCHW -> float with mean = std = 0.5 (DeepSeek-OCR's normalisation)."""
     return views_u8.to(dtype).div(127.5).sub(1.0)
@@ -101,6 +109,7 @@ class NanoDeepseekOCR(nn.Module):
         self.view_seperator = nn.Parameter(torch.randn(config.gpt.n_embd) * std)
         self.gpt = GPT(config.gpt)
         self.view_chunk = 0  # > 0: views go through the towers in chunks of exactly this many (see compile_vision)
+        self.dynamic_views = False  # compiled towers with the view count as a dynamic dimension
 
     # ----------------------------------------------------------------- setup
     @torch.no_grad()
@@ -131,19 +140,23 @@ class NanoDeepseekOCR(nn.Module):
         }
 
     def compile_vision(self, chunk: int = 8) -> None:
-        """``torch.compile`` SAM and CLIP (about 2x faster on an H100) with static shapes.
+        """``torch.compile`` SAM and CLIP (about 2x faster on an H100).
 
-        Why chunks: a compiled graph is specialised to its input shape, and the number of views
-        in a call varies (pages, tiles per page). Views are fed in chunks of exactly ``chunk``,
-        the last one padded with blank views, so each view size compiles once instead of once
-        per batch size. Views are encoded independently, so padding changes no result.
+        A compiled graph is specialised to its input shape, and the number of views in a call
+        varies (pages, tiles per page). ``chunk > 0`` (inference): views are fed in chunks of
+        exactly ``chunk``, the last one padded with blank views, so each view size compiles once
+        with fully static shapes. ``chunk == 0`` (training, where a step's views go through in
+        one call per view size and backward must see them together): the view count is a
+        dynamic dimension instead, so each view size compiles once for any count. Views are
+        encoded independently, so neither changes a result.
         """
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if chunk < 0:
+            raise ValueError(f"chunk must be >= 0, got {chunk}")
         self.view_chunk = chunk
+        self.dynamic_views = chunk == 0
         for tower in (self.sam_model, self.vision_model):
             if not getattr(tower.forward, "_nano_compiled", False):
-                tower.forward = torch.compile(tower.forward, dynamic=False)
+                tower.forward = torch.compile(tower.forward, dynamic=None if chunk == 0 else False)
                 tower.forward._nano_compiled = True
 
     # ---------------------------------------------------------------- vision
@@ -162,8 +175,17 @@ class NanoDeepseekOCR(nn.Module):
         return torch.cat(out)
 
     def _encode_view_batch(self, views: torch.Tensor) -> torch.Tensor:
-        sam_features = self.sam_model(views)  # [N, C, h, w]
-        clip_out = self.vision_model(None, sam_features)  # [N, 1 + h*w, C]
+        if self.dynamic_views:
+            from torch import _dynamo
+
+            with _views_dynamic_only():
+                _dynamo.maybe_mark_dynamic(views, 0)
+                sam_features = self.sam_model(views)  # [N, C, h, w]
+                _dynamo.maybe_mark_dynamic(sam_features, 0)
+                clip_out = self.vision_model(None, sam_features)  # [N, 1 + h*w, C]
+        else:
+            sam_features = self.sam_model(views)
+            clip_out = self.vision_model(None, sam_features)
         features = torch.cat([clip_out[:, 1:], sam_features.flatten(2).transpose(1, 2)], dim=-1)
         return self.projector(features)
 

@@ -81,7 +81,7 @@ def test_fixed_view_chunks_pad_without_changing_features():
     for a, b in zip(plain, chunked):
         assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="chunk"):
-        m.compile_vision(0)
+        m.compile_vision(-1)
 
 
 def test_slot_mismatch_is_a_clear_error():
