@@ -117,7 +117,7 @@ def check_triton_ops(model, device, dtype) -> list[str]:
         for kern in (fused, ref):
             k2, v2 = kc.clone(), vc.clone()
             scratch = kern.attention_scratch(B, cfg.n_head, cfg.head_dim, L, device)
-            ys = [kern.rope_attention(qkv, model.gpt.cos.float(), model.gpt.sin.float(), n_keys, k2, v2,
+            ys = [kern.rope_attention(qkv, model.gpt.cos.float(), model.gpt.sin.float(), n_keys - 1, n_keys, k2, v2,
                                       cfg.n_head, scratch, fuse).float()
                   for _ in range(2)]  # twice on one scratch: the merge counters must be back at zero
             outs.append((ys, k2.float(), v2.float()))
@@ -199,8 +199,8 @@ def profile_parts(b: DecodeBatch, model) -> dict:
 
     def attention():  # as the step runs it: RoPE + cache write + split-K attention + merge
         for i in range(cfg.n_layer):
-            dec.kernels.rope_attention(qkv, dec.cos, dec.sin, n_keys, b.cache.k[i], b.cache.v[i], cfg.n_head,
-                                       dec.scratch, fuse=dec.skinny)
+            dec.kernels.rope_attention(qkv, dec.cos, dec.sin, dec.lengths, n_keys, b.cache.k[i], b.cache.v[i],
+                                       cfg.n_head, dec.scratch, fuse=dec.skinny)
 
     h = torch.randn(B, cfg.n_embd, device=b.device, dtype=dtype)
     m = torch.randn(B, 4 * cfg.n_embd, device=b.device, dtype=dtype)

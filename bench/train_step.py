@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from common import (Table, a4_page, base_parser, build_model, datasheet_peak, free_memory, gpt_train_flops,
-                    image_flops, is_oom, matmul_peak, report, sync)
+                    image_flops, is_oom, matmul_peak, median, report, sync, timed)
 
 from pipeline.mixture import Sample, collate, pack_sequences
 from pipeline.optim import build_optimizer
@@ -143,18 +143,6 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
                 achieved=(vision + gpt) / step_s, peak_gib=mem, loss=losses[-1], **phases)
 
 
-def _cuda_ms(fn, device, repeat: int = 3) -> float:
-    """Median milliseconds of ``fn`` (synchronised around each call)."""
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def breakdown(model, batch, opt, params, autocast, device) -> dict:
     """Milliseconds of each part of a step, run alone: vision towers forward+backward (SAM alone
     too), the GPT forward+backward on the same packed rows, and clip + optimizer step."""
@@ -189,9 +177,9 @@ def breakdown(model, batch, opt, params, autocast, device) -> dict:
 
     out = {}
     for name, fn in (("vision_ms", vision), ("sam_ms", sam), ("gpt_ms", gpt)):
-        out[name] = _cuda_ms(fn, device)
-        if name == "gpt_ms":
-            out["optimizer_ms"] = _cuda_ms(optimizer, device)  # the gradients exist now
+        out[name] = median(timed(fn, device, repeat=3, warmup=0)) * 1e3
+        if name == "gpt_ms":  # the gradients exist now
+            out["optimizer_ms"] = median(timed(optimizer, device, repeat=3, warmup=0)) * 1e3
         opt.zero_grad(set_to_none=True)
     print(f"step parts (ms, each alone): {out}", flush=True)
     return out

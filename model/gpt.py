@@ -445,33 +445,59 @@ def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, norm_input: bool = False
 if triton is not None:
 
     @triton.jit
+    def _after_previous(PDL: tl.constexpr):
+        """Programmatic dependent launch: wait until the kernel before has finished (and its
+        writes are visible), then let the next kernel start launching. A no-op without PDL."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _rotate_norm(src, c, s, i, eps, HALF: tl.constexpr):
+        """RoPE (rotate-half) then RMSNorm of one head vector at ``src``, as two fp32 halves."""
+        x1 = tl.load(src + i).to(tl.float32)
+        x2 = tl.load(src + HALF + i).to(tl.float32)
+        o1 = x1 * c + x2 * s
+        o2 = x2 * c - x1 * s
+        r = 1.0 / tl.sqrt((tl.sum(o1 * o1, 0) + tl.sum(o2 * o2, 0)) / (2 * HALF) + eps)
+        return o1 * r, o2 * r
+
+    @triton.jit
+    def _merge_splits(MOUT, LOUT, AOUT, base, n_split, D: tl.constexpr, NSPLIT_P2: tl.constexpr):
+        """The attention output [D] of one (row, head) from its split-K partials at ``base``
+        (read from L2: other programs wrote them)."""
+        sp = tl.arange(0, NSPLIT_P2)
+        ok = sp < n_split
+        d = tl.arange(0, D)
+        m = tl.load(MOUT + base + sp, mask=ok, other=-float("inf"), cache_modifier=".cg")
+        lw = tl.load(LOUT + base + sp, mask=ok, other=0.0, cache_modifier=".cg")
+        acc = tl.load(AOUT + (base + sp)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
+                      cache_modifier=".cg")
+        w = tl.exp2(m - tl.max(m, 0))  # split 0 always holds key 0, so the max is finite
+        return tl.sum(acc * w[:, None], 0) / tl.sum(lw * w, 0)
+
+    @triton.jit
     def _rope_norm_store_kernel(QKV, COS, SIN, POS, QOUT, KC, VC,
                                 s_qkv, s_qo_b, s_qo_h, s_c_b, s_c_h, s_c_t, eps,
                                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # wait for the kernel before (whose outputs this reads), then let the next one launch
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         b = tl.program_id(0)
         j = tl.program_id(1)  # q heads, then k heads, then v heads
         half = tl.arange(0, D // 2)
         pos = tl.load(POS + b)
         src = QKV + b * s_qkv + j * D
         if j < H + HKV:
-            x1 = tl.load(src + half).to(tl.float32)
-            x2 = tl.load(src + D // 2 + half).to(tl.float32)
             c = tl.load(COS + pos * (D // 2) + half).to(tl.float32)
             s = tl.load(SIN + pos * (D // 2) + half).to(tl.float32)
-            o1 = x1 * c + x2 * s
-            o2 = x2 * c - x1 * s
-            r = 1.0 / tl.sqrt((tl.sum(o1 * o1, 0) + tl.sum(o2 * o2, 0)) / D + eps)
+            o1, o2 = _rotate_norm(src, c, s, half, eps, D // 2)
             if j < H:
                 dst = QOUT + b * s_qo_b + j * s_qo_h
-                tl.store(dst + half, (o1 * r).to(QOUT.dtype.element_ty))
-                tl.store(dst + D // 2 + half, (o2 * r).to(QOUT.dtype.element_ty))
+                tl.store(dst + half, o1.to(QOUT.dtype.element_ty))
+                tl.store(dst + D // 2 + half, o2.to(QOUT.dtype.element_ty))
             else:
                 dst = KC + b * s_c_b + (j - H) * s_c_h + pos * s_c_t
-                tl.store(dst + half, (o1 * r).to(KC.dtype.element_ty))
-                tl.store(dst + D // 2 + half, (o2 * r).to(KC.dtype.element_ty))
+                tl.store(dst + half, o1.to(KC.dtype.element_ty))
+                tl.store(dst + D // 2 + half, o2.to(KC.dtype.element_ty))
         else:
             full = tl.arange(0, D)
             dst = VC + b * s_c_b + (j - H - HKV) * s_c_h + pos * s_c_t
@@ -482,9 +508,7 @@ if triton is not None:
                                   s_q_b, s_q_h, s_c_b, s_c_h, s_c_t, scale_log2, n_split,
                                   H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                                   SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # wait for the kernel before (whose outputs this reads), then let the next one launch
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         # flash decoding: program (b, h, s) reduces keys [s*SPLIT, min((s+1)*SPLIT, n_b)) to a
         # partial (max, sum, weighted values); splits past a row's length do no loads at all
         b = tl.program_id(0)
@@ -543,16 +567,6 @@ if triton is not None:
         return m_new, l_i, acc1, acc2
 
     @triton.jit
-    def _rotate_norm(src, c, s, i, eps, HALF: tl.constexpr):
-        """RoPE (rotate-half) then RMSNorm of one head vector at ``src``, as two fp32 halves."""
-        x1 = tl.load(src + i).to(tl.float32)
-        x2 = tl.load(src + HALF + i).to(tl.float32)
-        o1 = x1 * c + x2 * s
-        o2 = x2 * c - x1 * s
-        r = 1.0 / tl.sqrt((tl.sum(o1 * o1, 0) + tl.sum(o2 * o2, 0)) / (2 * HALF) + eps)
-        return o1 * r, o2 * r
-
-    @triton.jit
     def _rope_attn_split_kernel(QKV, COS, SIN, NKEYS, KC, VC, MOUT, LOUT, AOUT, COUNT, OUT,
                                 s_qkv, s_c_b, s_c_h, s_c_t, s_o_b, scale_log2, eps, n_split,
                                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
@@ -580,9 +594,7 @@ if triton is not None:
         kvh = h // GROUP
         kv = b * s_c_b + kvh * s_c_h
         first = _kv_tile(KC, VC, kv, start + tl.arange(0, BLOCK_N), old_end, s_c_t, i, HALF)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         c = tl.load(COS + pos * HALF + i).to(tl.float32)
         s = tl.load(SIN + pos * HALF + i).to(tl.float32)
         q1, q2 = _rotate_norm(QKV + b * s_qkv + h * D, c, s, i, eps, HALF)
@@ -627,38 +639,17 @@ if triton is not None:
         tl.debug_barrier()  # every thread's partial is written before the ticket is taken
         ticket = tl.atomic_add(COUNT + b * H + h, 1, sem="acq_rel")
         if ticket == n_split - 1:
-            base = (b * H + h) * n_split
-            sps = tl.arange(0, NSPLIT_P2)
-            ok = sps < n_split
-            m = tl.load(MOUT + base + sps, mask=ok, other=-float("inf"), cache_modifier=".cg")
-            lw = tl.load(LOUT + base + sps, mask=ok, other=0.0, cache_modifier=".cg")
-            w = tl.exp2(m - tl.max(m, 0))  # split 0 always holds key 0, so the max is finite
-            a1 = tl.load(AOUT + (base + sps)[:, None] * D + i[None, :], mask=ok[:, None], other=0.0,
-                         cache_modifier=".cg")
-            a2 = tl.load(AOUT + (base + sps)[:, None] * D + HALF + i[None, :], mask=ok[:, None], other=0.0,
-                         cache_modifier=".cg")
-            denom = tl.sum(lw * w, 0)
-            dst = OUT + b * s_o_b + h * D + i
-            tl.store(dst, (tl.sum(a1 * w[:, None], 0) / denom).to(OUT.dtype.element_ty))
-            tl.store(dst + HALF, (tl.sum(a2 * w[:, None], 0) / denom).to(OUT.dtype.element_ty))
+            out = _merge_splits(MOUT, LOUT, AOUT, (b * H + h) * n_split, n_split, D, NSPLIT_P2)
+            tl.store(OUT + b * s_o_b + h * D + tl.arange(0, D), out.to(OUT.dtype.element_ty))
             tl.atomic_xchg(COUNT + b * H + h, 0)
 
     @triton.jit
     def _decode_attn_merge_kernel(MOUT, LOUT, AOUT, OUT, s_o_b, n_split,
                                   H: tl.constexpr, D: tl.constexpr, NSPLIT_P2: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # wait for the kernel before (whose outputs this reads), then let the next one launch
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         bh = tl.program_id(0)
-        sp = tl.arange(0, NSPLIT_P2)
-        ok = sp < n_split
-        m = tl.load(MOUT + bh * n_split + sp, mask=ok, other=-float("inf"))
-        l = tl.load(LOUT + bh * n_split + sp, mask=ok, other=0.0)
-        d = tl.arange(0, D)
-        acc = tl.load(AOUT + (bh * n_split + sp)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        w = tl.exp2(m - tl.max(m, 0))  # split 0 always holds key 0, so the max is finite
-        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-        tl.store(OUT + (bh // H) * s_o_b + (bh % H) * D + d, out.to(OUT.dtype.element_ty))
+        out = _merge_splits(MOUT, LOUT, AOUT, bh * n_split, n_split, D, NSPLIT_P2)
+        tl.store(OUT + (bh // H) * s_o_b + (bh % H) * D + tl.arange(0, D), out.to(OUT.dtype.element_ty))
 
     @triton.jit
     def _add_rms_norm_kernel(X, Y, HOUT, s_x, s_y, s_h, eps, C: tl.constexpr, BLOCK: tl.constexpr):
@@ -698,9 +689,7 @@ if triton is not None:
         k = tl.arange(0, KP)
         k_ok = k < K
         w = tl.load(W + n[:, None] * s_w + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         for b in tl.static_range(B):
             x = tl.load(X + b * s_x + k, mask=k_ok, other=0.0)
             if NORM:
@@ -829,13 +818,14 @@ class DecodeKernels:
                                             **_pdl_launch(self.pdl))
         return out
 
-    def rope_attention(self, qkv, cos, sin, n_keys, k_cache, v_cache, n_head, scratch=None, fuse=False):
-        """rope_norm_store at position ``n_keys - 1`` then decode_attention, [B, H*D]. ``fuse``
+    def rope_attention(self, qkv, cos, sin, pos, n_keys, k_cache, v_cache, n_head, scratch=None, fuse=False):
+        """rope_norm_store at ``pos`` then decode_attention over ``n_keys`` (= pos + 1, both made
+        once per step by the caller), [B, H*D]. ``fuse``
         (Triton): RoPE, cache write, split-K attention and the merge in one launch, which pays
         for a single row (it recomputes each query per split and serialises the merge behind
         the last split: on an H200 the separate launches were faster at batch 4 and 128)."""
         if not (self.use_triton and fuse):
-            q = self.rope_norm_store(qkv, cos, sin, n_keys - 1, k_cache, v_cache, n_head)
+            q = self.rope_norm_store(qkv, cos, sin, pos, k_cache, v_cache, n_head)
             return self.decode_attention(q, k_cache, v_cache, n_keys, scratch)
         B = qkv.shape[0]
         n_kv, L, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
@@ -954,7 +944,8 @@ class GraphedDecoder:
         k = self.kernels
         cache, n_head = self.cache, self.n_head
         active = self.active.long()
-        n_keys = self.lengths * active + 1  # the new token's position + 1 (idle rows: a dummy at 0)
+        pos = self.lengths * active  # idle rows: a dummy token at position 0
+        n_keys = pos + 1
         x = F.embedding(self.tokens, self.wte)
         x = rms_norm(x)
         cap = self.gpt.config.logit_softcap
@@ -962,7 +953,7 @@ class GraphedDecoder:
             for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(self.layers):
                 kc, vc = cache.k[i], cache.v[i]
                 qkv = k.skinny_linear(x, w_qkv, norm_input=True)
-                y = k.rope_attention(qkv, self.cos, self.sin, n_keys, kc, vc, n_head, self.scratch, fuse=True)
+                y = k.rope_attention(qkv, self.cos, self.sin, pos, n_keys, kc, vc, n_head, self.scratch, fuse=True)
                 k.skinny_linear(y, w_o, epilogue="residual", out=x)
                 m = k.skinny_linear(x, w_fc, norm_input=True, epilogue="relu2")
                 k.skinny_linear(m, w_proj, epilogue="residual", out=x)
@@ -971,7 +962,8 @@ class GraphedDecoder:
             h = rms_norm(x)
             for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(self.layers):
                 kc, vc = cache.k[i], cache.v[i]
-                y = k.rope_attention(F.linear(h, w_qkv), self.cos, self.sin, n_keys, kc, vc, n_head, self.scratch)
+                y = k.rope_attention(F.linear(h, w_qkv), self.cos, self.sin, pos, n_keys, kc, vc, n_head,
+                                     self.scratch)
                 x, h = k.add_rms_norm(x, F.linear(y, w_o))
                 x, h = k.add_rms_norm(x, F.linear(k.relu_square(F.linear(h, w_fc)), w_proj))
             self.logits.copy_(cap * torch.tanh(F.linear(h, self.lm_head).float() / cap))

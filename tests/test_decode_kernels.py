@@ -70,13 +70,13 @@ def test_rope_attention_fused_and_separate_match_reference(heads, kv_heads, cach
     n_keys = torch.tensor([1, 17, 70][:rows] if rows > 1 else [1500], device=DEVICE)
     ref = DecodeKernels(False)
     k_want, v_want = kc.clone(), vc.clone()
-    want = ref.rope_attention(qkv, cos, sin, n_keys, k_want, v_want, heads)
+    want = ref.rope_attention(qkv, cos, sin, n_keys - 1, n_keys, k_want, v_want, heads)
     kernels = DecodeKernels(True, pdl=False)
     for fuse in (True, False):
         k_got, v_got = kc.clone(), vc.clone()
         scratch = kernels.attention_scratch(rows, heads, D, cache_len, DEVICE)
         for _ in range(2):
-            got = kernels.rope_attention(qkv, cos, sin, n_keys, k_got, v_got, heads, scratch, fuse)
+            got = kernels.rope_attention(qkv, cos, sin, n_keys - 1, n_keys, k_got, v_got, heads, scratch, fuse)
             assert _rel(got, want) < _tol(dtype)
         assert scratch[3].eq(0).all()
         assert _rel(k_got, k_want) < _tol(dtype) and _rel(v_got, v_want) < _tol(dtype)
@@ -107,6 +107,13 @@ def test_full_preset_decode_kernels_compile_for_hopper(pdl):
     for kv_heads, split in ((10, 64), (5, 128)):  # MHA with one tile per split; GQA with two
         build(gpt_module._rope_attn_split_kernel, attn, {"H": 10, "HKV": kv_heads, "D": 128, "SPLIT": split,
                                                          "BLOCK_N": 64, "NSPLIT_P2": 32, "PDL": pdl}, 4)
+    rope = {"QKV": ptr("bf16"), "COS": ptr("fp32"), "SIN": ptr("fp32"), "POS": ptr("i64"), "QOUT": ptr("bf16"),
+            "KC": ptr("bf16"), "VC": ptr("bf16"), "s_qkv": "i32", "s_qo_b": "i32", "s_qo_h": "i32", "s_c_b": "i32",
+            "s_c_h": "i32", "s_c_t": "i32", "eps": "fp32"}
+    build(gpt_module._rope_norm_store_kernel, rope, {"H": 10, "HKV": 10, "D": 128, "PDL": pdl}, 1)
+    merge = {"MOUT": ptr("fp32"), "LOUT": ptr("fp32"), "AOUT": ptr("fp32"), "OUT": ptr("bf16"), "s_o_b": "i32",
+             "n_split": "i32"}
+    build(gpt_module._decode_attn_merge_kernel, merge, {"H": 10, "D": 128, "NSPLIT_P2": 32, "PDL": pdl}, 4)
     for (n, k), (block_n, warps) in gpt_module.SKINNY_TUNED.items():
         for norm, epilogue in ((True, 0), (False, 2), (True, 1), (True, 3)):
             y = "fp32" if epilogue == 3 else "bf16"
