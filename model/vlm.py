@@ -187,7 +187,10 @@ class NanoDeepseekOCR(nn.Module):
             sam_features = self.sam_model(views)
             clip_out = self.vision_model(None, sam_features)
         features = torch.cat([clip_out[:, 1:], sam_features.flatten(2).transpose(1, 2)], dim=-1)
-        return self.projector(features)
+        projected = self.projector(features)
+        if self.config.slot_centering:  # see VLMConfig.slot_centering
+            projected = projected - projected.mean(dim=1, keepdim=True)
+        return projected
 
     def encode_images(self, images: Sequence[ImageViews]) -> list[torch.Tensor]:
         """Vision embeddings per image, [n_slots, n_embd] each, in DeepSeek-OCR's slot order.

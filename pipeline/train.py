@@ -87,6 +87,7 @@ class TrainConfig:
     log_every: int = 1
     compile: bool = False
     compile_vision: bool = False  # torch.compile SAM + CLIP (view count dynamic): minutes to compile, faster steps
+    slot_centering: bool = False  # new models only: VLMConfig.slot_centering (encoders from random init)
     torch_threads: int | None = None  # CPU workers: default this node's cores / local workers
     sample_prediction: bool = True
     register_model: str | None = None  # a model-registry name (stage 2 default: nano-deepseek-ocr)
@@ -192,6 +193,7 @@ def _build_model(cfg: TrainConfig, tokenizer) -> NanoDeepseekOCR:
     config.gpt.vocab_size = tokenizer.vocab_size
     config.gpt.sequence_len = max(config.gpt.sequence_len, cfg.seq_len)
     config.image_token_id = tokenizer.token_id("<image>")
+    config.slot_centering = cfg.slot_centering
     torch.manual_seed(cfg.seed)
     model = NanoDeepseekOCR(config)
     model.init_weights()

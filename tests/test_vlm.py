@@ -8,7 +8,7 @@ import torch
 
 from model.config import preset, processor_config
 from model.processor import ImageProcessor
-from model.vlm import ImageViews, NanoDeepseekOCR, slot_count
+from model.vlm import ImageViews, NanoDeepseekOCR, normalize, slot_count
 
 
 def _model(seed=0, image_token_id=5, vocab=64):
@@ -82,6 +82,32 @@ def test_fixed_view_chunks_pad_without_changing_features():
         assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="chunk"):
         m.compile_vision(-1)
+
+
+def test_slot_centering_shifts_each_view_to_a_zero_mean():
+    """VLMConfig.slot_centering: every view's slots lose their common mean and nothing else (one
+    shift per view, tiles and global alike), it survives config.json, and it is off by default
+    (DeepSeek-OCR's weights were trained without it)."""
+    from model.config import VLMConfig
+
+    plain = _model()
+    assert plain.config.slot_centering is False
+    centred = _model()
+    centred.config.slot_centering = True
+    image = _views(1024, tiles=2, crop=(2, 1), seed=3)
+    with torch.no_grad():
+        a = plain._encode_view_batch(normalize(image.global_view[None]))  # [1, 256, D]
+        b = centred._encode_view_batch(normalize(image.global_view[None]))
+        tiles_b = centred._encode_view_batch(normalize(image.tiles))
+    assert b.mean(dim=1).abs().max() < 1e-5
+    assert tiles_b.mean(dim=1).abs().max() < 1e-5  # each tile on its own
+    shift = a - b
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-5)  # the same shift for every slot
+    assert a.mean(dim=1).abs().max() > 1e-3  # there was a mean to remove
+    again = VLMConfig.from_dict(centred.config.to_dict())
+    assert again.slot_centering is True
+    assert VLMConfig.from_dict({k: v for k, v in centred.config.to_dict().items() if k != "slot_centering"}) \
+        .slot_centering is False  # checkpoints from before the option load as trained
 
 
 def test_slot_mismatch_is_a_clear_error():
