@@ -104,9 +104,10 @@ class Strings(torch.utils.data.IterableDataset):
 
 
 def build(variant: dict, vocab_size: int, image_token_id: int, size: int, device: torch.device):
-    """The model of a variant; for ``cnn``/``oracle`` the towers are swapped for the stand-in."""
+    """The model of a variant; for ``sam``/``cnn`` the towers are swapped for the stand-in, ``oracle``
+    gets its letter table."""
     from model.config import CLIPConfig, GPTConfig, SAMConfig, VLMConfig
-    from model.vlm import NanoDeepseekOCR
+    from model.vlm import NanoDeepseekOCR, center_slots
 
     cfg = VLMConfig(
         sam=SAMConfig(img_size=size, embed_dim=96, depth=4, num_heads=3, window_size=4, global_attn_indexes=(1, 3),
@@ -122,27 +123,19 @@ def build(variant: dict, vocab_size: int, image_token_id: int, size: int, device
     if variant["encoder"] == "cnn":
         model.stem = nn.Sequential(nn.Conv2d(3, 64, 4, 4), nn.GELU(), nn.Conv2d(64, 128, 4, 4), nn.GELU(),
                                    nn.Conv2d(128, width, 4, 4))
-
-        def encode(views: torch.Tensor) -> torch.Tensor:
-            out = model.stem(views).flatten(2).transpose(1, 2)
-            return out - out.mean(dim=1, keepdim=True) if variant["center"] else out
-
-        model._encode_view_batch = encode
+        features = lambda views: model.stem(views).flatten(2).transpose(1, 2)  # noqa: E731
     elif variant["encoder"] == "sam":
         model.sam_projector = nn.Linear(cfg.sam.net3_dim, width)
-
-        def encode_sam(views: torch.Tensor) -> torch.Tensor:
-            out = model.sam_projector(model.sam_model(views).flatten(2).transpose(1, 2))
-            return out - out.mean(dim=1, keepdim=True) if variant["center"] else out
-
-        model._encode_view_batch = encode_sam
+        features = lambda views: model.sam_projector(model.sam_model(views).flatten(2).transpose(1, 2))  # noqa: E731
+    elif variant["encoder"] == "oracle":
+        model.oracle = nn.Embedding(len(LETTERS) + 1, width)  # see oracle_embeddings
+    if variant["encoder"] in ("cnn", "sam"):  # the stand-in in place of the towers + projector
+        model._encode_view_batch = lambda views: center_slots(features(views)) if variant["center"] else features(views)
     return model.to(device)
 
 
 def oracle_embeddings(model: nn.Module, texts: list[str], n_slots: int, device: torch.device) -> list[torch.Tensor]:
     """Letter k's learned embedding in slot k (0 = empty): the decoder's task without the vision."""
-    if not hasattr(model, "oracle"):
-        model.oracle = nn.Embedding(len(LETTERS) + 1, model.config.gpt.n_embd).to(device)
     codes = torch.zeros(len(texts), n_slots, dtype=torch.long)
     for i, t in enumerate(texts):
         codes[i, :len(t)] = torch.tensor([LETTERS.index(c) + 1 for c in t])
@@ -161,8 +154,6 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
     n_slots = slot_count(args.size // CELL)
     model = build(variant, tok.vocab_size, tok.token_id("<image>"), args.size, device)
     oracle = variant["encoder"] == "oracle"
-    if oracle:
-        oracle_embeddings(model, ["a"], n_slots, device)  # create the table before the optimizer sees the model
     opt = build_optimizer(model, "muon", args.lr, muon_lr=args.muon_lr, encoder_lr_scale=1.0)
     data = iter(torch.utils.data.DataLoader(
         Strings(tokenizer_json, variant["layout"], args.size, args.font_px, args.batch_size, 0),

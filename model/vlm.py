@@ -83,6 +83,11 @@ def slot_count(global_grid: int, tile_grid: int = 0, crop: Sequence[int] = (1, 1
     return n
 
 
+def center_slots(features: torch.Tensor) -> torch.Tensor:
+    """[N, slots, D] with each view's mean slot subtracted (see ``VLMConfig.slot_centering``)."""
+    return features - features.mean(dim=1, keepdim=True)
+
+
 class Projector(nn.Module):
     """Linear map from [CLIP ; SAM] features to the GPT width (checkpoint key ``projector.layers``)."""
 
@@ -188,9 +193,7 @@ class NanoDeepseekOCR(nn.Module):
             clip_out = self.vision_model(None, sam_features)
         features = torch.cat([clip_out[:, 1:], sam_features.flatten(2).transpose(1, 2)], dim=-1)
         projected = self.projector(features)
-        if self.config.slot_centering:  # see VLMConfig.slot_centering
-            projected = projected - projected.mean(dim=1, keepdim=True)
-        return projected
+        return center_slots(projected) if self.config.slot_centering else projected
 
     def encode_images(self, images: Sequence[ImageViews]) -> list[torch.Tensor]:
         """Vision embeddings per image, [n_slots, n_embd] each, in DeepSeek-OCR's slot order.
