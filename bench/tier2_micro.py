@@ -12,12 +12,22 @@ the letter-frequency floor by reading) and then reads 64 fresh images greedily. 
   per slot at 40 px, at any phase against the cells, as on a page.
 
 Encoders: ``deep`` is the model's own SAM + compressor + CLIP + projector (narrow widths);
-``sam`` the same without CLIP (the compressed SAM features alone through a projector); ``cnn`` replaces them with three 4x4 stride-4 convolutions (one vector per 64 x 64 cell), a
-control that tells the encoder's share of the difficulty from the decoder's. ``-center``
-turns on :attr:`model.config.VLMConfig.slot_centering`. ``oracle`` hands the decoder each
+``sam`` the same without CLIP (the compressed SAM features alone through a projector); ``cnn``
+replaces them with three 4x4 stride-4 convolutions (one vector per 64 x 64 cell), a control that
+tells the encoder's share of the difficulty from the decoder's; ``oracle`` hands the decoder each
 letter's identity in slot k directly (learned embeddings): how fast the decoder alone learns to
-copy. Prints a table last (steps to a loss below 1 nat, final loss, CER) and writes
-``micro.json`` under ``--out``.
+copy. ``-center`` turns on :attr:`model.config.VLMConfig.slot_centering`; ``-aux`` adds a
+training-only loss (each slot the GPT reads predicts which letters lie in its 64 x 64 cell, a BCE
+per letter, as ``bench/tier2_probe.py``'s ``*-aux`` variants do on pages).
+
+Options: ``--readout linear`` trains the encoder and the aux head alone, without the GPT (can the
+encoder learn glyphs when the signal reaches it directly?); ``--encoder-lr-scale`` and
+``--encoder-warmup-steps`` (SAM + CLIP held at lr 0 while the projector and the GPT learn their
+random-init features; the ``cnn`` stem counts as decoder-side for both) change how the encoder
+starts. Every 100 steps the log prints the *letter similarity*: the mean cosine similarity between
+the slot vectors of the 26 letters, each drawn alone in one cell (1 = the encoder cannot tell any
+two apart). Prints a table last (steps to a loss below 1 nat, final loss and aux loss, CER) and
+writes ``micro.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -45,12 +55,14 @@ ENCODERS = ("deep", "sam", "cnn", "oracle")
 
 
 def parse_variant(name: str) -> dict:
-    """``<layout>-<encoder>[-center]``, e.g. ``line-deep-center``."""
+    """``<layout>-<encoder>[-center][-aux]``, e.g. ``line-deep-center``."""
     parts = name.split("-")
-    if len(parts) not in (2, 3) or parts[0] not in LAYOUTS or parts[1] not in ENCODERS \
-            or (len(parts) == 3 and parts[2] != "center"):
-        raise ValueError(f"variant {name!r}: expected <{'|'.join(LAYOUTS)}>-<{'|'.join(ENCODERS)}>[-center]")
-    return {"name": name, "layout": parts[0], "encoder": parts[1], "center": len(parts) == 3}
+    flags = parts[2:]
+    if len(parts) < 2 or parts[0] not in LAYOUTS or parts[1] not in ENCODERS \
+            or any(f not in ("center", "aux") for f in flags) or len(set(flags)) != len(flags) \
+            or flags != sorted(flags, key=("center", "aux").index):
+        raise ValueError(f"variant {name!r}: expected <{'|'.join(LAYOUTS)}>-<{'|'.join(ENCODERS)}>[-center][-aux]")
+    return {"name": name, "layout": parts[0], "encoder": parts[1], "center": "center" in flags, "aux": "aux" in flags}
 
 
 def random_text(rng: random.Random, layout: str, size: int) -> str:
@@ -58,8 +70,9 @@ def random_text(rng: random.Random, layout: str, size: int) -> str:
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, max(3, longest))))
 
 
-def draw(text: str, layout: str, size: int, font_px: int, rng: random.Random) -> np.ndarray:
-    """[size, size, 3] uint8: black letters on white."""
+def draw(text: str, layout: str, size: int, font_px: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+    """([size, size, 3] uint8 black letters on white, [cells, 26] multi-hot: the letters whose
+    centres fall in each vision slot's 64 x 64 cell, row-major)."""
     from PIL import Image, ImageDraw
 
     from pipeline.synth import get_font
@@ -67,20 +80,27 @@ def draw(text: str, layout: str, size: int, font_px: int, rng: random.Random) ->
     font = get_font("sans", 0, font_px)
     image = Image.new("RGB", (size, size), "white")
     pen = ImageDraw.Draw(image)
+    g = size // CELL
+    cells = np.zeros((g * g, len(LETTERS)), dtype=np.uint8)
     if layout == "grid":
-        row = rng.randrange(size // CELL)
+        row = rng.randrange(g)
         for k, c in enumerate(text):
             pen.text((k * CELL + (CELL - pen.textlength(c, font=font)) / 2, row * CELL + (CELL - font_px) / 2 - 4),
                      c, fill="black", font=font)
+            cells[row * g + k, LETTERS.index(c)] = 1
     else:
         width = pen.textlength(text, font=font)
-        pen.text((rng.uniform(4, max(5.0, size - width - 4)), rng.uniform(4, size - font_px - 8)), text,
-                 fill="black", font=font)
-    return np.asarray(image).copy()
+        x, y = rng.uniform(4, max(5.0, size - width - 4)), rng.uniform(4, size - font_px - 8)
+        pen.text((x, y), text, fill="black", font=font)
+        row = min(g - 1, int((y + font_px / 2) // CELL))
+        for k, c in enumerate(text):
+            centre = x + pen.textlength(text[:k], font=font) + pen.textlength(c, font=font) / 2
+            cells[row * g + min(g - 1, int(centre // CELL)), LETTERS.index(c)] = 1
+    return np.asarray(image).copy(), cells
 
 
 class Strings(torch.utils.data.IterableDataset):
-    """Endless batches of (ids, loss mask, image, text) of one layout, whole batches per DataLoader
+    """Endless batches of (ids, loss mask, image, text, cell letters) of one layout, whole batches per DataLoader
     worker (one hand-over per batch, not per image); each worker its own seed."""
 
     def __init__(self, tokenizer_json: str, layout: str, size: int, font_px: int, batch_size: int, seed: int) -> None:
@@ -99,11 +119,13 @@ class Strings(torch.utils.data.IterableDataset):
         while True:
             texts = [random_text(rng, self.layout, self.size) for _ in range(self.batch_size)]
             rendered = [tok.render_vision(PROMPT, t, n_slots) for t in texts]
-            images = np.stack([draw(t, self.layout, self.size, self.font_px, rng) for t in texts])
-            yield [np.asarray(ids) for ids, _ in rendered], [np.asarray(m) for _, m in rendered], images, texts
+            drawn = [draw(t, self.layout, self.size, self.font_px, rng) for t in texts]
+            yield ([np.asarray(ids) for ids, _ in rendered], [np.asarray(m) for _, m in rendered],
+                   np.stack([image for image, _ in drawn]), texts, np.stack([cells for _, cells in drawn]))
 
 
-def build(variant: dict, vocab_size: int, image_token_id: int, size: int, device: torch.device):
+def build(variant: dict, vocab_size: int, image_token_id: int, size: int, device: torch.device,
+          aux_bias: float = -4.5):
     """The model of a variant; for ``sam``/``cnn`` the towers are swapped for the stand-in, ``oracle``
     gets its letter table."""
     from model.config import CLIPConfig, GPTConfig, SAMConfig, VLMConfig
@@ -129,9 +151,19 @@ def build(variant: dict, vocab_size: int, image_token_id: int, size: int, device
         features = lambda views: model.sam_projector(model.sam_model(views).flatten(2).transpose(1, 2))  # noqa: E731
     elif variant["encoder"] == "oracle":
         model.oracle = nn.Embedding(len(LETTERS) + 1, width)  # see oracle_embeddings
+    if variant["aux"]:
+        model.aux_head = nn.Linear(width, len(LETTERS))  # each slot: which letters lie in its cell
+        nn.init.constant_(model.aux_head.bias, aux_bias)
     if variant["encoder"] in ("cnn", "sam"):  # the stand-in in place of the towers + projector
         model._encode_view_batch = lambda views: center_slots(features(views)) if variant["center"] else features(views)
     return model.to(device)
+
+
+def cell_logits(model: nn.Module, vision: list[torch.Tensor], size: int) -> torch.Tensor:
+    """[images, cells, 26] aux-head logits of the global view's slots (the newline column dropped)."""
+    g = size // CELL
+    grid = torch.stack([v[:g * (g + 1)].view(g, g + 1, -1)[:, :g].reshape(g * g, -1) for v in vision])
+    return model.aux_head(grid.float())
 
 
 def oracle_embeddings(model: nn.Module, texts: list[str], n_slots: int, device: torch.device) -> list[torch.Tensor]:
@@ -140,6 +172,34 @@ def oracle_embeddings(model: nn.Module, texts: list[str], n_slots: int, device: 
     for i, t in enumerate(texts):
         codes[i, :len(t)] = torch.tensor([LETTERS.index(c) + 1 for c in t])
     return list(model.oracle(codes.to(device)))
+
+
+def letter_probe(size: int, font_px: int) -> torch.Tensor:
+    """[26, 3, size, size] uint8: each letter alone in grid cell (1, 1), i.e. vision slot ``size // CELL + 1``."""
+    from PIL import Image, ImageDraw
+
+    from pipeline.synth import get_font
+
+    font = get_font("sans", 0, font_px)
+    views = []
+    for c in LETTERS:
+        image = Image.new("RGB", (size, size), "white")
+        pen = ImageDraw.Draw(image)
+        pen.text((CELL + (CELL - pen.textlength(c, font=font)) / 2, CELL + (CELL - font_px) / 2 - 4), c,
+                 fill="black", font=font)
+        views.append(torch.as_tensor(np.asarray(image).copy()).permute(2, 0, 1))
+    return torch.stack(views)
+
+
+@torch.no_grad()
+def letter_similarity(model: nn.Module, probe: torch.Tensor, size: int) -> float:
+    """Mean cosine similarity between the 26 letters' slot vectors (see :func:`letter_probe`)."""
+    from model.processor import normalize
+
+    slots = model._encode_view_batch(normalize(probe.to(model.image_newline.device)))[:, size // CELL + 1].float()
+    unit = torch.nn.functional.normalize(slots, dim=-1)
+    cos = unit @ unit.T
+    return float(cos[~torch.eye(len(cos), dtype=torch.bool, device=cos.device)].mean())
 
 
 def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
@@ -152,39 +212,62 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
 
     tok = Tokenizer.load(tokenizer_json)
     n_slots = slot_count(args.size // CELL)
-    model = build(variant, tok.vocab_size, tok.token_id("<image>"), args.size, device)
+    model = build(variant, tok.vocab_size, tok.token_id("<image>"), args.size, device, args.aux_bias)
     oracle = variant["encoder"] == "oracle"
-    opt = build_optimizer(model, "muon", args.lr, muon_lr=args.muon_lr, encoder_lr_scale=1.0)
+    linear = args.readout == "linear"
+    opt = build_optimizer(model, "muon", args.lr, muon_lr=args.muon_lr, encoder_lr_scale=args.encoder_lr_scale)
+    probe = None if oracle else letter_probe(args.size, args.font_px)
     data = iter(torch.utils.data.DataLoader(
         Strings(tokenizer_json, variant["layout"], args.size, args.font_px, args.batch_size, 0),
         batch_size=None, num_workers=args.workers, prefetch_factor=4))
-    start, ema, below_one, curve = time.perf_counter(), None, None, []
+    start, ema, aux_ema, below_one, curve = time.perf_counter(), None, None, None, []
     for step in range(args.steps):
-        ids, masks, images, texts = next(data)
+        ids, masks, images, texts, cells = next(data)
         samples = [Sample(i, m, [ImageViews.from_arrays(img, None)]) for i, m, img in zip(ids, masks, images)]
         batch = collate([[s] for s in samples], max(len(s) for s in samples)).to(device)
-        set_lr(opt, lr_multiplier(step, args.steps, "constant", warmup=50))
+        set_lr(opt, lr_multiplier(step, args.steps, "constant", warmup=50),
+               encoder_multiplier=0.0 if step < args.encoder_warmup_steps else 1.0)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             vision = (oracle_embeddings(model, texts, n_slots, device) if oracle
                       else model.encode_images(batch.images))
-            loss = model(batch.input_ids, targets=batch.targets, vision_embeds=vision, positions=batch.positions,
-                         segment_ids=batch.segment_ids, loss_reduction="sum") / batch.n_target_tokens
-        loss.backward()
+            total = loss = torch.zeros((), device=device)
+            if not linear:
+                loss = model(batch.input_ids, targets=batch.targets, vision_embeds=vision, positions=batch.positions,
+                             segment_ids=batch.segment_ids, loss_reduction="sum") / batch.n_target_tokens
+                total = loss
+            if variant["aux"]:
+                aux = torch.nn.functional.binary_cross_entropy_with_logits(
+                    cell_logits(model, vision, args.size), torch.as_tensor(cells, device=device).float())
+                total = loss + aux
+                aux_value = float(aux.detach())
+                aux_ema = aux_value if aux_ema is None else 0.95 * aux_ema + 0.05 * aux_value
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         value = float(loss.detach())
         ema = value if ema is None else 0.95 * ema + 0.05 * value
-        if below_one is None and step >= 20 and ema < 1.0:
+        if below_one is None and step >= 20 and ema < 1.0 and not linear:
             below_one = step
         if step % 100 == 0 or step == args.steps - 1:
-            curve.append((step, round(ema, 4)))
-            print(f"[{variant['name']}] step {step} loss(ema) {ema:.3f} {time.perf_counter() - start:.0f}s", flush=True)
+            similarity = None if oracle else round(letter_similarity(model, probe, args.size), 4)
+            curve.append((step, round(ema, 4), similarity))
+            print(f"[{variant['name']}] step {step} loss(ema) {ema:.3f} "
+                  f"{'' if aux_ema is None else f'aux {aux_ema:.3f} '}letter similarity {similarity} "
+                  f"{time.perf_counter() - start:.0f}s", flush=True)
     seconds = time.perf_counter() - start
     model.eval()
     rng = random.Random("tier2-micro/eval")
     texts = [random_text(rng, variant["layout"], args.size) for _ in range(64)]
-    if oracle:  # no images to read: greedy copy through the GPT alone
+    if linear:  # no reading: how many letter cells the aux head gets exactly right
+        drawn = [draw(t, variant["layout"], args.size, args.font_px, rng) for t in texts]
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            vision = model.encode_images([ImageViews.from_arrays(image, None) for image, _ in drawn])
+            guessed = (cell_logits(model, vision, args.size) > 0).cpu().numpy()
+        truth = np.stack([cells for _, cells in drawn]).astype(bool)
+        occupied = truth.any(-1)
+        scores = [1.0 - float((guessed == truth).all(-1)[occupied].mean())]  # reported as the error
+    elif oracle:  # no images to read: greedy copy through the GPT alone
         scores = []
         with torch.no_grad():
             for t in texts:
@@ -201,13 +284,14 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
     else:
         engine = Engine(model, tok, device=device)
         requests = [GenerationRequest(PROMPT, [ImageViews.from_arrays(draw(t, variant["layout"], args.size,
-                                                                          args.font_px, rng), None)],
+                                                                          args.font_px, rng)[0], None)],
                                       params=SamplingParams(max_new_tokens=16)) for t in texts]
         results = engine.generate(requests)
         scores = [cer(r.text, t) for r, t in zip(results, texts)]
         for r, t in list(zip(results, texts))[:3]:
             print(f"[{variant['name']}] gt {t!r} read {r.text!r}", flush=True)
-    return {**variant, "steps": args.steps, "seconds": round(seconds, 1), "final_loss": round(ema, 4),
+    return {**variant, "readout": args.readout, "steps": args.steps, "seconds": round(seconds, 1),
+            "final_loss": round(ema, 4), "final_aux_loss": None if aux_ema is None else round(aux_ema, 4),
             "steps_to_loss_below_1": below_one, "cer": round(float(np.mean(scores)), 4), "curve": curve}
 
 
@@ -221,6 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--font-px", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--muon-lr", type=float, default=0.02)
+    parser.add_argument("--encoder-lr-scale", type=float, default=1.0, help="lr of SAM + CLIP / --lr")
+    parser.add_argument("--encoder-warmup-steps", type=int, default=0,
+                        help="steps with SAM + CLIP held still (the decoder learns their random-init features first)")
+    parser.add_argument("--aux-bias", type=float, default=-4.5,
+                        help="initial bias of the -aux head: the prior log-odds of a letter in a cell (~4.5 letters "
+                             "in 16 cells x 26); from 0 it takes Adam hundreds of steps to get there once centering "
+                             "has removed the slots' shared part")
+    parser.add_argument("--readout", choices=("gpt", "linear"), default="gpt",
+                        help="linear: train the encoder with the -aux loss alone, no GPT (can it learn glyphs?); "
+                             "the CER column is then the share of letter cells the aux head gets wrong")
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--out", default=os.environ.get("OUT", "artifacts/tier2_micro"))
     args = parser.parse_args(argv)
@@ -230,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = [parse_variant(v) for v in args.variants.split(",")]
     except ValueError as e:
         parser.error(str(e))
+    if args.readout == "linear" and not all(v["aux"] and v["encoder"] != "oracle" for v in variants):
+        parser.error("--readout linear trains through the -aux head: every variant needs -aux and an image encoder")
     from model.tokenizer import Tokenizer
 
     out = Path(args.out)
@@ -245,13 +341,15 @@ def main(argv: list[str] | None = None) -> int:
         (out / "micro.json").write_text(json.dumps(results, indent=1))
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n### Tier-2 micro probe — {dev}, {args.steps} steps x {args.batch_size} images of {args.size} px, "
-          f"letters at {args.font_px} px\n")
-    print("| variant | layout | encoder | slot centering | steps to loss < 1 | final loss | CER | train s |")
-    print("|---|---|---|---|---:|---:|---:|---:|")
+          f"letters at {args.font_px} px, {args.readout} readout\n")
+    print("| variant | layout | encoder | slot centering | steps to loss < 1 | final loss | final aux loss | CER "
+          "| train s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['name']} | {r['layout']} | {r['encoder']} | {'on' if r['center'] else 'off'} | "
               f"{r['steps_to_loss_below_1'] if r['steps_to_loss_below_1'] is not None else 'never'} | "
-              f"{r['final_loss']:.3f} | {r['cer']:.3f} | {r['seconds']:.0f} |")
+              f"{r['final_loss']:.3f} | {'-' if r['final_aux_loss'] is None else format(r['final_aux_loss'], '.3f')} | "
+              f"{r['cer']:.3f} | {r['seconds']:.0f} |")
     return 0
 
 

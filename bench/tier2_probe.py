@@ -217,6 +217,7 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
     aux_weight = spec.get("aux", 0.0)
     aux_head = torch.nn.Linear(cfg.gpt.n_embd, len(CHARSET) + 1) if aux_weight else None
     if aux_head is not None:
+        torch.nn.init.constant_(aux_head.bias, args.aux_bias)
         model.aux_head = aux_head  # trained with the model (AdamW group), never saved
     model.to(device).train()
     lr = spec.get("lr", args.lr)
@@ -325,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--muon-lr", type=float, default=0.02)
     parser.add_argument("--encoder-lr-scale", type=float, default=0.5)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--aux-bias", type=float, default=0.0,
+                        help="initial bias of the *-aux head; with centering, the prior's log-odds (about -4) "
+                             "spares it a long walk there (bench/RESULTS.md, session 7)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--eval-n", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=384)

@@ -99,7 +99,10 @@ class CombinedOptimizer:
         if len(saved) != len(self.optimizers):
             raise ValueError(f"optimizer state has {len(saved)} parts, this optimizer {len(self.optimizers)}")
         for o, s in zip(self.optimizers, saved):
+            encoder = [g.get("encoder", False) for g in o.param_groups]
             o.load_state_dict(s)
+            for g, flag in zip(o.param_groups, encoder):  # states saved before the flag existed lack it
+                g["encoder"] = flag
 
 
 def _is_muon_param(name: str, p: nn.Parameter) -> bool:
@@ -119,7 +122,7 @@ def _adamw_groups(params: list[tuple[str, nn.Parameter]], lr: float, weight_deca
             ps = [p for n, p in params if _is_encoder_param(n) == encoder and (p.ndim >= 2) == decay]
             if ps:
                 groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0,
-                               "lr": lr * (encoder_lr_scale if encoder else 1.0)})
+                               "lr": lr * (encoder_lr_scale if encoder else 1.0), "encoder": encoder})
     return groups
 
 
@@ -152,6 +155,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
     for o in opts:
         for g in o.param_groups:
             g["base_lr"] = g["lr"]
+            g.setdefault("encoder", False)  # SAM / CLIP groups: set_lr's encoder_multiplier applies
     return CombinedOptimizer(opts)
 
 
@@ -171,7 +175,9 @@ def lr_multiplier(step: int, total: int, schedule: str, warmup: int = 0, min_fra
     raise ValueError(f"unknown schedule {schedule!r}; choose cosine, step or constant")
 
 
-def set_lr(optimizer: CombinedOptimizer, multiplier: float) -> float:
+def set_lr(optimizer: CombinedOptimizer, multiplier: float, encoder_multiplier: float = 1.0) -> float:
+    """Each group's lr = its base lr x ``multiplier``, SAM's and CLIP's groups also x
+    ``encoder_multiplier`` (0 holds them still while the rest trains); returns the first group's lr."""
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * multiplier
+        g["lr"] = g["base_lr"] * multiplier * (encoder_multiplier if g.get("encoder", False) else 1.0)
     return optimizer.param_groups[0]["lr"]

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -304,11 +305,25 @@ def _restore(cfg: TrainConfig, tokenizer, device) -> tuple[NanoDeepseekOCR, dict
     if model.config.gpt.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"checkpoint {source} has vocab {model.config.gpt.vocab_size} but the tokenizer "
                          f"{cfg.tokenizer_path} has {tokenizer.vocab_size}")
+    warn_config_ignored(cfg, model.config, source)
     mode = (meta.get("processor") or {}).get("mode")
     if not resume:
         return model, None, 0, mode
     state = load_optimizer_state(source)
     return model, state, int(meta.get("step", 0)), mode
+
+
+def warn_config_ignored(cfg: TrainConfig, loaded, source) -> None:
+    """Warn when the run's config asks for slot centering and a loaded checkpoint was trained without it.
+
+    ``slot_centering`` is part of the network the weights were trained as, so a checkpoint keeps
+    its own: a YAML's ``slot_centering: true`` over such a checkpoint (DeepSeek-OCR's weights, say)
+    would otherwise be ignored in silence. A config left at the default (false) over a centred
+    checkpoint is the normal stage-2 case and says nothing.
+    """
+    if cfg.slot_centering and not loaded.slot_centering:
+        warnings.warn(f"the config sets slot_centering: true, but checkpoint {source} was trained without it "
+                      f"and keeps it off", stacklevel=2)
 
 
 def _peak_flops(device: torch.device) -> float | None:

@@ -90,7 +90,7 @@ def head(tmp_path_factory):
 
 def test_stage1_through_ray_job_submit_logs_the_loss(head, shards):
     address, env = head
-    runtime_env = {"excludes": [".venv", ".git", "artifacts", ".gpu", "*.egg-info"],
+    runtime_env = {"excludes": [".venv", ".git", "artifacts", ".gpu", ".fonts", "*.egg-info"],
                    "env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}}
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps(runtime_env), "--",

@@ -159,3 +159,20 @@ def test_tiny_forward_backward_is_fast_and_learns_a_fixed_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05, loss.item()
+
+
+def test_asking_for_slot_centering_over_a_checkpoint_without_it_is_warned_about():
+    import warnings
+
+    from pipeline.train import TrainConfig, warn_config_ignored
+
+    plain = _model().config  # trained without centering
+    centred = _model().config
+    centred.slot_centering = True
+    with pytest.warns(UserWarning, match="slot_centering: true, but checkpoint ckpt/x was trained without it"):
+        warn_config_ignored(TrainConfig(slot_centering=True), plain, "ckpt/x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_config_ignored(TrainConfig(slot_centering=False), plain, "ckpt/x")  # agrees
+        warn_config_ignored(TrainConfig(stage=2, init_from="ckpt/x"), centred, "ckpt/x")  # stage 2 on defaults
+        warn_config_ignored(TrainConfig(slot_centering=True), centred, "ckpt/x")
