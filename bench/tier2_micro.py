@@ -85,8 +85,7 @@ def draw(text: str, layout: str, size: int, font_px: int, rng: random.Random) ->
     if layout == "grid":
         row = rng.randrange(g)
         for k, c in enumerate(text):
-            pen.text((k * CELL + (CELL - pen.textlength(c, font=font)) / 2, row * CELL + (CELL - font_px) / 2 - 4),
-                     c, fill="black", font=font)
+            draw_in_cell(pen, c, font, font_px, k, row)
             cells[row * g + k, LETTERS.index(c)] = 1
     else:
         width = pen.textlength(text, font=font)
@@ -97,6 +96,12 @@ def draw(text: str, layout: str, size: int, font_px: int, rng: random.Random) ->
             centre = x + pen.textlength(text[:k], font=font) + pen.textlength(c, font=font) / 2
             cells[row * g + min(g - 1, int(centre // CELL)), LETTERS.index(c)] = 1
     return np.asarray(image).copy(), cells
+
+
+def draw_in_cell(pen, c: str, font, font_px: int, col: int, row: int) -> None:
+    """Letter ``c`` centred in grid cell (col, row), as the ``grid`` layout places its letters."""
+    pen.text((col * CELL + (CELL - pen.textlength(c, font=font)) / 2, row * CELL + (CELL - font_px) / 2 - 4),
+             c, fill="black", font=font)
 
 
 class Strings(torch.utils.data.IterableDataset):
@@ -161,9 +166,9 @@ def build(variant: dict, vocab_size: int, image_token_id: int, size: int, device
 
 def cell_logits(model: nn.Module, vision: list[torch.Tensor], size: int) -> torch.Tensor:
     """[images, cells, 26] aux-head logits of the global view's slots (the newline column dropped)."""
-    g = size // CELL
-    grid = torch.stack([v[:g * (g + 1)].view(g, g + 1, -1)[:, :g].reshape(g * g, -1) for v in vision])
-    return model.aux_head(grid.float())
+    from model.vlm import global_view_slots
+
+    return model.aux_head(torch.stack([global_view_slots(v, size // CELL) for v in vision]).float())
 
 
 def oracle_embeddings(model: nn.Module, texts: list[str], n_slots: int, device: torch.device) -> list[torch.Tensor]:
@@ -184,9 +189,7 @@ def letter_probe(size: int, font_px: int) -> torch.Tensor:
     views = []
     for c in LETTERS:
         image = Image.new("RGB", (size, size), "white")
-        pen = ImageDraw.Draw(image)
-        pen.text((CELL + (CELL - pen.textlength(c, font=font)) / 2, CELL + (CELL - font_px) / 2 - 4), c,
-                 fill="black", font=font)
+        draw_in_cell(ImageDraw.Draw(image), c, font, font_px, 1, 1)
         views.append(torch.as_tensor(np.asarray(image).copy()).permute(2, 0, 1))
     return torch.stack(views)
 

@@ -198,7 +198,7 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
     from model.engine import Engine, GenerationRequest, SamplingParams
     from model.processor import ImageProcessor
     from model.tokenizer import Tokenizer
-    from model.vlm import ImageViews
+    from model.vlm import ImageViews, global_view_slots
     from pipeline.metrics import cer
     from pipeline.mixture import batches
     from pipeline.optim import build_optimizer, lr_multiplier, set_lr
@@ -237,7 +237,7 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
             total = loss / max(1, batch.n_target_tokens)
             if cells is not None:
                 g = int(round(cells[0].shape[0] ** 0.5))
-                grid = torch.stack([v[:g * (g + 1)].view(g, g + 1, -1)[:, :g].reshape(g * g, -1) for v in vision])
+                grid = torch.stack([global_view_slots(v, g) for v in vision])
                 aux_logits = aux_head(grid.float())
                 aux_t = torch.stack(cells).to(device, non_blocking=True).float()
                 aux_loss = torch.nn.functional.binary_cross_entropy_with_logits(aux_logits, aux_t)

@@ -88,6 +88,14 @@ def center_slots(features: torch.Tensor) -> torch.Tensor:
     return features - features.mean(dim=1, keepdim=True)
 
 
+def global_view_slots(embeddings: torch.Tensor, grid: int) -> torch.Tensor:
+    """[grid * grid, D]: the global view's slots, row-major without the newline column, of one
+    image's embeddings as :meth:`NanoDeepseekOCR.encode_images` lays them out (tiles, then the
+    global rows each ending in a newline, then the separator): what a per-cell head reads."""
+    rows = embeddings[-(grid * (grid + 1) + 1):-1]
+    return rows.reshape(grid, grid + 1, -1)[:, :grid].reshape(grid * grid, -1)
+
+
 class Projector(nn.Module):
     """Linear map from [CLIP ; SAM] features to the GPT width (checkpoint key ``projector.layers``)."""
 

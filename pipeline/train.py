@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from model.config import from_yaml, preset as model_preset
+from model.config import VLMConfig, from_yaml, preset as model_preset
 from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, is_sharded, shard_model,
                                   shard_optimizer_state, to_float, vision_on_every_rank)
@@ -313,7 +313,7 @@ def _restore(cfg: TrainConfig, tokenizer, device) -> tuple[NanoDeepseekOCR, dict
     return model, state, int(meta.get("step", 0)), mode
 
 
-def warn_config_ignored(cfg: TrainConfig, loaded, source) -> None:
+def warn_config_ignored(cfg: TrainConfig, loaded: VLMConfig, source: Any) -> None:
     """Warn when the run's config asks for slot centering and a loaded checkpoint was trained without it.
 
     ``slot_centering`` is part of the network the weights were trained as, so a checkpoint keeps

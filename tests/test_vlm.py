@@ -176,3 +176,14 @@ def test_asking_for_slot_centering_over_a_checkpoint_without_it_is_warned_about(
         warn_config_ignored(TrainConfig(slot_centering=False), plain, "ckpt/x")  # agrees
         warn_config_ignored(TrainConfig(stage=2, init_from="ckpt/x"), centred, "ckpt/x")  # stage 2 on defaults
         warn_config_ignored(TrainConfig(slot_centering=True), centred, "ckpt/x")
+
+
+def test_global_view_slots_reads_the_global_grid_back_with_or_without_tiles():
+    from model.vlm import global_view_slots
+
+    m = _model()
+    for views, grid in [(_views(512), 8), (_views(1024, tiles=6, crop=(3, 2), seed=3), 16)]:
+        with torch.no_grad():
+            embeddings = m.encode_images([views])[0]
+            expected = m._encode_view_batch(normalize(views.global_view[None]))[0]
+        assert torch.allclose(global_view_slots(embeddings, grid), expected, atol=1e-5)
