@@ -18,7 +18,9 @@ tells the encoder's share of the difficulty from the decoder's; ``oracle`` hands
 letter's identity in slot k directly (learned embeddings): how fast the decoder alone learns to
 copy. ``-center`` turns on :attr:`model.config.VLMConfig.slot_centering`; ``-aux`` adds a
 training-only loss (each slot the GPT reads predicts which letters lie in its 64 x 64 cell, a BCE
-per letter, as ``bench/tier2_probe.py``'s ``*-aux`` variants do on pages).
+per letter, as ``bench/tier2_probe.py``'s ``*-aux`` variants do on pages); ``-patch`` adds a finer
+one before the compressor: each 16 x 16 patch of SAM's neck names the letter whose centre lies in
+it, or none (a cross-entropy over 27 classes, letter patches and empty patches weighted equally).
 
 Options: ``--readout linear`` trains the encoder and the aux head alone, without the GPT (can the
 encoder learn glyphs when the signal reaches it directly?); ``--encoder-lr-scale`` and
@@ -26,8 +28,8 @@ encoder learn glyphs when the signal reaches it directly?); ``--encoder-lr-scale
 random-init features; the ``cnn`` stem counts as decoder-side for both) change how the encoder
 starts. Every 100 steps the log prints the *letter similarity*: the mean cosine similarity between
 the slot vectors of the 26 letters, each drawn alone in one cell (1 = the encoder cannot tell any
-two apart). Prints a table last (steps to a loss below 1 nat, final loss and aux loss, CER) and
-writes ``micro.json`` under ``--out``.
+two apart). Prints a table last (steps to a loss below 1 nat, final loss, aux loss, share of letter
+patches the ``-patch`` head names wrong, CER) and writes ``micro.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -49,20 +51,25 @@ from torch import nn  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CELL = 64  # input pixels per vision slot (16 px patches x the compressor's 4 per side)
+PATCH = 16  # input pixels per position of SAM's neck
+FLAGS = ("center", "aux", "patch")
 PROMPT = "<image>\nFree OCR."
 LAYOUTS = ("grid", "line")
 ENCODERS = ("deep", "sam", "cnn", "oracle")
 
 
 def parse_variant(name: str) -> dict:
-    """``<layout>-<encoder>[-center][-aux]``, e.g. ``line-deep-center``."""
+    """``<layout>-<encoder>[-center][-aux][-patch]``, e.g. ``line-deep-center``."""
     parts = name.split("-")
     flags = parts[2:]
     if len(parts) < 2 or parts[0] not in LAYOUTS or parts[1] not in ENCODERS \
-            or any(f not in ("center", "aux") for f in flags) or len(set(flags)) != len(flags) \
-            or flags != sorted(flags, key=("center", "aux").index):
-        raise ValueError(f"variant {name!r}: expected <{'|'.join(LAYOUTS)}>-<{'|'.join(ENCODERS)}>[-center][-aux]")
-    return {"name": name, "layout": parts[0], "encoder": parts[1], "center": "center" in flags, "aux": "aux" in flags}
+            or any(f not in FLAGS for f in flags) or len(set(flags)) != len(flags) \
+            or flags != sorted(flags, key=FLAGS.index):
+        raise ValueError(f"variant {name!r}: expected <{'|'.join(LAYOUTS)}>-<{'|'.join(ENCODERS)}>"
+                         + "".join(f"[-{f}]" for f in FLAGS))
+    if "patch" in flags and parts[1] not in ("deep", "sam"):
+        raise ValueError(f"variant {name!r}: -patch needs SAM's neck (encoder deep or sam)")
+    return {"name": name, "layout": parts[0], "encoder": parts[1], **{f: f in flags for f in FLAGS}}
 
 
 def random_text(rng: random.Random, layout: str, size: int) -> str:
@@ -70,9 +77,11 @@ def random_text(rng: random.Random, layout: str, size: int) -> str:
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, max(3, longest))))
 
 
-def draw(text: str, layout: str, size: int, font_px: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+def draw(text: str, layout: str, size: int, font_px: int,
+         rng: random.Random) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """([size, size, 3] uint8 black letters on white, [cells, 26] multi-hot: the letters whose
-    centres fall in each vision slot's 64 x 64 cell, row-major)."""
+    centres fall in each vision slot's 64 x 64 cell, [patches] int64: the letter (1-26, 0 = none)
+    whose centre falls in each 16 x 16 patch; both row-major)."""
     from PIL import Image, ImageDraw
 
     from pipeline.synth import get_font
@@ -80,22 +89,26 @@ def draw(text: str, layout: str, size: int, font_px: int, rng: random.Random) ->
     font = get_font("sans", 0, font_px)
     image = Image.new("RGB", (size, size), "white")
     pen = ImageDraw.Draw(image)
-    g = size // CELL
+    g, gp = size // CELL, size // PATCH
     cells = np.zeros((g * g, len(LETTERS)), dtype=np.uint8)
+    patches = np.zeros(gp * gp, dtype=np.int64)
+    centres = []  # (letter, x, y) of each letter's centre
     if layout == "grid":
         row = rng.randrange(g)
         for k, c in enumerate(text):
             draw_in_cell(pen, c, font, font_px, k, row)
-            cells[row * g + k, LETTERS.index(c)] = 1
+            centres.append((c, k * CELL + CELL / 2, row * CELL + CELL / 2 - 4))
     else:
         width = pen.textlength(text, font=font)
         x, y = rng.uniform(4, max(5.0, size - width - 4)), rng.uniform(4, size - font_px - 8)
         pen.text((x, y), text, fill="black", font=font)
-        row = min(g - 1, int((y + font_px / 2) // CELL))
         for k, c in enumerate(text):
-            centre = x + pen.textlength(text[:k], font=font) + pen.textlength(c, font=font) / 2
-            cells[row * g + min(g - 1, int(centre // CELL)), LETTERS.index(c)] = 1
-    return np.asarray(image).copy(), cells
+            centres.append((c, x + pen.textlength(text[:k], font=font) + pen.textlength(c, font=font) / 2,
+                            y + font_px / 2))
+    for c, cx, cy in centres:
+        cells[min(g - 1, int(cy // CELL)) * g + min(g - 1, int(cx // CELL)), LETTERS.index(c)] = 1
+        patches[min(gp - 1, int(cy // PATCH)) * gp + min(gp - 1, int(cx // PATCH))] = LETTERS.index(c) + 1
+    return np.asarray(image).copy(), cells, patches
 
 
 def draw_in_cell(pen, c: str, font, font_px: int, col: int, row: int) -> None:
@@ -105,7 +118,7 @@ def draw_in_cell(pen, c: str, font, font_px: int, col: int, row: int) -> None:
 
 
 class Strings(torch.utils.data.IterableDataset):
-    """Endless batches of (ids, loss mask, image, text, cell letters) of one layout, whole batches per DataLoader
+    """Endless batches of (ids, loss mask, image, text, cell letters, patch letters) of one layout, whole batches per DataLoader
     worker (one hand-over per batch, not per image); each worker its own seed."""
 
     def __init__(self, tokenizer_json: str, layout: str, size: int, font_px: int, batch_size: int, seed: int) -> None:
@@ -126,7 +139,8 @@ class Strings(torch.utils.data.IterableDataset):
             rendered = [tok.render_vision(PROMPT, t, n_slots) for t in texts]
             drawn = [draw(t, self.layout, self.size, self.font_px, rng) for t in texts]
             yield ([np.asarray(ids) for ids, _ in rendered], [np.asarray(m) for _, m in rendered],
-                   np.stack([image for image, _ in drawn]), texts, np.stack([cells for _, cells in drawn]))
+                   np.stack([d[0] for d in drawn]), texts, np.stack([d[1] for d in drawn]),
+                   np.stack([d[2] for d in drawn]))
 
 
 def build(variant: dict, vocab_size: int, image_token_id: int, size: int, device: torch.device,
@@ -159,6 +173,11 @@ def build(variant: dict, vocab_size: int, image_token_id: int, size: int, device
     if variant["aux"]:
         model.aux_head = nn.Linear(width, len(LETTERS))  # each slot: which letters lie in its cell
         nn.init.constant_(model.aux_head.bias, aux_bias)
+    if variant["patch"]:  # each neck position: which letter's centre lies in its patch (0 = none)
+        model.patch_head = nn.Conv2d(cfg.sam.neck_dim, len(LETTERS) + 1, 1)
+        model.neck_out = []
+        model.sam_model.neck.register_forward_hook(  # training passes only (probes and eval run without grad)
+            lambda _m, _i, out: model.neck_out.append(out) if torch.is_grad_enabled() else None)
     if variant["encoder"] in ("cnn", "sam"):  # the stand-in in place of the towers + projector
         model._encode_view_batch = lambda views: center_slots(features(views)) if variant["center"] else features(views)
     return model.to(device)
@@ -169,6 +188,19 @@ def cell_logits(model: nn.Module, vision: list[torch.Tensor], size: int) -> torc
     from model.vlm import global_view_slots
 
     return model.aux_head(torch.stack([global_view_slots(v, size // CELL) for v in vision]).float())
+
+
+def patch_loss(model: nn.Module, patches: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(cross-entropy of the neck's patch letters, share of letter patches named wrong), from the neck
+    outputs the last forward pass left (global views only: their order is the images')."""
+    logits = model.patch_head(torch.cat(model.neck_out).float()).flatten(2).transpose(1, 2)  # [B, patches, 27]
+    model.neck_out.clear()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), patches.reshape(-1),
+                                           reduction="none").reshape(patches.shape)
+    letter = patches > 0
+    loss = ce[letter].mean() + ce[~letter].mean()
+    wrong = float((logits.argmax(-1) != patches)[letter].float().mean())
+    return loss, wrong
 
 
 def oracle_embeddings(model: nn.Module, texts: list[str], n_slots: int, device: torch.device) -> list[torch.Tensor]:
@@ -224,8 +256,9 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
         Strings(tokenizer_json, variant["layout"], args.size, args.font_px, args.batch_size, 0),
         batch_size=None, num_workers=args.workers, prefetch_factor=4))
     start, ema, aux_ema, below_one, curve = time.perf_counter(), None, None, None, []
+    patch_ema = patch_wrong = None
     for step in range(args.steps):
-        ids, masks, images, texts, cells = next(data)
+        ids, masks, images, texts, cells, patches = next(data)
         samples = [Sample(i, m, [ImageViews.from_arrays(img, None)]) for i, m, img in zip(ids, masks, images)]
         batch = collate([[s] for s in samples], max(len(s) for s in samples)).to(device)
         set_lr(opt, lr_multiplier(step, args.steps, "constant", warmup=50),
@@ -244,6 +277,12 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
                 total = loss + aux
                 aux_value = float(aux.detach())
                 aux_ema = aux_value if aux_ema is None else 0.95 * aux_ema + 0.05 * aux_value
+            if variant["patch"]:
+                p_loss, wrong = patch_loss(model, torch.as_tensor(patches, device=device))
+                total = total + p_loss
+                p_value = float(p_loss.detach())
+                patch_ema = p_value if patch_ema is None else 0.95 * patch_ema + 0.05 * p_value
+                patch_wrong = wrong if patch_wrong is None else 0.95 * patch_wrong + 0.05 * wrong
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -256,7 +295,9 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
             similarity = None if oracle else round(letter_similarity(model, probe, args.size), 4)
             curve.append((step, round(ema, 4), similarity))
             print(f"[{variant['name']}] step {step} loss(ema) {ema:.3f} "
-                  f"{'' if aux_ema is None else f'aux {aux_ema:.3f} '}letter similarity {similarity} "
+                  f"{'' if aux_ema is None else f'aux {aux_ema:.3f} '}"
+                  f"{'' if patch_ema is None else f'patch {patch_ema:.3f} (wrong {patch_wrong:.3f}) '}"
+                  f"letter similarity {similarity} "
                   f"{time.perf_counter() - start:.0f}s", flush=True)
     seconds = time.perf_counter() - start
     model.eval()
@@ -265,9 +306,9 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
     if linear:  # no reading: how many letter cells the aux head gets exactly right
         drawn = [draw(t, variant["layout"], args.size, args.font_px, rng) for t in texts]
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            vision = model.encode_images([ImageViews.from_arrays(image, None) for image, _ in drawn])
+            vision = model.encode_images([ImageViews.from_arrays(d[0], None) for d in drawn])
             guessed = (cell_logits(model, vision, args.size) > 0).cpu().numpy()
-        truth = np.stack([cells for _, cells in drawn]).astype(bool)
+        truth = np.stack([d[1] for d in drawn]).astype(bool)
         occupied = truth.any(-1)
         scores = [1.0 - float((guessed == truth).all(-1)[occupied].mean())]  # reported as the error
     elif oracle:  # no images to read: greedy copy through the GPT alone
@@ -295,6 +336,8 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
             print(f"[{variant['name']}] gt {t!r} read {r.text!r}", flush=True)
     return {**variant, "readout": args.readout, "steps": args.steps, "seconds": round(seconds, 1),
             "final_loss": round(ema, 4), "final_aux_loss": None if aux_ema is None else round(aux_ema, 4),
+            "final_patch_loss": None if patch_ema is None else round(patch_ema, 4),
+            "final_patch_wrong": None if patch_wrong is None else round(patch_wrong, 4),
             "steps_to_loss_below_1": below_one, "cer": round(float(np.mean(scores)), 4), "curve": curve}
 
 
@@ -345,13 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n### Tier-2 micro probe — {dev}, {args.steps} steps x {args.batch_size} images of {args.size} px, "
           f"letters at {args.font_px} px, {args.readout} readout\n")
-    print("| variant | layout | encoder | slot centering | steps to loss < 1 | final loss | final aux loss | CER "
-          "| train s |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("| variant | layout | encoder | slot centering | steps to loss < 1 | final loss | final aux loss "
+          "| patches wrong | CER | train s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['name']} | {r['layout']} | {r['encoder']} | {'on' if r['center'] else 'off'} | "
               f"{r['steps_to_loss_below_1'] if r['steps_to_loss_below_1'] is not None else 'never'} | "
               f"{r['final_loss']:.3f} | {'-' if r['final_aux_loss'] is None else format(r['final_aux_loss'], '.3f')} | "
+              f"{'-' if r['final_patch_wrong'] is None else format(r['final_patch_wrong'], '.3f')} | "
               f"{r['cer']:.3f} | {r['seconds']:.0f} |")
     return 0
 

@@ -19,7 +19,8 @@ emerged. A loss stuck at the language-model floor and a CER near 1 mean the mode
 glyphs yet; the variant whose loss leaves that floor first is the one to spend the real budget
 on. ``*-aux`` variants add a training-only loss: each vision slot predicts which characters lie
 in its 64 x 64 cell, which tells apart "the encoder has not learned glyphs" from "the decoder
-does not look". "data wait" is the share of the training time spent waiting for the next batch:
+does not look"; ``*-patch`` ones a finer one, each 16 x 16 patch of SAM's neck naming the
+character centred in it. "data wait" is the share of the training time spent waiting for the next batch:
 near 0 the variant is compute-bound, near 1 data-bound. Prints a table last and writes
 ``probe.json`` under ``--out``.
 """
@@ -74,12 +75,17 @@ VARIANTS: dict[str, dict] = {
     # both: the aux loss gives the encoder a direct glyph signal, centering lets the decoder see it
     "words-small-aux-center": dict(mode="small", tasks={"word": 1.0}, aux=1.0, center=True),
     "curriculum-small-aux-center": dict(mode="small", phases=CURRICULUM, aux=1.0, center=True),
+    # and the finer target: each 16 px patch of SAM's neck names its character (what makes lines read in
+    # bench/tier2_micro.py)
+    "lines-small-aux-center-patch": dict(mode="small", tasks={"line": 1.0}, aux=1.0, center=True, patch=1.0),
+    "curriculum-small-aux-center-patch": dict(mode="small", phases=CURRICULUM, aux=1.0, center=True, patch=1.0),
 }
 
 
 CHARSET = [chr(c) for c in range(33, 127)]  # printable ASCII without space; anything else is the last class
 CHAR_INDEX = {c: i for i, c in enumerate(CHARSET)}
 CELL = 64  # model-input pixels one slot covers (patch 16 x the 16x compressor's 4 per side)
+PATCH = 16  # model-input pixels one position of SAM's neck covers
 SHUFFLE_PAGES = 4  # a DataLoader worker shuffles the samples of this many pages together
 EVAL_TASKS = ("word", "line", "free")
 
@@ -89,33 +95,51 @@ def phases(spec: dict) -> list[tuple[float, dict[str, float]]]:
     return spec.get("phases") or [(1.0, spec["tasks"])]
 
 
-def cell_char_targets(page, view_size: int) -> np.ndarray:
-    """[g*g, len(CHARSET)+1] multi-hot: the characters whose centres fall in each slot's cell of
-    the global view (the page padded to a centred square and resized, as the processor does)."""
-    g = view_size // CELL
+def page_glyphs(page, view_size: int):
+    """(character class, x centre, top, bottom) of each non-space glyph of the page's words, in
+    pixels of the global view (the page padded to a centred square and resized, as the processor
+    does); a word's characters share its box evenly."""
     w, h = page.size
     m = max(w, h)
     scale = view_size / m
     ox, oy = (m - w) / 2, (m - h) / 2
-    out = np.zeros((g * g, len(CHARSET) + 1), dtype=np.uint8)
     for piece in page.words:
         x1, y1, x2, y2 = piece.box_px
         chars = [c for c in piece.text if not c.isspace()]
-        if not chars:
-            continue
-        inset = (y2 - y1) / 4  # a glyph counts in every cell row its middle half reaches
-        rows = range(max(0, int((y1 + inset + oy) * scale // CELL)), min(g - 1, int((y2 - inset + oy) * scale // CELL)) + 1)
-        step = (x2 - x1) / len(chars)
+        step = (x2 - x1) / max(1, len(chars))
         for k, c in enumerate(chars):
-            col = min(g - 1, max(0, int((x1 + (k + 0.5) * step + ox) * scale // CELL)))
-            for row in rows:
-                out[row * g + col, CHAR_INDEX.get(c, len(CHARSET))] = 1
+            yield CHAR_INDEX.get(c, len(CHARSET)), (x1 + (k + 0.5) * step + ox) * scale, (y1 + oy) * scale, \
+                (y2 + oy) * scale
+
+
+def cell_char_targets(page, view_size: int) -> np.ndarray:
+    """[g*g, len(CHARSET)+1] multi-hot: the characters whose centres fall in each slot's cell of
+    the global view."""
+    g = view_size // CELL
+    out = np.zeros((g * g, len(CHARSET) + 1), dtype=np.uint8)
+    for cls, x, top, bottom in page_glyphs(page, view_size):
+        inset = (bottom - top) / 4  # a glyph counts in every cell row its middle half reaches
+        col = min(g - 1, max(0, int(x // CELL)))
+        for row in range(max(0, int((top + inset) // CELL)), min(g - 1, int((bottom - inset) // CELL)) + 1):
+            out[row * g + col, cls] = 1
     return out
 
 
-def crop_targets(page, task: str, piece_id: str, view_size: int) -> np.ndarray:
-    """:func:`cell_char_targets` of a ``line``/``word`` crop: the words inside it, moved into
-    the crop's own coordinates (the box :func:`pipeline.synth.piece_crop` cuts)."""
+def patch_char_targets(page, view_size: int) -> np.ndarray:
+    """[p*p] int64 over the 16 x 16 patches of SAM's neck: 1 + the class of the character whose
+    centre falls in the patch (the last one drawn where several do), 0 for none."""
+    gp = view_size // PATCH
+    out = np.zeros(gp * gp, dtype=np.int64)
+    for cls, x, top, bottom in page_glyphs(page, view_size):
+        row, col = (min(gp - 1, max(0, int(v // PATCH))) for v in ((top + bottom) / 2, x))
+        out[row * gp + col] = cls + 1
+    return out
+
+
+def crop_targets(page, task: str, piece_id: str, view_size: int, targets=cell_char_targets) -> np.ndarray:
+    """``targets`` (:func:`cell_char_targets` or :func:`patch_char_targets`) of a ``line``/``word``
+    crop: the words inside it, moved into the crop's own coordinates (the box
+    :func:`pipeline.synth.piece_crop` cuts)."""
     from types import SimpleNamespace
 
     from pipeline.synth import TextPiece, piece_crop_box, readable_pieces
@@ -130,7 +154,7 @@ def crop_targets(page, task: str, piece_id: str, view_size: int) -> np.ndarray:
                   and y1 <= (w.box_px[1] + w.box_px[3]) / 2 <= y2]
     moved = [TextPiece(w.text, (w.box_px[0] - cx1, w.box_px[1] - cy1, w.box_px[2] - cx1, w.box_px[3] - cy1))
              for w in inside]
-    return cell_char_targets(SimpleNamespace(size=(cx2 - cx1, cy2 - cy1), words=moved), view_size)
+    return targets(SimpleNamespace(size=(cx2 - cx1, cy2 - cy1), words=moved), view_size)
 
 
 class _Rendered(torch.utils.data.IterableDataset):
@@ -139,9 +163,9 @@ class _Rendered(torch.utils.data.IterableDataset):
     ``crops_per_page`` crops), in a seeded random order over ``SHUFFLE_PAGES`` pages at a time."""
 
     def __init__(self, stream, tokenizer_json: str, max_len: int, aux: bool = False,
-                 crops_per_page: int | None = None) -> None:
+                 crops_per_page: int | None = None, patch: bool = False) -> None:
         self.stream, self.tokenizer_json, self.max_len, self.aux = stream, tokenizer_json, max_len, aux
-        self.crops_per_page = crops_per_page
+        self.crops_per_page, self.patch = crops_per_page, patch
 
     def __iter__(self):
         from model.processor import ImageProcessor
@@ -171,11 +195,13 @@ class _Rendered(torch.utils.data.IterableDataset):
                 if len(ids) > self.max_len:
                     continue
                 views = ImageViews.from_processed(p)
-                if self.aux:
-                    size = p.global_view.shape[0]
-                    cells = (crop_targets(page, rec["task"], rec["id"], size) if rec["task"] in ("line", "word")
-                             else cell_char_targets(page, size))
-                    views.aux = torch.as_tensor(cells)
+                size = p.global_view.shape[0]
+                for wanted, attr, targets in ((self.aux, "aux", cell_char_targets),
+                                              (self.patch, "patch", patch_char_targets)):
+                    if wanted:
+                        setattr(views, attr, torch.as_tensor(
+                            crop_targets(page, rec["task"], rec["id"], size, targets)
+                            if rec["task"] in ("line", "word") else targets(page, size)))
                 yield Sample(np.asarray(ids), np.asarray(mask), [views], rec["task"])
 
 
@@ -219,17 +245,24 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
     if aux_head is not None:
         torch.nn.init.constant_(aux_head.bias, args.aux_bias)
         model.aux_head = aux_head  # trained with the model (AdamW group), never saved
+    patch_weight = spec.get("patch", 0.0)
+    neck_out: list[torch.Tensor] = []
+    if patch_weight:  # each neck position names the character centred in its patch (bench/tier2_micro.py -patch)
+        model.patch_head = torch.nn.Conv2d(cfg.sam.neck_dim, len(CHARSET) + 2, 1)
+        hook = model.sam_model.neck.register_forward_hook(
+            lambda _m, _i, out: neck_out.append(out) if torch.is_grad_enabled() else None)
     model.to(device).train()
     lr = spec.get("lr", args.lr)
     opt = build_optimizer(model, "muon", lr, muon_lr=spec.get("muon_lr", args.muon_lr),
                           encoder_lr_scale=spec.get("encoder_lr_scale", args.encoder_lr_scale))
 
-    def train_step(batch, step: int) -> tuple[float, float | None]:
-        """One optimizer step; (loss per target token, aux loss or None)."""
+    def train_step(batch, step: int) -> tuple[float, float | None, float | None]:
+        """One optimizer step; (loss per target token, aux loss or None, patch loss or None)."""
         set_lr(opt, lr_multiplier(step, 10**9, "constant", args.warmup))
         cells = [im.aux for im in batch.images] if aux_head is not None else None
+        patches = [im.patch for im in batch.images] if patch_weight else None
         batch = batch.to(device)
-        aux_value = None
+        aux_value = patch_value = None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             vision = model.encode_images(batch.images)
             loss = model(batch.input_ids, targets=batch.targets, vision_embeds=vision, positions=batch.positions,
@@ -243,22 +276,36 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
                 aux_loss = torch.nn.functional.binary_cross_entropy_with_logits(aux_logits, aux_t)
                 total = total + aux_weight * aux_loss
                 aux_value = float(aux_loss.detach())
+            if patches is not None:
+                features = torch.cat(neck_out)
+                neck_out.clear()
+                if features.shape[0] != len(patches):
+                    raise ValueError(f"{name}: patch targets need global views only (mode {spec['mode']} has tiles)")
+                logits = model.patch_head(features.float()).flatten(2).transpose(1, 2)
+                target = torch.stack(patches).to(device, non_blocking=True)
+                ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                       reduction="none").reshape(target.shape)
+                glyph = target > 0  # glyph patches and empty ones weigh the same (empty ones are most)
+                patch_loss = ce[glyph].mean() + ce[~glyph].mean() if glyph.any() else ce.mean()
+                total = total + patch_weight * patch_loss
+                patch_value = float(patch_loss.detach())
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach()) / max(1, batch.n_target_tokens), aux_value
+        return float(loss.detach()) / max(1, batch.n_target_tokens), aux_value, patch_value
 
     shares = np.array([share for share, _ in plan], dtype=float)
     ends = np.cumsum(shares) / shares.sum() * args.seconds
     curve, step, samples, elapsed, waited = [], 0, 0, 0.0, 0.0
-    ema, aux_ema = None, 0.0
+    ema, aux_ema, patch_ema = None, 0.0, 0.0
     for phase, ((_, tasks), end) in enumerate(zip(plan, ends)):
         # each phase on fresh pages: the same seed would render the previous phase's pages again
         stream = dataclasses.replace(base, seed=args.seed + 1_000_003 * phase, tasks=tasks)
         print(f"[{name}] phase {phase}: {tasks} until {end:.0f}s", flush=True)
         loader = torch.utils.data.DataLoader(
-            _Rendered(stream, tokenizer_json, args.seq_len, bool(aux_weight), args.crops_per_page or None),
+            _Rendered(stream, tokenizer_json, args.seq_len, bool(aux_weight), args.crops_per_page or None,
+                      bool(patch_weight)),
             batch_size=None, num_workers=args.workers, prefetch_factor=8, persistent_workers=False)
         # packing and collating 128 crops is main-process work: done ahead, as the trainer does
         data = Prefetcher(batches(iter(loader), args.seq_len, args.batch_size), depth=2)
@@ -274,20 +321,26 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
             elapsed = now - start
             if elapsed >= end:
                 break
-            value, aux_value = train_step(batch, step)
+            value, aux_value, patch_value = train_step(batch, step)
             step += 1
             samples += batch.n_samples
             ema = value if ema is None else 0.95 * ema + 0.05 * value
             if aux_value is not None:
                 aux_ema = aux_value if step == 1 else 0.95 * aux_ema + 0.05 * aux_value
+            if patch_value is not None:
+                patch_ema = patch_value if step == 1 else 0.95 * patch_ema + 0.05 * patch_value
             if step % 25 == 0:
                 curve.append((step, round(elapsed, 1), round(ema, 4)))
                 print(f"[{name}] step {step} t {elapsed:.0f}s loss(ema) {ema:.3f} aux {aux_ema:.4f} "
+                      f"patch {patch_ema:.3f} "
                       f"samples {samples} ({samples / elapsed:.0f}/s, data wait {waited / elapsed:.0%})", flush=True)
         data.close()
         del loader, data
     if aux_head is not None:
         del model.aux_head
+    if patch_weight:
+        hook.remove()
+        del model.patch_head
     model.eval()
     engine = Engine(model, tok, device=device)
     proc = ImageProcessor.from_mode(base.mode)
