@@ -332,7 +332,7 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
             if step % 25 == 0:
                 curve.append((step, round(elapsed, 1), round(ema, 4)))
                 print(f"[{name}] step {step} t {elapsed:.0f}s loss(ema) {ema:.3f} aux {aux_ema:.4f} "
-                      f"patch {patch_ema:.3f} "
+                      f"{f'patch {patch_ema:.3f} ' if patch_weight else ''}"
                       f"samples {samples} ({samples / elapsed:.0f}/s, data wait {waited / elapsed:.0%})", flush=True)
         data.close()
         del loader, data
