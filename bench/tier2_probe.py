@@ -42,6 +42,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.glyphs import N_CLASSES, cell_targets, crop_page, page_glyphs, patch_targets  # noqa: E402
+
 # (share of the budget, tasks) of each phase
 CURRICULUM = [(0.25, {"word": 1.0}), (0.35, {"line": 1.0}), (0.4, {"line": 0.5, "free": 0.25, "markdown": 0.25})]
 
@@ -82,10 +84,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-CHARSET = [chr(c) for c in range(33, 127)]  # printable ASCII without space; anything else is the last class
-CHAR_INDEX = {c: i for i, c in enumerate(CHARSET)}
-CELL = 64  # model-input pixels one slot covers (patch 16 x the 16x compressor's 4 per side)
-PATCH = 16  # model-input pixels one position of SAM's neck covers
 SHUFFLE_PAGES = 4  # a DataLoader worker shuffles the samples of this many pages together
 EVAL_TASKS = ("word", "line", "free")
 
@@ -95,66 +93,14 @@ def phases(spec: dict) -> list[tuple[float, dict[str, float]]]:
     return spec.get("phases") or [(1.0, spec["tasks"])]
 
 
-def page_glyphs(page, view_size: int):
-    """(character class, x centre, top, bottom) of each non-space glyph of the page's words, in
-    pixels of the global view (the page padded to a centred square and resized, as the processor
-    does); a word's characters share its box evenly."""
-    w, h = page.size
-    m = max(w, h)
-    scale = view_size / m
-    ox, oy = (m - w) / 2, (m - h) / 2
-    for piece in page.words:
-        x1, y1, x2, y2 = piece.box_px
-        chars = [c for c in piece.text if not c.isspace()]
-        step = (x2 - x1) / max(1, len(chars))
-        for k, c in enumerate(chars):
-            yield CHAR_INDEX.get(c, len(CHARSET)), (x1 + (k + 0.5) * step + ox) * scale, (y1 + oy) * scale, \
-                (y2 + oy) * scale
-
-
-def cell_char_targets(page, view_size: int) -> np.ndarray:
-    """[g*g, len(CHARSET)+1] multi-hot: the characters whose centres fall in each slot's cell of
-    the global view."""
-    g = view_size // CELL
-    out = np.zeros((g * g, len(CHARSET) + 1), dtype=np.uint8)
-    for cls, x, top, bottom in page_glyphs(page, view_size):
-        inset = (bottom - top) / 4  # a glyph counts in every cell row its middle half reaches
-        col = min(g - 1, max(0, int(x // CELL)))
-        for row in range(max(0, int((top + inset) // CELL)), min(g - 1, int((bottom - inset) // CELL)) + 1):
-            out[row * g + col, cls] = 1
-    return out
-
-
-def patch_char_targets(page, view_size: int) -> np.ndarray:
-    """[p*p] int64 over the 16 x 16 patches of SAM's neck: 1 + the class of the character whose
-    centre falls in the patch (the last one drawn where several do), 0 for none."""
-    gp = view_size // PATCH
-    out = np.zeros(gp * gp, dtype=np.int64)
-    for cls, x, top, bottom in page_glyphs(page, view_size):
-        row, col = (min(gp - 1, max(0, int(v // PATCH))) for v in ((top + bottom) / 2, x))
-        out[row * gp + col] = cls + 1
-    return out
-
-
-def crop_targets(page, task: str, piece_id: str, view_size: int, targets=cell_char_targets) -> np.ndarray:
-    """``targets`` (:func:`cell_char_targets` or :func:`patch_char_targets`) of a ``line``/``word``
-    crop: the words inside it, moved into the crop's own coordinates (the box
-    :func:`pipeline.synth.piece_crop` cuts)."""
-    from types import SimpleNamespace
-
-    from pipeline.synth import TextPiece, piece_crop_box, readable_pieces
+def crop_targets(page, task: str, piece_id: str, view_size: int, targets) -> np.ndarray:
+    """``targets`` (:func:`pipeline.glyphs.cell_targets` or ``patch_targets``) of the ``line``/``word``
+    crop ``piece_id`` of ``page``."""
+    from pipeline.synth import readable_pieces
 
     k = int(piece_id.rsplit(task, 1)[1])
     piece = readable_pieces(page.lines if task == "line" else page.words)[k]
-    cx1, cy1, cx2, cy2 = piece_crop_box(page.size, piece)
-    inside = [piece]
-    if task == "line":
-        x1, y1, x2, y2 = piece.box_px
-        inside = [w for w in page.words if w.box_px[0] >= x1 - 1 and w.box_px[2] <= x2 + 1
-                  and y1 <= (w.box_px[1] + w.box_px[3]) / 2 <= y2]
-    moved = [TextPiece(w.text, (w.box_px[0] - cx1, w.box_px[1] - cy1, w.box_px[2] - cx1, w.box_px[3] - cy1))
-             for w in inside]
-    return targets(SimpleNamespace(size=(cx2 - cx1, cy2 - cy1), words=moved), view_size)
+    return targets(page_glyphs(crop_page(page, task, piece), view_size), view_size)
 
 
 class _Rendered(torch.utils.data.IterableDataset):
@@ -196,12 +142,11 @@ class _Rendered(torch.utils.data.IterableDataset):
                     continue
                 views = ImageViews.from_processed(p)
                 size = p.global_view.shape[0]
-                for wanted, attr, targets in ((self.aux, "aux", cell_char_targets),
-                                              (self.patch, "patch", patch_char_targets)):
+                for wanted, attr, targets in ((self.aux, "aux", cell_targets), (self.patch, "patch", patch_targets)):
                     if wanted:
                         setattr(views, attr, torch.as_tensor(
                             crop_targets(page, rec["task"], rec["id"], size, targets)
-                            if rec["task"] in ("line", "word") else targets(page, size)))
+                            if rec["task"] in ("line", "word") else targets(page_glyphs(page, size), size)))
                 yield Sample(np.asarray(ids), np.asarray(mask), [views], rec["task"])
 
 
@@ -241,14 +186,14 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
     cfg = model.config
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)
     aux_weight = spec.get("aux", 0.0)
-    aux_head = torch.nn.Linear(cfg.gpt.n_embd, len(CHARSET) + 1) if aux_weight else None
+    aux_head = torch.nn.Linear(cfg.gpt.n_embd, N_CLASSES) if aux_weight else None
     if aux_head is not None:
         torch.nn.init.constant_(aux_head.bias, args.aux_bias)
         model.aux_head = aux_head  # trained with the model (AdamW group), never saved
     patch_weight = spec.get("patch", 0.0)
     neck_out: list[torch.Tensor] = []
     if patch_weight:  # each neck position names the character centred in its patch (bench/tier2_micro.py -patch)
-        model.patch_head = torch.nn.Conv2d(cfg.sam.neck_dim, len(CHARSET) + 2, 1)
+        model.patch_head = torch.nn.Conv2d(cfg.sam.neck_dim, N_CLASSES + 1, 1)
         hook = model.sam_model.neck.register_forward_hook(
             lambda _m, _i, out: neck_out.append(out) if torch.is_grad_enabled() else None)
     model.to(device).train()

@@ -171,4 +171,4 @@ def vision_on_every_rank(batch: PackedBatch, model: NanoDeepseekOCR, device: tor
     image = ImageViews(torch.zeros(3, size, size, **u8), torch.zeros(0, 3, 1, 1, **u8))
     return PackedBatch(torch.cat([batch.input_ids, ids]), torch.cat([batch.targets, torch.full_like(ids, -1)]),
                        torch.cat([batch.positions, positions]), torch.cat([batch.segment_ids, segments]),
-                       [image], batch.n_samples, batch.n_target_tokens)
+                       [image], batch.n_samples, batch.n_target_tokens, [None])

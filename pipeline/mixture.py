@@ -24,6 +24,7 @@ class Sample:
     loss_mask: np.ndarray  # 0/1, 1 where the token is a training target
     images: list[ImageViews] = field(default_factory=list)
     task: str = ""
+    glyphs: np.ndarray | None = None  # [n, 4] of its one image's global view (pipeline.glyphs), when known
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -40,17 +41,18 @@ class PackedBatch:
     images: list[ImageViews]
     n_samples: int
     n_target_tokens: int
+    glyphs: list[np.ndarray | None] = field(default_factory=list)  # per image (pipeline.glyphs), stays on the host
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
                            self.positions.to(device, non_blocking=True), self.segment_ids.to(device, non_blocking=True),
-                           [im.to(device) for im in self.images], self.n_samples, self.n_target_tokens)
+                           [im.to(device) for im in self.images], self.n_samples, self.n_target_tokens, self.glyphs)
 
     def pin_memory(self) -> "PackedBatch":
         """Page-locked copies (a background thread prepares them; see ``pipeline.prefetch``)."""
         return PackedBatch(self.input_ids.pin_memory(), self.targets.pin_memory(), self.positions.pin_memory(),
                            self.segment_ids.pin_memory(), [im.pin_memory() for im in self.images], self.n_samples,
-                           self.n_target_tokens)
+                           self.n_target_tokens, self.glyphs)
 
 
 def sample_targets(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
@@ -128,6 +130,7 @@ def collate(groups: Sequence[list[Sample]], seq_len: int) -> PackedBatch:
     positions = torch.zeros(B, seq_len, dtype=torch.long)
     segments = torch.full((B, seq_len), -1, dtype=torch.long)
     images: list[ImageViews] = []
+    glyphs: list[np.ndarray | None] = []
     n_samples = 0
     for b, group in enumerate(groups):
         start = 0
@@ -138,9 +141,10 @@ def collate(groups: Sequence[list[Sample]], seq_len: int) -> PackedBatch:
             positions[b, start:start + n] = torch.arange(n)
             segments[b, start:start + n] = seg
             images.extend(s.images)
+            glyphs.extend([s.glyphs] if len(s.images) == 1 else [None] * len(s.images))
             start += n
             n_samples += 1
-    return PackedBatch(ids, targets, positions, segments, images, n_samples, int((targets >= 0).sum()))
+    return PackedBatch(ids, targets, positions, segments, images, n_samples, int((targets >= 0).sum()), glyphs)
 
 
 def batches(samples: Iterable[Sample], seq_len: int, batch_size: int, max_pixels: int | None = None,

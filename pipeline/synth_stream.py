@@ -73,6 +73,10 @@ class _RenderSpec:
     stream: SynthStreamConfig
     tokenizer_json: str
     max_seq_len: int
+    glyphs: bool = False  # add a GLYPHS_COLUMN (pipeline.glyphs) for the trainer's glyph loss
+
+
+GLYPHS_COLUMN = "glyphs"  # where each character of the global view lies (pipeline.glyphs.encode_glyphs)
 
 
 def _draw(index: int, stream: SynthStreamConfig, synth) -> tuple[Any, str, random.Random]:
@@ -115,12 +119,26 @@ def render_sample(index: int, stream: SynthStreamConfig, synth=None) -> tuple[An
     there: one line of text is read without having to find it on the page first). The page
     itself comes along for callers that need its boxes (the recipe probes' cell targets).
     """
+    page, _, image, record = _render(index, stream, synth)
+    return page, image, record
+
+
+def _render(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, Any, Any, dict]:
+    """(page, the cropped line or word or None, image, record) of stream page ``index``."""
     page, task, rng = _draw(index, stream, synth)
     pieces = _crop_pieces(page, task)
     if pieces:
         k = rng.randrange(len(pieces))
-        return (page, *_crop_sample(page, task, k, pieces[k]))
-    return (page, *_page_sample(page, task))
+        return (page, pieces[k], *_crop_sample(page, task, k, pieces[k]))
+    return (page, None, *_page_sample(page, task))
+
+
+def sample_glyphs(page, piece, task: str, view_size: int):
+    """The glyphs (:func:`pipeline.glyphs.page_glyphs`) of a stream sample's global view: of the
+    whole page, or of the crop of ``piece`` for a ``line``/``word`` sample."""
+    from pipeline.glyphs import crop_page, page_glyphs
+
+    return page_glyphs(page if piece is None else crop_page(page, task, piece), view_size)
 
 
 def render_crops(index: int, stream: SynthStreamConfig, synth=None,
@@ -144,30 +162,36 @@ def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[An
 
 
 def render_batch(batch: Mapping[str, np.ndarray], spec: _RenderSpec) -> pa.Table:
-    """Ray Data UDF: page indices -> shard rows (records over ``max_seq_len`` are dropped)."""
+    """Ray Data UDF: page indices -> shard rows (records over ``max_seq_len`` are dropped), with
+    a :data:`GLYPHS_COLUMN` when ``spec.glyphs``."""
     from model.processor import ImageProcessor
+    from pipeline.glyphs import encode_glyphs
     from pipeline.preprocess import rows_to_table, shard_row, worker_tokenizer
 
     tokenizer = worker_tokenizer(spec.tokenizer_json)
     processor = ImageProcessor.from_mode(spec.stream.mode)
     synth = spec.stream.synth_config()
-    rows = []
+    rows, glyphs = [], []
     for index in batch["id"].tolist():
-        image, rec = render_record(int(index), spec.stream, synth)
+        page, piece, image, rec = _render(int(index), spec.stream, synth)
         p = processor.process(image)
         ids, mask = tokenizer.render_vision(rec["prompt"], rec["response"], p.n_image_tokens)
         if len(ids) > spec.max_seq_len:
             continue  # rare with the page profiles; the packer would refuse the row anyway
         rows.append(shard_row(rec["id"], rec["task"], ids, mask, mode=p.mode, global_view=p.global_view,
                               tiles=p.tiles, spatial_crop=p.spatial_crop, n_image_tokens=p.n_image_tokens))
-    return rows_to_table(rows)
+        if spec.glyphs:
+            glyphs.append(encode_glyphs(sample_glyphs(page, piece, rec["task"], p.global_view.shape[0])))
+    table = rows_to_table(rows)
+    return table.append_column(GLYPHS_COLUMN, pa.array(glyphs, pa.binary())) if spec.glyphs else table
 
 
-def synth_dataset(stream: SynthStreamConfig, tokenizer_json: str, max_seq_len: int):
-    """A Ray Dataset of ``stream.pages`` freshly rendered training rows (lazy: nothing runs yet)."""
+def synth_dataset(stream: SynthStreamConfig, tokenizer_json: str, max_seq_len: int, glyphs: bool = False):
+    """A Ray Dataset of ``stream.pages`` freshly rendered training rows (lazy: nothing runs yet);
+    ``glyphs`` adds where each character lies (the trainer's ``glyph_loss``)."""
     import ray.data
 
-    spec = _RenderSpec(stream, tokenizer_json, max_seq_len)
+    spec = _RenderSpec(stream, tokenizer_json, max_seq_len, glyphs)
     blocks = max(1, -(-stream.pages // stream.pages_per_task))
     return ray.data.range(stream.pages, override_num_blocks=blocks).map_batches(
         render_batch, fn_kwargs={"spec": spec}, batch_size=stream.pages_per_task, batch_format="numpy")

@@ -31,6 +31,7 @@ from model.config import VLMConfig, from_yaml, preset as model_preset
 from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, is_sharded, shard_model,
                                   shard_optimizer_state, to_float, vision_on_every_rank)
+from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS
 from pipeline.mixture import Sample, batches, mixture_counts
 from pipeline.optim import build_optimizer, lr_multiplier, set_lr
 from pipeline.prefetch import Prefetcher
@@ -89,6 +90,7 @@ class TrainConfig:
     compile: bool = False
     compile_vision: bool = False  # torch.compile SAM + CLIP (view count dynamic): minutes to compile, faster steps
     slot_centering: bool = False  # new models only: VLMConfig.slot_centering (encoders from random init)
+    glyph_loss: float = 0.0  # weight of the training-only glyph heads (pipeline.glyph_loss); synth stream only
     torch_threads: int | None = None  # CPU workers: default this node's cores / local workers
     sample_prediction: bool = True
     register_model: str | None = None  # a model-registry name (stage 2 default: nano-deepseek-ocr)
@@ -120,6 +122,25 @@ class TrainConfig:
             self.synth = SynthStreamConfig(**self.synth)
         if self.synth is not None and self.stage != 1:
             raise ValueError("synth (a stream of rendered pages) is for stage 1; stage 2 reads shards (data)")
+        self._check_glyph_loss()
+
+    def _check_glyph_loss(self) -> None:
+        from model.config import MODES
+
+        if self.glyph_loss < 0:
+            raise ValueError(f"glyph_loss must be >= 0, got {self.glyph_loss}")
+        if not self.glyph_loss:
+            return
+        if self.synth is None:
+            raise ValueError("glyph_loss needs to know where each character lies: train on the synth stream")
+        if MODES[self.synth.mode]["crop_mode"]:
+            raise ValueError(f"glyph_loss reads the global view only: synth.mode {self.synth.mode!r} has tiles; "
+                             "use tiny, small, base or large")
+        if self.compile or self.compile_vision:
+            raise ValueError("glyph_loss hooks into the towers, which compile/compile_vision compile: set one of them")
+        if self.strategy == "fsdp" and self.num_workers > 1:
+            raise ValueError("glyph_loss runs its heads outside the model's forward, which FSDP2 does not gather: "
+                             "use strategy ddp")
 
     @property
     def tokenizer_path(self) -> str:
@@ -140,14 +161,19 @@ def load_train_config(path: str | None = None, **overrides: Any) -> TrainConfig:
 # ------------------------------------------------------------------ worker side
 
 def row_to_sample(row: dict) -> Sample:
-    """A shard row (see ``pipeline.preprocess``) as a training sample."""
+    """A shard row (see ``pipeline.preprocess``) as a training sample, with the glyphs of a
+    synthetic-stream row that carries them."""
+    from pipeline.glyphs import decode_glyphs
     from pipeline.preprocess import decode_row
+    from pipeline.synth_stream import GLYPHS_COLUMN
 
     r = decode_row(row)
     images = []
     if r.get("global_view") is not None:
         images.append(ImageViews.from_arrays(r["global_view"], r.get("tiles"), r.get("spatial_crop") or (1, 1)))
-    return Sample(np.asarray(r["input_ids"]), np.asarray(r["loss_mask"]), images, r.get("task", ""))
+    glyphs = row.get(GLYPHS_COLUMN)
+    return Sample(np.asarray(r["input_ids"]), np.asarray(r["loss_mask"]), images, r.get("task", ""),
+                  decode_glyphs(glyphs) if glyphs is not None and images else None)
 
 
 def _sample_bytes(sample: Sample) -> int:
@@ -248,10 +274,12 @@ def _plain_copy(model: NanoDeepseekOCR, state: dict[str, torch.Tensor], device: 
     sharded model would wait for the other ranks in every forward)."""
     from model.weights import load_into
 
+    from pipeline.glyph_loss import split_state
+
     with torch.device("meta"):
         copy = NanoDeepseekOCR(model.config)
     copy = copy.to_empty(device=device)
-    load_into(copy, state, "gathered FSDP state")
+    load_into(copy, split_state(state)[0], "gathered FSDP state")
     copy.gpt.init_rotary()
     return copy
 
@@ -262,12 +290,18 @@ def _save(cfg: TrainConfig, model, optimizer, tokenizer, step: int, mode: str | 
     Every rank must call it: under FSDP2 gathering the state is a collective.
     """
     from model.weights import save_checkpoint
+    from pipeline.glyph_loss import STATE_FILE, split_state
 
     state, optim = _full_state_and_optim(model, optimizer, rank)
     if rank != 0:
         return None
     directory = tempfile.mkdtemp(prefix="ckpt-")
     inner = _unwrap(model)
+    state, heads = split_state(state)  # training-only heads: beside the weights, for a resume
+    if heads:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, str(Path(directory) / STATE_FILE))
 
     class _View(torch.nn.Module):  # save_checkpoint wants .config and .state_dict()
         def __init__(self):
@@ -300,17 +334,37 @@ def _restore(cfg: TrainConfig, tokenizer, device) -> tuple[NanoDeepseekOCR, dict
     elif cfg.init_from:
         source = storage.localize_dir(cfg.init_from)
     if source is None:
-        return _build_model(cfg, tokenizer).to(device), None, 0, None
+        return _with_glyph_heads(cfg, _build_model(cfg, tokenizer), None).to(device), None, 0, None
     model, _, meta = load_checkpoint(source, device=device, with_tokenizer=False)
     if model.config.gpt.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"checkpoint {source} has vocab {model.config.gpt.vocab_size} but the tokenizer "
                          f"{cfg.tokenizer_path} has {tokenizer.vocab_size}")
     warn_config_ignored(cfg, model.config, source)
+    model = _with_glyph_heads(cfg, model, source if resume else None).to(device)
     mode = (meta.get("processor") or {}).get("mode")
     if not resume:
         return model, None, 0, mode
     state = load_optimizer_state(source)
     return model, state, int(meta.get("step", 0)), mode
+
+
+def _with_glyph_heads(cfg: TrainConfig, model: NanoDeepseekOCR, resume_dir: str | None) -> NanoDeepseekOCR:
+    """The model with its training-only glyph heads when ``cfg.glyph_loss`` asks for them, their
+    weights restored from a checkpoint being resumed."""
+    from pipeline.glyph_loss import STATE_FILE, GlyphHeads
+
+    if not cfg.glyph_loss:
+        return model
+    heads = GlyphHeads(model.config)
+    saved = Path(resume_dir) / STATE_FILE if resume_dir else None
+    if saved is not None and saved.is_file():
+        from safetensors.torch import load_file
+
+        heads.load_state_dict(load_file(str(saved)))
+    elif saved is not None:
+        warnings.warn(f"resuming from {resume_dir} without {STATE_FILE}: the glyph heads start afresh", stacklevel=2)
+    setattr(model, GLYPH_HEADS, heads)
+    return model
 
 
 def warn_config_ignored(cfg: TrainConfig, loaded: VLMConfig, source: Any) -> None:
@@ -386,6 +440,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     else:
         model = model.to(device)
     inner = _unwrap(model)
+    glyph_heads = getattr(inner, GLYPH_HEADS, None) if cfg.glyph_loss else None
+    if glyph_heads is not None:
+        glyph_heads.attach(inner)
     if cfg.compile_vision:
         # one graph per view size for any number of views: on an H200 the full preset's vision towers
         # run 1.6x faster (a step 1.34x), after ~1.5-2 min of compiling per view size
@@ -442,6 +499,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 first_sample = micro[0]
             n_targets = max(1, sum(b.n_target_tokens for b in micro))
             loss_sum = 0.0
+            glyph_sums: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(micro):
                 batch = batch.to(device)
                 if fsdp and cfg.stage == 2:  # stage 1 rows all carry an image; stage 2 mixes in text rows
@@ -454,7 +512,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 with ctx_sync, autocast:
                     loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
                                  segment_ids=batch.segment_ids, loss_reduction="sum")
-                (loss / n_targets).backward()
+                    total = loss / n_targets
+                    if glyph_heads is not None:
+                        glyph, parts = glyph_heads.loss(batch.glyphs)
+                        total = total + cfg.glyph_loss * glyph / len(micro)
+                        for k, v in parts.items():
+                            glyph_sums[k] = glyph_sums.get(k, 0.0) + v / len(micro)
+                total.backward()
                 loss_sum += float(loss.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -466,7 +530,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             tok_per_s = tokens / max(now - t_last, 1e-9)
             t_last = now
             metrics = {"loss": loss_sum / n_targets, "lr": lr, "grad_norm": to_float(grad_norm),
-                       "tokens_per_s": tok_per_s, "data_wait_s": data_wait, "step": step}
+                       "tokens_per_s": tok_per_s, "data_wait_s": data_wait, "step": step,
+                       **{k: float(v) for k, v in glyph_sums.items()}}
             if peak:
                 metrics["mfu"] = flops_per_token * tok_per_s / (peak * world)
             if device.type == "cuda":
@@ -564,7 +629,7 @@ def _datasets(cfg: TrainConfig):
     from pipeline.synth_stream import synth_dataset
 
     if cfg.synth is not None:  # rendered in order, page by page: already as random as a shuffle
-        return synth_dataset(cfg.synth, storage.read_text(cfg.tokenizer_path), cfg.seq_len)
+        return synth_dataset(cfg.synth, storage.read_text(cfg.tokenizer_path), cfg.seq_len, glyphs=cfg.glyph_loss > 0)
     ds = None
     for path in cfg.data:
         part = read_shards(path)

@@ -57,3 +57,14 @@ def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ra
     again = capsys.readouterr().out
     for step in ("synthetic data", "tokenizer", "preprocess", "stage 1", "stage 2", "evaluation"):
         assert f"==> {step}" in again and "skipped" in again.split(f"==> {step}")[1].splitlines()[0], step
+
+
+def test_glyph_recipe_configs_load():
+    import speedrun
+
+    from pipeline.train import load_train_config
+
+    run = speedrun.load_config(str(REPO / "jobs/configs/speedrun_tier2_glyphs.yaml"))
+    stage1 = load_train_config(str(REPO / run.stage1_config),
+                               synth={"profile": run.synth_profile, "mode": run.mode, "tasks": run.stream_tasks})
+    assert stage1.glyph_loss > 0 and stage1.slot_centering and stage1.synth.tasks["line"] == 0.5

@@ -165,3 +165,68 @@ def test_stage1_on_stream_stops_at_time_limit_and_resumes(ray_local, tokenizer_f
     assert run.info.status == "FINISHED"
     assert run.data.params["mode"] == "tiny"
     assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2, 3, 4]
+
+
+def test_stream_rows_carry_glyphs_of_the_view_they_show(ray_local, tokenizer_file):
+    from pipeline.glyphs import char_class
+    from pipeline.synth_stream import GLYPHS_COLUMN
+    from pipeline.train import row_to_sample
+
+    stream = SynthStreamConfig(**{**TINY_STREAM, "pages": 8, "tasks": {"free": 1.0, "line": 1.0}})
+    rows = synth_dataset(stream, tokenizer_file.read_text(), 1024, glyphs=True).take_all()
+    assert len(rows) == 8
+    assert GLYPHS_COLUMN not in synth_dataset(stream, tokenizer_file.read_text(), 1024).take(1)[0]
+    tasks = set()
+    for i, row in enumerate(sorted(rows, key=lambda r: r["id"])):
+        page, _, record = render_sample(i, stream)
+        sample = row_to_sample(row)
+        tasks.add(record["task"])
+        text = record["response"] if record["task"] == "line" else "".join(w.text for w in page.words)
+        chars = [c for c in text if not c.isspace()]
+        assert sample.glyphs.shape == (len(chars), 4)
+        assert sorted(sample.glyphs[:, 0].astype(int).tolist()) == sorted(char_class(c) for c in chars)
+        assert (sample.glyphs[:, 1:] >= -1).all() and (sample.glyphs[:, 1:] <= 513).all()  # inside the 512 px view
+    assert tasks == {"free", "line"}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(glyph_loss=-1.0), "glyph_loss must be >= 0"),
+    (dict(glyph_loss=1.0, synth=None), "synth stream"),
+    (dict(glyph_loss=1.0, synth={**TINY_STREAM, "mode": "gundam"}), "has tiles"),
+    (dict(glyph_loss=1.0, compile_vision=True), "compile"),
+    (dict(glyph_loss=1.0, strategy="fsdp", num_workers=2), "use strategy ddp"),
+])
+def test_glyph_loss_config_errors_are_clear(bad, match):
+    with pytest.raises(ValueError, match=match):
+        load_train_config(None, **{"stage": 1, "synth": dict(TINY_STREAM), **bad})
+
+
+@pytest.mark.slow
+def test_stage1_with_glyph_loss_logs_it_and_keeps_heads_out_of_the_weights(ray_local, tokenizer_file, tmp_path,
+                                                                             mlflow_uri):
+    from safetensors import safe_open
+
+    from model.weights import load_checkpoint
+    from pipeline.glyph_loss import STATE_FILE
+
+    base = dict(stage=1, preset="tiny", synth=dict(TINY_STREAM), tokenizer=str(tokenizer_file),
+                out=str(tmp_path / "runs"), run_name="glyphs", tracking_uri=mlflow_uri, experiment="test-glyphs",
+                seq_len=1024, batch_size=2, steps=3, warmup_steps=1, log_every=1, sample_prediction=False,
+                glyph_loss=1.0, slot_centering=True, num_workers=2)
+    first = run_stage(load_train_config(None, **base, time_limit_s=0.0))  # stops at step 1 with a checkpoint
+    assert not first.complete and (Path(first.checkpoint_dir) / STATE_FILE).is_file()
+    second = run_stage(load_train_config(None, **base))  # resumes with the heads' weights
+    assert second.complete and second.metrics["step"] == 3
+    final = Path(second.checkpoint_dir)
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("glyph_heads") for k in f.keys())
+    with safe_open(str(final / STATE_FILE), "pt") as f:
+        assert {"cell.weight", "cell.bias", "patch.weight", "patch.bias"} <= set(f.keys())
+    model, _, _ = load_checkpoint(str(final), with_tokenizer=False)  # the plain model loads strictly
+    assert not hasattr(model, "glyph_heads") and model.config.slot_centering
+    client = MlflowClient(mlflow_uri)
+    for name in ("glyph_cell_loss", "glyph_patch_loss", "glyph_patch_error"):
+        history = client.get_metric_history(second.run_id, name)
+        assert [m.step for m in history] == [1, 2, 3] and all(np.isfinite(m.value) for m in history)
+    assert 0 < second.metrics["glyph_patch_loss"] < 20
+

@@ -1,0 +1,105 @@
+"""The glyph loss: training-only heads that name the characters under the encoder's features.
+
+Why: trained from random init on the next-token loss alone, the vision slots collapse to one
+direction before the decoder reads anything, and pages never leave the language-model floor
+(``bench/RESULTS.md``, Tier 2 sessions 6-8). Two heads give the encoder a direct signal:
+
+- a **cell** head on each global-view slot (after the projector, centred as the model centres
+  them) predicts which characters lie in its 64 px cell: a BCE per class, its bias started at
+  the prior's log-odds (from 0 it spends hundreds of steps walking there);
+- a **patch** head on each 16 px position of SAM's neck (before the compressor) names the
+  character centred there or none: a cross-entropy in which glyph patches and empty patches
+  weigh the same. This one is what made random-init lines read in ``bench/tier2_micro.py``.
+
+The heads read the towers' outputs through forward hooks, so the model's forward (and its DDP
+or FSDP wrapper) stays as it is; they are trained with the model, saved beside a checkpoint
+for resuming, and never part of the model's weights.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.config import VLMConfig
+from model.vlm import center_slots
+from pipeline.glyphs import N_CLASSES, PATCH, cell_targets, patch_targets
+
+PRIOR_LOGIT = -4.0  # a character class in a cell of a page: a few percent (bench/RESULTS.md, session 7)
+ATTRIBUTE = "glyph_heads"  # the heads' submodule name on the model while it trains
+STATE_FILE = "glyph_heads.safetensors"  # beside a checkpoint's model.safetensors
+
+
+class GlyphHeads(nn.Module):
+    """The cell and patch heads, and the hooks that collect what they read."""
+
+    def __init__(self, config: VLMConfig) -> None:
+        super().__init__()
+        self.cell = nn.Linear(config.gpt.n_embd, N_CLASSES)
+        nn.init.constant_(self.cell.bias, PRIOR_LOGIT)
+        self.patch = nn.Conv2d(config.sam.neck_dim, N_CLASSES + 1, 1)
+        self.centering = config.slot_centering
+        self._neck: list[torch.Tensor] = []
+        self._slots: list[torch.Tensor] = []
+        self._hooks: list = []
+
+    def attach(self, model: nn.Module) -> None:
+        """Collect the neck's and the projector's outputs of each forward pass that builds a graph
+        (evaluation and sample predictions run without one and leave nothing behind)."""
+        def keep(store: list[torch.Tensor]):
+            def hook(_module, _inputs, output):
+                if torch.is_grad_enabled():
+                    store.append(output)
+            return hook
+
+        self.detach()
+        self._hooks = [model.sam_model.neck.register_forward_hook(keep(self._neck)),
+                       model.projector.register_forward_hook(keep(self._slots))]
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._neck.clear()
+        self._slots.clear()
+
+    def loss(self, glyphs: Sequence[np.ndarray | None]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(cell BCE + patch CE, detached parts) for the views of the last forward pass, one global
+        view per image in ``glyphs``' order; images without glyphs add nothing."""
+        neck, slots = torch.cat(self._neck), torch.cat(self._slots)
+        self._neck.clear()
+        self._slots.clear()
+        if neck.shape[0] != len(glyphs):
+            raise RuntimeError(f"the glyph loss needs one global view per image: the towers saw {neck.shape[0]} "
+                               f"views for {len(glyphs)} images (a mode with tiles?)")
+        keep = [i for i, g in enumerate(glyphs) if g is not None]
+        if not keep:  # every parameter still takes part (DDP expects a gradient for each)
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            return zero, {}
+        view_size = neck.shape[-1] * PATCH
+        device = neck.device
+        index = torch.tensor(keep, device=device)
+        cells = torch.as_tensor(np.stack([cell_targets(glyphs[i], view_size) for i in keep]), device=device)
+        patches = torch.as_tensor(np.stack([patch_targets(glyphs[i], view_size) for i in keep]), device=device)
+        grid = slots.index_select(0, index).float()
+        grid = center_slots(grid) if self.centering else grid
+        cell_loss = nn.functional.binary_cross_entropy_with_logits(self.cell(grid), cells.float())
+        logits = self.patch(neck.index_select(0, index).float()).flatten(2).transpose(1, 2)  # [n, patches, C+1]
+        ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), patches.reshape(-1),
+                                         reduction="none").reshape(patches.shape)
+        glyph = patches > 0
+        parts = [ce[m].mean() for m in (glyph, ~glyph) if bool(m.any())]
+        patch_loss = sum(parts)
+        wrong = (logits.argmax(-1) != patches)[glyph].float().mean() if bool(glyph.any()) else ce.new_zeros(())
+        return cell_loss + patch_loss, {"glyph_cell_loss": cell_loss.detach(), "glyph_patch_loss": patch_loss.detach(),
+                                        "glyph_patch_error": wrong.detach()}
+
+
+def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the model's weights, the glyph heads' weights) of a training model's state dict."""
+    prefix = ATTRIBUTE + "."
+    heads = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}, heads

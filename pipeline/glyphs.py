@@ -1,0 +1,103 @@
+"""Where each character of a rendered page lands in the model's global view, and the per-cell /
+per-patch targets made from that.
+
+Why: a model trained from random init on pages does not learn glyphs from the next-token loss
+alone; its vision slots collapse to one direction before the decoder reads anything
+(``bench/RESULTS.md``, Tier 2 sessions 6-8). Training-only heads that name the characters under
+each 16 px patch of SAM's neck and inside each 64 px slot cell give the encoder a direct signal
+(:mod:`pipeline.glyph_loss`). The synthetic stream knows every word's box, so it can say which
+character lies where; this module turns those boxes into view coordinates and targets.
+
+A glyph is one row of a float32 ``[n, 4]`` array: (character class, x centre, top, bottom) in
+pixels of the square global view (the page padded to a centred square and resized, as the
+processor does). A word's characters share its box evenly: the boxes are per word.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+CHARSET = [chr(c) for c in range(33, 127)]  # printable ASCII without space; anything else is the last class
+CHAR_INDEX = {c: i for i, c in enumerate(CHARSET)}
+N_CLASSES = len(CHARSET) + 1  # the characters + "other"
+CELL = 64  # view pixels one vision slot covers (patch 16 x the 16x compressor's 4 per side)
+PATCH = 16  # view pixels one position of SAM's neck covers
+
+
+def char_class(c: str) -> int:
+    """Class of a character: its index in :data:`CHARSET`, or the last class for anything else."""
+    return CHAR_INDEX.get(c, len(CHARSET))
+
+
+def page_glyphs(page: Any, view_size: int) -> np.ndarray:
+    """[n, 4] float32 (class, x centre, top, bottom) of every non-space character of ``page.words``
+    (``page.size`` = (w, h); each word a ``text`` and a ``box_px``), in global-view pixels."""
+    w, h = page.size
+    m = max(w, h)
+    scale = view_size / m
+    ox, oy = (m - w) / 2, (m - h) / 2
+    rows = []
+    for piece in page.words:
+        x1, y1, x2, y2 = piece.box_px
+        chars = [c for c in piece.text if not c.isspace()]
+        step = (x2 - x1) / max(1, len(chars))
+        for k, c in enumerate(chars):
+            rows.append((char_class(c), (x1 + (k + 0.5) * step + ox) * scale, (y1 + oy) * scale, (y2 + oy) * scale))
+    return np.asarray(rows, dtype=np.float32).reshape(-1, 4)
+
+
+def crop_page(page: Any, task: str, piece: Any) -> SimpleNamespace:
+    """The page a ``line``/``word`` crop shows: the words inside the crop's box (the one
+    :func:`pipeline.synth.piece_crop` cuts), moved into the crop's own coordinates."""
+    from pipeline.synth import TextPiece, piece_crop_box
+
+    cx1, cy1, cx2, cy2 = piece_crop_box(page.size, piece)
+    inside = [piece]
+    if task == "line":
+        x1, y1, x2, y2 = piece.box_px
+        inside = [w for w in page.words if w.box_px[0] >= x1 - 1 and w.box_px[2] <= x2 + 1
+                  and y1 <= (w.box_px[1] + w.box_px[3]) / 2 <= y2]
+    moved = [TextPiece(w.text, (w.box_px[0] - cx1, w.box_px[1] - cy1, w.box_px[2] - cx1, w.box_px[3] - cy1))
+             for w in inside]
+    return SimpleNamespace(size=(cx2 - cx1, cy2 - cy1), words=moved)
+
+
+def cell_targets(glyphs: np.ndarray, view_size: int) -> np.ndarray:
+    """[g*g, N_CLASSES] uint8 multi-hot, row-major over the view's 64 px slot cells: the classes
+    of the characters whose centres fall in each cell (a glyph counts in every cell row the
+    middle half of its height reaches)."""
+    g = view_size // CELL
+    out = np.zeros((g * g, N_CLASSES), dtype=np.uint8)
+    for cls, x, top, bottom in glyphs.tolist():
+        inset = (bottom - top) / 4
+        col = min(g - 1, max(0, int(x // CELL)))
+        for row in range(max(0, int((top + inset) // CELL)), min(g - 1, int((bottom - inset) // CELL)) + 1):
+            out[row * g + col, int(cls)] = 1
+    return out
+
+
+def patch_targets(glyphs: np.ndarray, view_size: int) -> np.ndarray:
+    """[p*p] int64, row-major over the view's 16 px patches: 1 + the class of the character whose
+    centre falls in the patch (the last one where several do), 0 for none."""
+    gp = view_size // PATCH
+    out = np.zeros(gp * gp, dtype=np.int64)
+    for cls, x, top, bottom in glyphs.tolist():
+        row, col = (min(gp - 1, max(0, int(v // PATCH))) for v in ((top + bottom) / 2, x))
+        out[row * gp + col] = int(cls) + 1
+    return out
+
+
+def encode_glyphs(glyphs: np.ndarray) -> bytes:
+    """A shard column's bytes for a glyph array (see :func:`decode_glyphs`)."""
+    return np.ascontiguousarray(glyphs, dtype=np.float32).tobytes()
+
+
+def decode_glyphs(data: bytes) -> np.ndarray:
+    """The [n, 4] glyph array of a shard column's bytes."""
+    buf = np.frombuffer(bytearray(data), dtype=np.float32)
+    if buf.size % 4:
+        raise ValueError(f"glyphs: {buf.size} floats are not rows of 4")
+    return buf.reshape(-1, 4)

@@ -1,0 +1,128 @@
+"""Glyph geometry and the training-only glyph heads (pipeline.glyphs, pipeline.glyph_loss): where
+each character of a page lands in the global view, the cell/patch targets made from that, and
+heads that read the towers through hooks and train the encoder."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import preset
+from model.vlm import ImageViews, NanoDeepseekOCR
+from pipeline.glyph_loss import GlyphHeads, split_state
+from pipeline.glyphs import (CELL, N_CLASSES, PATCH, cell_targets, char_class, crop_page, decode_glyphs,
+                             encode_glyphs, page_glyphs, patch_targets)
+from pipeline.synth import SynthConfig, TextPiece, make_page, readable_pieces
+
+
+def test_page_glyphs_follow_the_processors_square_padding():
+    # a 200 x 100 page is padded to 200 x 200 (50 px above and below) and resized to 64
+    page = SimpleNamespace(size=(200, 100), words=[TextPiece("a b", (0, 0, 20, 10)), TextPiece("Z", (100, 90, 110, 100))])
+    glyphs = page_glyphs(page, 64)
+    np.testing.assert_allclose(glyphs, [[char_class("a"), 5 * 0.32, 16, 19.2], [char_class("b"), 15 * 0.32, 16, 19.2],
+                                        [char_class("Z"), 105 * 0.32, 140 * 0.32, 150 * 0.32]], rtol=1e-6)
+    assert char_class("é") == N_CLASSES - 1  # anything outside printable ASCII: "other"
+
+
+def test_cell_and_patch_targets():
+    view = 128  # 2 x 2 cells, 8 x 8 patches
+    glyphs = np.array([[char_class("a"), 10, 4, 20],      # cell (0, 0), patch row 0 col 0
+                       [char_class("b"), 70, 50, 80],     # spans cell rows 0 and 1 (middle half: 57.5-72.5), col 1
+                       [char_class("c"), 71, 50, 80]],    # the same patch as b: the last one drawn wins
+                      dtype=np.float32)
+    cells = cell_targets(glyphs, view)
+    assert cells.shape == (4, N_CLASSES)
+    assert {(i, int(c)) for i, c in zip(*np.nonzero(cells))} == {
+        (0, char_class("a")), (1, char_class("b")), (3, char_class("b")), (1, char_class("c")), (3, char_class("c"))}
+    patches = patch_targets(glyphs, view)
+    assert patches.shape == ((view // PATCH) ** 2,) and CELL == 4 * PATCH
+    assert patches[0] == char_class("a") + 1
+    assert patches[4 * 8 + 4] == char_class("c") + 1  # centre (71, 65)
+    assert np.count_nonzero(patches) == 2
+
+
+def test_glyphs_round_trip_and_bad_bytes():
+    glyphs = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(decode_glyphs(encode_glyphs(glyphs)), glyphs)
+    assert decode_glyphs(b"").shape == (0, 4)
+    with pytest.raises(ValueError, match="rows of 4"):
+        decode_glyphs(np.zeros(3, np.float32).tobytes())
+
+
+def test_crop_page_keeps_the_lines_characters_inside_the_crop():
+    page = make_page(0, SynthConfig.from_profile("reading", seed=1), 1, "train")
+    line = readable_pieces(page.lines)[0]
+    cropped = crop_page(page, "line", line)
+    glyphs = page_glyphs(cropped, 512)
+    assert len(glyphs) == sum(not c.isspace() for c in line.text)
+    assert (glyphs[:, 1] >= 0).all() and (glyphs[:, 1] <= 512).all()
+    assert glyphs[:, 1].tolist() == sorted(glyphs[:, 1].tolist())  # left to right, as the line reads
+
+
+def _tiny_model() -> NanoDeepseekOCR:
+    cfg = preset("tiny")
+    cfg.slot_centering = True
+    torch.manual_seed(0)
+    model = NanoDeepseekOCR(cfg)
+    model.init_weights()
+    return model
+
+
+def _page(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 512 px view with a few letters drawn big, and their glyphs."""
+    from PIL import Image, ImageDraw
+
+    from pipeline.synth import get_font
+
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (512, 512), "white")
+    pen = ImageDraw.Draw(image)
+    font = get_font("sans", 0, 40)
+    rows = []
+    for k in range(4):
+        c = "abcdefgh"[rng.integers(8)]
+        x, y = 40 + 110 * k, 60 + 100 * int(rng.integers(4))
+        pen.text((x, y), c, fill="black", font=font)
+        rows.append((char_class(c), x + pen.textlength(c, font=font) / 2, y, y + 40))
+    return np.asarray(image).copy(), np.asarray(rows, np.float32)
+
+
+def test_glyph_heads_train_the_encoder_through_hooks():
+    model = _tiny_model()
+    heads = GlyphHeads(model.config)
+    model.glyph_heads = heads
+    heads.attach(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pages = [_page(s) for s in range(4)]
+    images = [ImageViews.from_arrays(img, None) for img, _ in pages]
+    glyphs = [g for _, g in pages]
+    losses = []
+    for _ in range(12):
+        model.encode_images(images)
+        loss, parts = heads.loss(glyphs)
+        assert set(parts) == {"glyph_cell_loss", "glyph_patch_loss", "glyph_patch_error"}
+        loss.backward()
+        assert model.sam_model.neck[0].weight.grad.abs().sum() > 0  # the signal reaches SAM
+        assert model.projector.layers.weight.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+    with torch.no_grad():  # evaluation leaves nothing behind for the next training step
+        model.encode_images(images)
+    model.encode_images(images[:2])
+    loss, parts = heads.loss([None, None])  # images without glyphs: zero, yet every head parameter takes part
+    assert float(loss) == 0.0 and parts == {}
+    loss.backward()
+    assert heads.cell.weight.grad is not None
+    model.encode_images(images[:2])
+    with pytest.raises(RuntimeError, match="one global view per image"):
+        heads.loss(glyphs[:1])
+    state, head_state = split_state(model.state_dict())
+    assert not any(k.startswith("glyph_heads.") for k in state) and set(head_state) == set(heads.state_dict())
+    heads.detach()
+    model.encode_images(images[:1])
+    assert heads._neck == [] and heads._slots == []
