@@ -118,8 +118,9 @@ def draw_in_cell(pen, c: str, font, font_px: int, col: int, row: int) -> None:
 
 
 class Strings(torch.utils.data.IterableDataset):
-    """Endless batches of (ids, loss mask, image, text, cell letters, patch letters) of one layout, whole batches per DataLoader
-    worker (one hand-over per batch, not per image); each worker its own seed."""
+    """Endless batches of (ids, loss mask, image, text, cell letters, patch letters) of one layout,
+    whole batches per DataLoader worker (one hand-over per batch, not per image); each worker its
+    own seed."""
 
     def __init__(self, tokenizer_json: str, layout: str, size: int, font_px: int, batch_size: int, seed: int) -> None:
         self.tokenizer_json, self.layout, self.size, self.font_px = tokenizer_json, layout, size, font_px

@@ -20,7 +20,8 @@ from pipeline.synth import SynthConfig, TextPiece, make_page, readable_pieces
 
 def test_page_glyphs_follow_the_processors_square_padding():
     # a 200 x 100 page is padded to 200 x 200 (50 px above and below) and resized to 64
-    page = SimpleNamespace(size=(200, 100), words=[TextPiece("a b", (0, 0, 20, 10)), TextPiece("Z", (100, 90, 110, 100))])
+    page = SimpleNamespace(size=(200, 100),
+                           words=[TextPiece("a b", (0, 0, 20, 10)), TextPiece("Z", (100, 90, 110, 100))])
     glyphs = page_glyphs(page, 64)
     np.testing.assert_allclose(glyphs, [[char_class("a"), 5 * 0.32, 16, 19.2], [char_class("b"), 15 * 0.32, 16, 19.2],
                                         [char_class("Z"), 105 * 0.32, 140 * 0.32, 150 * 0.32]], rtol=1e-6)
