@@ -58,6 +58,7 @@ class SpeedrunConfig:
     eval_baseline: str | None = None  # "tesseract": the peer baseline on the same pages
     stream_pages: int = 0  # > 0: stage 1 trains on this many pages rendered on the fly (Ray Data)
     stream_tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
+    stream_crops_per_page: int = 1  # line/word pages give up to this many crops (bench/stream.py: fewer CPUs needed)
     stages: list[int] = field(default_factory=lambda: [1, 2])  # [1]: stop after stage 1
     serve_port: int = 8000
     demo_task: str = "markdown"
@@ -168,7 +169,8 @@ def train(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None, uri: str):
         overrides["time_limit_s"] = cfg.stage1_time_limit_s
     if stage == 1 and cfg.stream_pages:
         overrides["synth"] = {"profile": cfg.synth_profile, "pages": cfg.stream_pages, "seed": cfg.seed + 100,
-                              "mode": cfg.mode, "tasks": dict(cfg.stream_tasks)}
+                              "mode": cfg.mode, "tasks": dict(cfg.stream_tasks),
+                              "crops_per_page": cfg.stream_crops_per_page}
     train_cfg = load_train_config(str(REPO_ROOT / config_path), stage=stage, **overrides)
     train_cfg.export_dir = str(stage_dir(cfg, stage))
     return run_stage(train_cfg)

@@ -10,7 +10,8 @@ character lies where; this module turns those boxes into view coordinates and ta
 
 A glyph is one row of a float32 ``[n, 4]`` array: (character class, x centre, top, bottom) in
 pixels of the square global view (the page padded to a centred square and resized, as the
-processor does). A word's characters share its box evenly: the boxes are per word.
+processor does). A word's characters share its box evenly: the boxes are per word. What is not
+a word (a list's bullet, a figure) has no glyphs.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ workers train on what comes out: each page is drawn (:mod:`pipeline.synth`), put
 resolution mode's processor and tokenized into exactly the row a Parquet shard holds
 (:func:`pipeline.preprocess.shard_row`), so the trainer cannot tell the two sources apart.
 
-Each page gives one record; its task is drawn per page from ``tasks`` (weights). Page ``i``
+Each page gives one record (a ``line``/``word`` page up to ``crops_per_page``, shuffled within
+the block); its task is drawn per page from ``tasks`` (weights). Page ``i``
 of ``seed`` is always the same page, so a run is reproducible; a resumed run asks for
 another ``seed`` (:meth:`SynthStreamConfig.for_resume`) so that it sees fresh pages instead of
 re-rendering the ones it has trained on.
@@ -37,6 +38,7 @@ class SynthStreamConfig:
     tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
     overrides: dict[str, Any] = field(default_factory=dict)  # SynthConfig fields
     pages_per_task: int = 32  # pages one Ray task renders (a block of the stream)
+    crops_per_page: int = 1  # line/word pages: up to this many crops each (rendering a page costs more than a crop)
 
     def __post_init__(self) -> None:
         from model.config import MODES
@@ -46,6 +48,8 @@ class SynthStreamConfig:
             raise ValueError(f"synth.pages must be >= 1, got {self.pages}")
         if self.pages_per_task < 1:
             raise ValueError(f"synth.pages_per_task must be >= 1, got {self.pages_per_task}")
+        if self.crops_per_page < 1:
+            raise ValueError(f"synth.crops_per_page must be >= 1, got {self.crops_per_page}")
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise ValueError(f"synth.tasks must weight some of {TASKS} (>= 0, some > 0), got {self.tasks}")
@@ -146,14 +150,35 @@ def render_crops(index: int, stream: SynthStreamConfig, synth=None,
     """The page of :func:`render_sample` and every (image, record) it offers for its task: its
     readable crops for ``line``/``word`` (at most ``limit``, drawn per page), the page itself
     otherwise. A consumer that can use many crops of one page renders it once, not once per crop."""
+    page, samples = _render_crops(index, stream, synth, limit)
+    return page, [(image, record) for _, image, record in samples]
+
+
+def _render_crops(index: int, stream: SynthStreamConfig, synth=None,
+                  limit: int | None = None) -> tuple[Any, list[tuple[Any, Any, dict]]]:
+    """:func:`render_crops` with each sample's cropped piece (None for the page itself)."""
     page, task, rng = _draw(index, stream, synth)
     pieces = _crop_pieces(page, task)
     if not pieces:
-        return page, [_page_sample(page, task)]
+        return page, [(None, *_page_sample(page, task))]
     ks = range(len(pieces))
     if limit is not None and limit < len(pieces):
         ks = sorted(rng.sample(ks, limit))
-    return page, [_crop_sample(page, task, k, pieces[k]) for k in ks]
+    return page, [(pieces[k], *_crop_sample(page, task, k, pieces[k])) for k in ks]
+
+
+def _block_samples(indices: list[int], stream: SynthStreamConfig, synth) -> list[tuple[Any, Any, Any, dict]]:
+    """(page, piece, image, record) of a block of stream pages: one sample per page, or with
+    ``crops_per_page`` > 1 up to that many crops of each line/word page, shuffled across the
+    block (seeded by its first page) so that one page's crops do not fill a packed row."""
+    if stream.crops_per_page == 1:
+        return [_render(i, stream, synth) for i in indices]
+    out = []
+    for i in indices:
+        page, samples = _render_crops(i, stream, synth, stream.crops_per_page)
+        out += [(page, *sample) for sample in samples]
+    random.Random(f"ndocr-stream-block/{stream.seed}/{indices[0] if indices else 0}").shuffle(out)
+    return out
 
 
 def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, dict]:
@@ -162,8 +187,8 @@ def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[An
 
 
 def render_batch(batch: Mapping[str, np.ndarray], spec: _RenderSpec) -> pa.Table:
-    """Ray Data UDF: page indices -> shard rows (records over ``max_seq_len`` are dropped), with
-    a :data:`GLYPHS_COLUMN` when ``spec.glyphs``."""
+    """Ray Data UDF: page indices -> shard rows (records over ``max_seq_len`` are dropped; several
+    per line/word page with ``crops_per_page``), with a :data:`GLYPHS_COLUMN` when ``spec.glyphs``."""
     from model.processor import ImageProcessor
     from pipeline.glyphs import encode_glyphs
     from pipeline.preprocess import rows_to_table, shard_row, worker_tokenizer
@@ -172,8 +197,7 @@ def render_batch(batch: Mapping[str, np.ndarray], spec: _RenderSpec) -> pa.Table
     processor = ImageProcessor.from_mode(spec.stream.mode)
     synth = spec.stream.synth_config()
     rows, glyphs = [], []
-    for index in batch["id"].tolist():
-        page, piece, image, rec = _render(int(index), spec.stream, synth)
+    for page, piece, image, rec in _block_samples([int(i) for i in batch["id"].tolist()], spec.stream, synth):
         p = processor.process(image)
         ids, mask = tokenizer.render_vision(rec["prompt"], rec["response"], p.n_image_tokens)
         if len(ids) > spec.max_seq_len:

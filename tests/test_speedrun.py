@@ -66,5 +66,7 @@ def test_glyph_recipe_configs_load():
 
     run = speedrun.load_config(str(REPO / "jobs/configs/speedrun_tier2_glyphs.yaml"))
     stage1 = load_train_config(str(REPO / run.stage1_config),
-                               synth={"profile": run.synth_profile, "mode": run.mode, "tasks": run.stream_tasks})
+                               synth={"profile": run.synth_profile, "mode": run.mode, "tasks": run.stream_tasks,
+                                      "crops_per_page": run.stream_crops_per_page})
     assert stage1.glyph_loss > 0 and stage1.slot_centering and stage1.synth.tasks["line"] == 0.5
+    assert stage1.synth.crops_per_page > 1

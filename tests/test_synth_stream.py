@@ -181,7 +181,8 @@ def test_stream_rows_carry_glyphs_of_the_view_they_show(ray_local, tokenizer_fil
         page, _, record = render_sample(i, stream)
         sample = row_to_sample(row)
         tasks.add(record["task"])
-        text = record["response"] if record["task"] == "line" else "".join(w.text for w in page.words)
+        text = (record["response"].removeprefix("• ") if record["task"] == "line"  # a bullet is not a word
+                else "".join(w.text for w in page.words))
         chars = [c for c in text if not c.isspace()]
         assert sample.glyphs.shape == (len(chars), 4)
         assert sorted(sample.glyphs[:, 0].astype(int).tolist()) == sorted(char_class(c) for c in chars)
@@ -230,3 +231,22 @@ def test_stage1_with_glyph_loss_logs_it_and_keeps_heads_out_of_the_weights(ray_l
         assert [m.step for m in history] == [1, 2, 3] and all(np.isfinite(m.value) for m in history)
     assert 0 < second.metrics["glyph_patch_loss"] < 20
 
+
+
+def test_stream_gives_several_crops_of_a_line_page(ray_local, tokenizer_file):
+    from pipeline.synth_stream import GLYPHS_COLUMN
+    from pipeline.train import row_to_sample
+
+    stream = SynthStreamConfig(**{**TINY_STREAM, "pages": 8, "tasks": {"line": 1.0}, "crops_per_page": 3})
+    rows = synth_dataset(stream, tokenizer_file.read_text(), 1024, glyphs=True).take_all()
+    expected = {rec["id"]: rec for i in range(8) for _, rec in render_crops(i, stream, limit=3)[1]}
+    assert 8 < len(rows) <= 24 and {r["id"] for r in rows} == set(expected)
+    pages = [r["id"].rsplit("-line", 1)[0] for r in rows]
+    assert pages != sorted(pages)  # one page's crops are spread over the block, not in a run
+    for row in rows:
+        sample = row_to_sample(row)
+        text = expected[row["id"]]["response"].removeprefix("• ")  # a list's bullet is drawn, but not a word
+        assert len(sample.glyphs) == sum(not c.isspace() for c in text)
+    assert GLYPHS_COLUMN in rows[0]
+    with pytest.raises(ValueError, match="crops_per_page"):
+        SynthStreamConfig(**{**TINY_STREAM, "crops_per_page": 0})
