@@ -19,10 +19,12 @@ emerged. A loss stuck at the language-model floor and a CER near 1 mean the mode
 glyphs yet; the variant whose loss leaves that floor first is the one to spend the real budget
 on. ``*-aux`` variants add a training-only loss: each vision slot predicts which characters lie
 in its 64 x 64 cell, which tells apart "the encoder has not learned glyphs" from "the decoder
-does not look"; ``*-patch`` ones a finer one, each 16 x 16 patch of SAM's neck naming the
-character centred in it. "data wait" is the share of the training time spent waiting for the next batch:
-near 0 the variant is compute-bound, near 1 data-bound. Prints a table last and writes
-``probe.json`` under ``--out``.
+does not look"; ``*-aux-center-patch`` ones train the trainer's glyph heads instead
+(:mod:`pipeline.glyph_loss`, ``glyph_loss`` in a stage-1 YAML): that cell loss with its bias at the
+prior, and a finer one, each 16 x 16 patch of SAM's neck naming the character centred in it.
+"data wait" is the share of the training time spent waiting for the next batch: near 0 the
+variant is compute-bound, near 1 data-bound. Prints a table last and writes ``probe.json`` under
+``--out``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.glyphs import N_CLASSES, cell_targets, crop_page, page_glyphs, patch_targets  # noqa: E402
+from pipeline.glyph_loss import GlyphHeads  # noqa: E402
+from pipeline.glyphs import N_CLASSES, cell_targets, crop_page, page_glyphs  # noqa: E402
 
 # (share of the budget, tasks) of each phase
 CURRICULUM = [(0.25, {"word": 1.0}), (0.35, {"line": 1.0}), (0.4, {"line": 0.5, "free": 0.25, "markdown": 0.25})]
@@ -77,10 +80,10 @@ VARIANTS: dict[str, dict] = {
     # both: the aux loss gives the encoder a direct glyph signal, centering lets the decoder see it
     "words-small-aux-center": dict(mode="small", tasks={"word": 1.0}, aux=1.0, center=True),
     "curriculum-small-aux-center": dict(mode="small", phases=CURRICULUM, aux=1.0, center=True),
-    # and the finer target: each 16 px patch of SAM's neck names its character (what makes lines read in
-    # bench/tier2_micro.py)
-    "lines-small-aux-center-patch": dict(mode="small", tasks={"line": 1.0}, aux=1.0, center=True, patch=1.0),
-    "curriculum-small-aux-center-patch": dict(mode="small", phases=CURRICULUM, aux=1.0, center=True, patch=1.0),
+    # the trainer's glyph heads (TrainConfig.glyph_loss): the aux cell loss with its bias at the prior, and the finer
+    # target, each 16 px patch of SAM's neck naming its character (what makes lines read in bench/tier2_micro.py)
+    "lines-small-aux-center-patch": dict(mode="small", tasks={"line": 1.0}, center=True, glyphs=1.0),
+    "curriculum-small-aux-center-patch": dict(mode="small", phases=CURRICULUM, center=True, glyphs=1.0),
 }
 
 
@@ -93,14 +96,16 @@ def phases(spec: dict) -> list[tuple[float, dict[str, float]]]:
     return spec.get("phases") or [(1.0, spec["tasks"])]
 
 
-def crop_targets(page, task: str, piece_id: str, view_size: int, targets) -> np.ndarray:
-    """``targets`` (:func:`pipeline.glyphs.cell_targets` or ``patch_targets``) of the ``line``/``word``
-    crop ``piece_id`` of ``page``."""
+def sample_glyphs(page, task: str, piece_id: str, view_size: int) -> np.ndarray:
+    """The glyphs (:func:`pipeline.glyphs.page_glyphs`) of a sample's global view: the page's, or
+    those of its ``line``/``word`` crop ``piece_id``."""
     from pipeline.synth import readable_pieces
 
+    if task not in ("line", "word"):
+        return page_glyphs(page, view_size)
     k = int(piece_id.rsplit(task, 1)[1])
     piece = readable_pieces(page.lines if task == "line" else page.words)[k]
-    return targets(page_glyphs(crop_page(page, task, piece), view_size), view_size)
+    return page_glyphs(crop_page(page, task, piece), view_size)
 
 
 class _Rendered(torch.utils.data.IterableDataset):
@@ -109,9 +114,9 @@ class _Rendered(torch.utils.data.IterableDataset):
     ``crops_per_page`` crops), in a seeded random order over ``SHUFFLE_PAGES`` pages at a time."""
 
     def __init__(self, stream, tokenizer_json: str, max_len: int, aux: bool = False,
-                 crops_per_page: int | None = None, patch: bool = False) -> None:
+                 crops_per_page: int | None = None, glyphs: bool = False) -> None:
         self.stream, self.tokenizer_json, self.max_len, self.aux = stream, tokenizer_json, max_len, aux
-        self.crops_per_page, self.patch = crops_per_page, patch
+        self.crops_per_page, self.glyphs = crops_per_page, glyphs
 
     def __iter__(self):
         from model.processor import ImageProcessor
@@ -142,12 +147,11 @@ class _Rendered(torch.utils.data.IterableDataset):
                     continue
                 views = ImageViews.from_processed(p)
                 size = p.global_view.shape[0]
-                for wanted, attr, targets in ((self.aux, "aux", cell_targets), (self.patch, "patch", patch_targets)):
-                    if wanted:
-                        setattr(views, attr, torch.as_tensor(
-                            crop_targets(page, rec["task"], rec["id"], size, targets)
-                            if rec["task"] in ("line", "word") else targets(page_glyphs(page, size), size)))
-                yield Sample(np.asarray(ids), np.asarray(mask), [views], rec["task"])
+                glyphs = sample_glyphs(page, rec["task"], rec["id"], size) if self.aux or self.glyphs else None
+                if self.aux:
+                    views.aux = torch.as_tensor(cell_targets(glyphs, size))
+                yield Sample(np.asarray(ids), np.asarray(mask), [views], rec["task"],
+                             glyphs if self.glyphs else None)  # as the stream's glyphs column gives them the trainer
 
 
 def _eval_set(stream, tasks: dict[str, float], n: int):
@@ -190,22 +194,19 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
     if aux_head is not None:
         torch.nn.init.constant_(aux_head.bias, args.aux_bias)
         model.aux_head = aux_head  # trained with the model (AdamW group), never saved
-    patch_weight = spec.get("patch", 0.0)
-    neck_out: list[torch.Tensor] = []
-    if patch_weight:  # each neck position names the character centred in its patch (bench/tier2_micro.py -patch)
-        model.patch_head = torch.nn.Conv2d(cfg.sam.neck_dim, N_CLASSES + 1, 1)
-        hook = model.sam_model.neck.register_forward_hook(
-            lambda _m, _i, out: neck_out.append(out) if torch.is_grad_enabled() else None)
+    glyph_weight = spec.get("glyphs", 0.0)
+    if glyph_weight:  # the trainer's glyph heads, as TrainConfig.glyph_loss trains them
+        model.glyph_heads = GlyphHeads(cfg)
+        model.glyph_heads.attach(model)
     model.to(device).train()
     lr = spec.get("lr", args.lr)
     opt = build_optimizer(model, "muon", lr, muon_lr=spec.get("muon_lr", args.muon_lr),
                           encoder_lr_scale=spec.get("encoder_lr_scale", args.encoder_lr_scale))
 
     def train_step(batch, step: int) -> tuple[float, float | None, float | None]:
-        """One optimizer step; (loss per target token, aux loss or None, patch loss or None)."""
+        """One optimizer step; (loss per target token, aux (cell) loss or None, patch loss or None)."""
         set_lr(opt, lr_multiplier(step, 10**9, "constant", args.warmup))
         cells = [im.aux for im in batch.images] if aux_head is not None else None
-        patches = [im.patch for im in batch.images] if patch_weight else None
         batch = batch.to(device)
         aux_value = patch_value = None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -221,19 +222,11 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
                 aux_loss = torch.nn.functional.binary_cross_entropy_with_logits(aux_logits, aux_t)
                 total = total + aux_weight * aux_loss
                 aux_value = float(aux_loss.detach())
-            if patches is not None:
-                features = torch.cat(neck_out)
-                neck_out.clear()
-                if features.shape[0] != len(patches):
-                    raise ValueError(f"{name}: patch targets need global views only (mode {spec['mode']} has tiles)")
-                logits = model.patch_head(features.float()).flatten(2).transpose(1, 2)
-                target = torch.stack(patches).to(device, non_blocking=True)
-                ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                       reduction="none").reshape(target.shape)
-                glyph = target > 0  # glyph patches and empty ones weigh the same (empty ones are most)
-                patch_loss = ce[glyph].mean() + ce[~glyph].mean() if glyph.any() else ce.mean()
-                total = total + patch_weight * patch_loss
-                patch_value = float(patch_loss.detach())
+            if glyph_weight:
+                glyph_loss, parts = model.glyph_heads.loss(batch.glyphs)
+                total = total + glyph_weight * glyph_loss
+                aux_value = float(parts["glyph_cell_loss"]) if parts else None
+                patch_value = float(parts["glyph_patch_loss"]) if parts else None
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -250,7 +243,7 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
         print(f"[{name}] phase {phase}: {tasks} until {end:.0f}s", flush=True)
         loader = torch.utils.data.DataLoader(
             _Rendered(stream, tokenizer_json, args.seq_len, bool(aux_weight), args.crops_per_page or None,
-                      bool(patch_weight)),
+                      bool(glyph_weight)),
             batch_size=None, num_workers=args.workers, prefetch_factor=8, persistent_workers=False)
         # packing and collating 128 crops is main-process work: done ahead, as the trainer does
         data = Prefetcher(batches(iter(loader), args.seq_len, args.batch_size), depth=2)
@@ -277,15 +270,15 @@ def run_variant(name: str, spec: dict, args, tokenizer_json: str, device: torch.
             if step % 25 == 0:
                 curve.append((step, round(elapsed, 1), round(ema, 4)))
                 print(f"[{name}] step {step} t {elapsed:.0f}s loss(ema) {ema:.3f} aux {aux_ema:.4f} "
-                      f"{f'patch {patch_ema:.3f} ' if patch_weight else ''}"
+                      f"{f'patch {patch_ema:.3f} ' if glyph_weight else ''}"
                       f"samples {samples} ({samples / elapsed:.0f}/s, data wait {waited / elapsed:.0%})", flush=True)
         data.close()
         del loader, data
     if aux_head is not None:
         del model.aux_head
-    if patch_weight:
-        hook.remove()
-        del model.patch_head
+    if glyph_weight:
+        model.glyph_heads.detach()
+        del model.glyph_heads
     model.eval()
     engine = Engine(model, tok, device=device)
     proc = ImageProcessor.from_mode(base.mode)
