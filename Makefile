@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+# the slowest tests in every log (CI included): where the suite's time goes
+PYTEST_ARGS ?= --durations=20
 
 .PHONY: demo test venv bundle clean
 
