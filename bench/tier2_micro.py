@@ -49,9 +49,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pipeline.glyphs import CELL, PATCH  # noqa: E402
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-CELL = 64  # input pixels per vision slot (16 px patches x the compressor's 4 per side)
-PATCH = 16  # input pixels per position of SAM's neck
 FLAGS = ("center", "aux", "patch")
 PROMPT = "<image>\nFree OCR."
 LAYOUTS = ("grid", "line")
@@ -194,14 +194,12 @@ def cell_logits(model: nn.Module, vision: list[torch.Tensor], size: int) -> torc
 def patch_loss(model: nn.Module, patches: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(cross-entropy of the neck's patch letters, share of letter patches named wrong), from the neck
     outputs the last forward pass left (global views only: their order is the images')."""
+    from pipeline.glyph_loss import balanced_patch_loss
+
     logits = model.patch_head(torch.cat(model.neck_out).float()).flatten(2).transpose(1, 2)  # [B, patches, 27]
     model.neck_out.clear()
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), patches.reshape(-1),
-                                           reduction="none").reshape(patches.shape)
-    letter = patches > 0
-    loss = ce[letter].mean() + ce[~letter].mean()
-    wrong = float((logits.argmax(-1) != patches)[letter].float().mean())
-    return loss, wrong
+    loss, wrong = balanced_patch_loss(logits, patches)
+    return loss, float(wrong)
 
 
 def oracle_embeddings(model: nn.Module, texts: list[str], n_slots: int, device: torch.device) -> list[torch.Tensor]:

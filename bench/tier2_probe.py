@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.glyph_loss import GlyphHeads  # noqa: E402
-from pipeline.glyphs import N_CLASSES, cell_targets, crop_page, page_glyphs  # noqa: E402
+from pipeline.glyphs import N_CLASSES, cell_targets  # noqa: E402
 
 # (share of the budget, tasks) of each phase
 CURRICULUM = [(0.25, {"word": 1.0}), (0.35, {"line": 1.0}), (0.4, {"line": 0.5, "free": 0.25, "markdown": 0.25})]
@@ -96,18 +96,6 @@ def phases(spec: dict) -> list[tuple[float, dict[str, float]]]:
     return spec.get("phases") or [(1.0, spec["tasks"])]
 
 
-def sample_glyphs(page, task: str, piece_id: str, view_size: int) -> np.ndarray:
-    """The glyphs (:func:`pipeline.glyphs.page_glyphs`) of a sample's global view: the page's, or
-    those of its ``line``/``word`` crop ``piece_id``."""
-    from pipeline.synth import readable_pieces
-
-    if task not in ("line", "word"):
-        return page_glyphs(page, view_size)
-    k = int(piece_id.rsplit(task, 1)[1])
-    piece = readable_pieces(page.lines if task == "line" else page.words)[k]
-    return page_glyphs(crop_page(page, task, piece), view_size)
-
-
 class _Rendered(torch.utils.data.IterableDataset):
     """Endless training samples of one stream, split across DataLoader workers by page index:
     every sample :func:`pipeline.synth_stream.render_crops` gives for a page (at most
@@ -123,7 +111,7 @@ class _Rendered(torch.utils.data.IterableDataset):
         from model.tokenizer import Tokenizer
         from model.vlm import ImageViews
         from pipeline.mixture import Sample
-        from pipeline.synth_stream import render_crops
+        from pipeline.synth_stream import _render_crops, sample_glyphs
 
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -136,18 +124,18 @@ class _Rendered(torch.utils.data.IterableDataset):
         while True:
             pool = []
             for _ in range(SHUFFLE_PAGES):
-                page, crops = render_crops(index, self.stream, synth, self.crops_per_page)
-                pool += [(page, image, rec) for image, rec in crops]
+                page, crops = _render_crops(index, self.stream, synth, self.crops_per_page)
+                pool += [(page, *crop) for crop in crops]
                 index += nw
             rng.shuffle(pool)
-            for page, image, rec in pool:
+            for page, piece, image, rec in pool:
                 p = proc.process(image)
                 ids, mask = tok.render_vision(rec["prompt"], rec["response"], p.n_image_tokens)
                 if len(ids) > self.max_len:
                     continue
                 views = ImageViews.from_processed(p)
                 size = p.global_view.shape[0]
-                glyphs = sample_glyphs(page, rec["task"], rec["id"], size) if self.aux or self.glyphs else None
+                glyphs = sample_glyphs(page, piece, rec["task"], size) if self.aux or self.glyphs else None
                 if self.aux:
                     views.aux = torch.as_tensor(cell_targets(glyphs, size))
                 yield Sample(np.asarray(ids), np.asarray(mask), [views], rec["task"],

@@ -88,14 +88,21 @@ class GlyphHeads(nn.Module):
         grid = center_slots(grid) if self.centering else grid
         cell_loss = nn.functional.binary_cross_entropy_with_logits(self.cell(grid), cells.float())
         logits = self.patch(neck.index_select(0, index).float()).flatten(2).transpose(1, 2)  # [n, patches, C+1]
-        ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), patches.reshape(-1),
-                                         reduction="none").reshape(patches.shape)
-        glyph = patches > 0
-        parts = [ce[m].mean() for m in (glyph, ~glyph) if bool(m.any())]
-        patch_loss = sum(parts)
-        wrong = (logits.argmax(-1) != patches)[glyph].float().mean() if bool(glyph.any()) else ce.new_zeros(())
+        patch_loss, wrong = balanced_patch_loss(logits, patches)
         return cell_loss + patch_loss, {"glyph_cell_loss": cell_loss.detach(), "glyph_patch_loss": patch_loss.detach(),
                                         "glyph_patch_error": wrong.detach()}
+
+
+def balanced_patch_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy with glyph patches and empty patches (class 0) weighing the same, the share
+    of glyph patches named wrong) of [..., classes] logits against [...] class targets: empty
+    patches are most of a page, and an unweighted mean would teach "none" first."""
+    ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     reduction="none").reshape(targets.shape)
+    glyph = targets > 0
+    loss = sum(ce[m].mean() for m in (glyph, ~glyph) if bool(m.any()))
+    wrong = (logits.argmax(-1) != targets)[glyph].float().mean() if bool(glyph.any()) else ce.new_zeros(())
+    return loss, wrong
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from model.config import VLMConfig, from_yaml, preset as model_preset
+from model.config import MODES, VLMConfig, from_yaml, preset as model_preset
 from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, is_sharded, shard_model,
                                   shard_optimizer_state, to_float, vision_on_every_rank)
@@ -125,8 +125,6 @@ class TrainConfig:
         self._check_glyph_loss()
 
     def _check_glyph_loss(self) -> None:
-        from model.config import MODES
-
         if self.glyph_loss < 0:
             raise ValueError(f"glyph_loss must be >= 0, got {self.glyph_loss}")
         if not self.glyph_loss:
