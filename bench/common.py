@@ -10,6 +10,7 @@ test of the code path, not a measurement).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -31,7 +32,7 @@ from model.vlm import ImageViews, NanoDeepseekOCR  # noqa: E402
 # dense bf16 tensor-core peaks from the vendors' datasheets (what MFU is quoted against)
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 RESULTS = ROOT / "bench" / "RESULTS.md"
-TODAY = "2026-11-22"
+TODAY = datetime.date.today().isoformat()  # the machine the bench runs on
 
 # A4 page (1191 x 1684) in Gundam mode: 1024 global view + 2 cols x 3 rows of 640 tiles = 903 slots
 A4_CROP = (2, 3)

@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# Issue 10 on the lent GPU: the tier-2 speedrun (stage 1 on a stream of rendered pages, then
+# Issue 10 on the lent GPU: a tier-2 speedrun (stage 1 on a stream of rendered pages, then
 # evaluation on held-out pages). Run in the repo root on the device with .gpu and .fonts carried:
-#   bash bench/run_tier2.sh [jobs/speedrun.py flags...]
-# Writes speedrun.log, the evaluation folders and the MLflow file store under $OUT.
+#   bash bench/run_tier2.sh [jobs/speedrun.py flags...]      # e.g. --stage1-time-limit 350
+#   CONFIG=jobs/configs/speedrun_tier2_glyphs.yaml bash bench/run_tier2.sh ...
+# Writes speedrun.log, the evaluation folders and the MLflow file store under $OUT. A stage stopped
+# at its time limit resumes when the same command runs again on the still-warm machine; the MLflow
+# store is kept under artifacts/ between calls ($OUT starts empty each call), so the resumed stage
+# logs into the same run.
 set -uo pipefail
 source .gpu/env.sh
 export NDOCR_FONT_DIR=${NDOCR_FONT_DIR:-$PWD/.fonts}
 OUT=${OUT:-/tmp/tier2-out}
-mkdir -p "$OUT"
-export MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-file://$OUT/mlruns}
+CONFIG=${CONFIG:-jobs/configs/speedrun_tier2.yaml}
+KEEP=artifacts/tier2_mlruns
+mkdir -p "$OUT" artifacts
+if [ -z "${MLFLOW_TRACKING_URI:-}" ]; then  # the bundle's MLflow has no SQLAlchemy: a file store
+  rm -rf "$OUT/mlruns"
+  [ -d "$KEEP" ] && cp -r "$KEEP" "$OUT/mlruns"
+  export MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file://$OUT/mlruns
+  trap 'rm -rf "$KEEP"; [ -d "$OUT/mlruns" ] && cp -r "$OUT/mlruns" "$KEEP"' EXIT
+fi
 python -c "from pipeline.synth import font_dir; d = font_dir(); assert d, 'no fonts: set NDOCR_FONT_DIR'; print('fonts', d)" || exit 2
-python jobs/speedrun.py --config jobs/configs/speedrun_tier2.yaml --no-serve "$@" > "$OUT/speedrun.log" 2>&1
+python jobs/speedrun.py --config "$CONFIG" --no-serve "$@" > "$OUT/speedrun.log" 2>&1
 status=$?
 grep -E "stage1 step|^==>|^\||finished in|^  [a-z]|Error" "$OUT/speedrun.log" | grep -v " INFO \|WARNING" | awk '!seen[$0]++' | tail -150
 exit $status

@@ -1,0 +1,79 @@
+"""Commit-sized record of a tier-2 run (issue 10): its MLflow curves and the evaluation, in one JSON + PNG.
+
+The device's MLflow store does not travel back whole (it holds checkpoints and sample images), so
+this keeps what bench/RESULTS.md quotes: the recipe as logged, the curves of the training
+metrics, the evaluation summary of the speedrun and, optionally, the peer baseline's metrics.
+
+    python bench/tier2_summary.py --tracking-uri file:///tmp/run/mlruns --run-id 1552... \\
+        --eval-summary /tmp/run/eval/summary.json --baseline /tmp/run/tess/metrics.json \\
+        --device "NVIDIA H200" --out bench/tier2/glyphs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import tracking  # noqa: E402
+
+CURVES = ("loss", "glyph_cell_loss", "glyph_patch_loss", "glyph_patch_error", "lr", "grad_norm", "tokens_per_s")
+RECIPE_PARAMS = ("train.preset", "mode", "train.steps", "train.batch_size", "train.seq_len", "train.optimizer",
+                 "train.lr", "train.muon_lr", "train.encoder_lr_scale", "train.warmup_steps", "train.schedule",
+                 "train.step_milestones", "train.glyph_loss", "train.slot_centering", "train.synth.profile",
+                 "train.synth.tasks.line", "train.synth.tasks.free", "train.synth.tasks.markdown",
+                 "train.synth.crops_per_page")
+EVAL_KEYS = ("cer", "free/cer", "markdown/cer", "plain_cer", "box_gt_iou70", "box_any_gt_iou70", "box_mean_iou",
+             "box_f1", "n", "pages_per_s")
+
+
+def summarise(run_id: str, uri: str, eval_summary: Path | None, baseline: Path | None, device: str,
+              notes: dict) -> dict:
+    comparison = tracking.compare_runs(run_ids=[run_id], tracking_uri=uri)
+    run = comparison.runs[0]
+    params = run.params
+    history = tracking.metric_histories(comparison, list(CURVES), uri)
+    summary: dict = {
+        "issue": 10, "date": dt.date.today().isoformat(), "device": device, "run_id": run_id, "run_name": run.name,
+        "recipe": {k: params.get(k) for k in RECIPE_PARAMS if k in params} | notes,
+        "final": {k: v for k, v in run.metrics.items() if k in CURVES},
+        "curves": {m: {int(s): round(v, 4) for s, v in pts.get(run_id, [])} for m, pts in history.items()},
+    }
+    if eval_summary:
+        evals = json.loads(eval_summary.read_text())
+        summary["eval"] = {split: {k: m[k] for k in EVAL_KEYS if k in m} for split, m in evals.items()}
+    if baseline:
+        metrics = json.loads(baseline.read_text())
+        metrics = metrics.get("tesseract", metrics)
+        summary["eval_tesseract_heldout"] = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri", required=True)
+    p.add_argument("--run-id", required=True, help="the stage-1 run")
+    p.add_argument("--eval-summary", type=Path, help="the speedrun's eval/summary.json")
+    p.add_argument("--baseline", type=Path, help="the baseline's metrics.json on the held-out pages")
+    p.add_argument("--device", required=True)
+    p.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe facts the params do not hold (e.g. steps=1500 when a resume changed them)")
+    p.add_argument("--out", required=True, help="path prefix: writes <out>_run_summary.json and <out>_curves.png")
+    args = p.parse_args(argv)
+    notes = dict(n.split("=", 1) for n in args.note)
+    summary = summarise(args.run_id, args.tracking_uri, args.eval_summary, args.baseline, args.device, notes)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}_run_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    comparison = tracking.compare_runs(run_ids=[args.run_id], tracking_uri=args.tracking_uri)
+    tracking.plot_curves(comparison, f"{out}_curves.png", metrics=list(CURVES), tracking_uri=args.tracking_uri)
+    print(f"wrote {out}_run_summary.json and {out}_curves.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
