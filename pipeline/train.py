@@ -134,8 +134,9 @@ class TrainConfig:
         if MODES[self.synth.mode]["crop_mode"]:
             raise ValueError(f"glyph_loss reads the global view only: synth.mode {self.synth.mode!r} has tiles; "
                              "use tiny, small, base or large")
-        if self.compile or self.compile_vision:
-            raise ValueError("glyph_loss hooks into the towers, which compile/compile_vision compile: set one of them")
+        if self.compile:
+            raise ValueError("glyph_loss is not supported under compile (the whole model): use compile_vision, "
+                             "which compiles the towers with the heads' hooks traced in")
         if self.strategy == "fsdp" and self.num_workers > 1:
             raise ValueError("glyph_loss runs its heads outside the model's forward, which FSDP2 does not gather: "
                              "use strategy ddp")

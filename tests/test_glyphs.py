@@ -127,3 +127,40 @@ def test_glyph_heads_train_the_encoder_through_hooks():
     heads.detach()
     model.encode_images(images[:1])
     assert heads._neck == [] and heads._slots == []
+
+
+def test_glyph_heads_see_the_same_features_through_compiled_towers():
+    """compile_vision traces the heads' hooks into the towers' graphs: same loss, same gradients as
+    eager, for any view count, and nothing kept under no_grad. ``aot_eager`` runs dynamo and
+    AOTAutograd (where hooks are traced or lost) without inductor's code generation."""
+    from torch._dynamo.utils import counters
+
+    pages = [_page(s) for s in range(3)]
+    images = [ImageViews.from_arrays(img, None) for img, _ in pages]
+    glyphs = [pages[0][1], None, pages[2][1]]
+    runs = []
+    for compiled in (False, True):
+        model = _tiny_model()
+        model.glyph_heads = heads = GlyphHeads(model.config)
+        heads.attach(model)
+        if compiled:
+            counters.clear()
+            model.compile_vision(0, backend="aot_eager")
+        steps = []
+        for n in (3, 2):
+            model.encode_images(images[:n])
+            loss, _ = heads.loss(glyphs[:n])
+            loss.backward()
+            steps.append((float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters()
+                                                 if p.grad is not None}))
+            model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.encode_images(images[:1])
+        assert heads._neck == [] and heads._slots == []
+        runs.append(steps)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for (eager_loss, eager_grads), (compiled_loss, compiled_grads) in zip(*runs):
+        assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+        assert eager_grads.keys() == compiled_grads.keys() and any(k.startswith("sam_model.") for k in eager_grads)
+        for k, g in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[k], g, rtol=1e-4, atol=1e-6, msg=k)

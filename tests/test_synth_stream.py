@@ -194,7 +194,7 @@ def test_stream_rows_carry_glyphs_of_the_view_they_show(ray_local, tokenizer_fil
     (dict(glyph_loss=-1.0), "glyph_loss must be >= 0"),
     (dict(glyph_loss=1.0, synth=None), "synth stream"),
     (dict(glyph_loss=1.0, synth={**TINY_STREAM, "mode": "gundam"}), "has tiles"),
-    (dict(glyph_loss=1.0, compile_vision=True), "compile"),
+    (dict(glyph_loss=1.0, compile=True), "use compile_vision"),
     (dict(glyph_loss=1.0, strategy="fsdp", num_workers=2), "use strategy ddp"),
 ])
 def test_glyph_loss_config_errors_are_clear(bad, match):

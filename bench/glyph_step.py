@@ -1,0 +1,138 @@
+"""The tier-2 glyph recipe's training step, eager against ``compile_vision``: is compiling worth it?
+
+The step is the trainer's with ``glyph_loss`` (``pipeline/train.py``): packed rows of line crops
+(one global view each, in a mode without tiles), bf16 autocast, the next-token loss plus the
+glyph heads' loss read through their hooks (``pipeline/glyph_loss.py``), backward, clipping,
+Muon + AdamW. Views are noise and glyphs are random: the cost does not depend on content.
+Compiling costs time once per view size (reported), then every step is cheaper; the table says
+after how many steps it pays off.
+
+    python bench/glyph_step.py                         # small preset, small mode, on CUDA
+    python bench/glyph_step.py --quick --device cpu    # tiny sizes: the code path
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+
+from common import Table, base_parser, build_model, mode_views, report, sync
+
+from model.config import processor_config
+from model.processor import global_slots
+from pipeline.glyph_loss import ATTRIBUTE, GlyphHeads
+from pipeline.glyphs import N_CLASSES
+from pipeline.mixture import Sample, collate, pack_sequences
+from pipeline.optim import build_optimizer
+
+IMAGE_ID = 3
+
+
+def line_batch(cfg, mode: str, rows: int, seq_len: int, response: int, rng: np.random.Generator):
+    """``rows`` packed rows of line-crop samples (image slots + prompt + a short response) with glyphs."""
+    slots = global_slots(processor_config(mode))
+    size = mode_views(mode, rng).global_view.shape[-1]
+    samples = []
+    while sum(map(len, samples)) < rows * seq_len:
+        ids = np.concatenate([[1], np.full(slots, IMAGE_ID), rng.integers(10, cfg.gpt.vocab_size, 8 + response)])
+        mask = np.concatenate([np.zeros(slots + 9), np.ones(response)]).astype(np.uint8)
+        n = int(rng.integers(10, 40))  # one text line's characters, left to right
+        x = np.sort(rng.uniform(0, size, n))
+        top = rng.uniform(0, size - 40)
+        glyphs = np.stack([rng.integers(1, N_CLASSES, n), x, np.full(n, top), np.full(n, top + 32)], 1)
+        samples.append(Sample(ids, mask, [mode_views(mode, rng)], "line", glyphs.astype(np.float32)))
+    groups = list(pack_sequences(samples, seq_len))[:rows]
+    return collate(groups, seq_len)
+
+
+def run(args, device: torch.device, compiled: bool) -> dict:
+    rng = np.random.default_rng(args.seed)
+    model = build_model(args.preset, device, seed=args.seed, image_token_id=IMAGE_ID)
+    model.config.slot_centering = True
+    heads = GlyphHeads(model.config).to(device)
+    setattr(model, ATTRIBUTE, heads)
+    heads.attach(model)  # before compiling, as the trainer does: the hooks are traced into the graphs
+    if compiled:
+        model.compile_vision(0)
+    model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)
+    model.train()
+    opt = build_optimizer(model, "muon", lr=1e-3, muon_lr=0.02, encoder_lr_scale=0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = line_batch(model.config, args.mode, args.rows, args.seq, args.response, rng).to(device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    n_targets = max(1, batch.n_target_tokens)
+
+    def step() -> float:
+        with autocast:
+            loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
+                         segment_ids=batch.segment_ids, loss_reduction="sum")
+            glyph, _ = heads.loss(batch.glyphs)
+            total = loss / n_targets + glyph
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(total.detach())
+
+    sync(device)
+    t0 = time.perf_counter()
+    losses = [step() for _ in range(args.warmup)]  # the compile happens in the first
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    losses += [step() for _ in range(args.steps)]
+    sync(device)
+    step_s = (time.perf_counter() - t0) / args.steps
+    if not all(np.isfinite(losses)):
+        raise RuntimeError(f"non-finite loss: {losses}")
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
+    return dict(compiled=compiled, views=len(batch.images), warm_s=warm_s, step_s=step_s, peak_gib=mem,
+                loss=losses[-1])
+
+
+def main() -> None:
+    p = base_parser(__doc__)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--mode", default="small", help="a mode without tiles (the glyph loss reads global views)")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--response", type=int, default=12, help="target tokens per line crop")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default="eager,compiled")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.quick:
+        args.preset, args.mode, args.rows, args.seq, args.steps, args.warmup = "tiny", "tiny", 1, 1024, 1, 1
+    results = []
+    for variant in args.variants.split(","):
+        r = run(args, device, compiled=variant == "compiled")
+        print(r, flush=True)
+        results.append(r)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    base = results[0]
+    rows = []
+    for r in results:
+        gain = base["step_s"] - r["step_s"]
+        extra = r["warm_s"] - base["warm_s"]
+        pays = f"{extra / gain:.0f}" if r is not base and gain > 0 else ""
+        rows.append(["compile_vision" if r["compiled"] else "eager", f"{args.rows} x {args.seq}", r["views"],
+                     f"{r['warm_s']:.1f}", f"{r['step_s'] * 1e3:.0f}", f"{r['views'] / r['step_s']:.0f}",
+                     f"{base['step_s'] / r['step_s']:.2f}x", pays, f"{r['peak_gib']:.1f}"])
+    table = Table("Glyph-loss training step (bench/glyph_step.py)",
+                  ["towers", "batch", "views/step", f"first {args.warmup} steps s", "step ms", "views/s",
+                   "speed-up", "steps to pay off the compile", "peak GiB"], rows,
+                  [f"{args.preset} preset, {args.mode} mode, line crops ({args.response} target tokens each) packed "
+                   f"into rows, glyph heads on; bf16 autocast, Muon + AdamW, clipping; {args.steps} timed steps "
+                   f"after {args.warmup}"])
+    report(table, device, args, {"runs": results})
+
+
+if __name__ == "__main__":
+    main()
