@@ -45,6 +45,42 @@ def test_cell_and_patch_targets():
     assert np.count_nonzero(patches) == 2
 
 
+
+def _cells_one_by_one(glyphs: np.ndarray, view: int) -> np.ndarray:
+    """The targets' definition, one glyph at a time (the oracle of the vectorised code)."""
+    g = view // CELL
+    out = np.zeros((g * g, N_CLASSES), dtype=np.uint8)
+    for cls, x, top, bottom in glyphs.tolist():
+        inset = (bottom - top) / 4
+        col = min(g - 1, max(0, int(x // CELL)))
+        for row in range(max(0, int((top + inset) // CELL)), min(g - 1, int((bottom - inset) // CELL)) + 1):
+            out[row * g + col, int(cls)] = 1
+    return out
+
+
+def _patches_one_by_one(glyphs: np.ndarray, view: int) -> np.ndarray:
+    gp = view // PATCH
+    out = np.zeros(gp * gp, dtype=np.int64)
+    for cls, x, top, bottom in glyphs.tolist():
+        row, col = (min(gp - 1, max(0, int(v // PATCH))) for v in ((top + bottom) / 2, x))
+        out[row * gp + col] = int(cls) + 1  # drawn in order: the last one wins
+    return out
+
+
+def test_targets_match_their_definition_on_random_glyphs():
+    """Off the view, on the grid lines, tall, crowded into one patch, none at all."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n, view = int(rng.integers(0, 120)), (512, 640, 1024)[trial % 3]
+        x, top, height = rng.uniform(-40, view + 40, n), rng.uniform(-60, view + 20, n), rng.uniform(0, 150, n)
+        if trial % 4 == 0:
+            x, top, height = np.round(x / 16) * 16, np.round(top / 16) * 16, np.round(height / 8) * 8
+        if trial % 7 == 0:
+            x, top, height = rng.uniform(100, 110, n), rng.uniform(200, 204, n), np.full(n, 8.0)
+        glyphs = np.stack([rng.integers(0, N_CLASSES, n), x, top, top + height], 1).astype(np.float32)
+        np.testing.assert_array_equal(cell_targets(glyphs, view), _cells_one_by_one(glyphs, view))
+        np.testing.assert_array_equal(patch_targets(glyphs, view), _patches_one_by_one(glyphs, view))
+
 def test_glyphs_round_trip_and_bad_bytes():
     glyphs = np.arange(12, dtype=np.float32).reshape(3, 4)
     np.testing.assert_array_equal(decode_glyphs(encode_glyphs(glyphs)), glyphs)
