@@ -217,6 +217,37 @@ def mode_views(mode: str, rng: np.random.Generator | None = None) -> ImageViews:
     return random_views(spec["base_size"], rng=rng)
 
 
+
+def autocast_for(device: torch.device):
+    """The trainer's autocast: bf16 on CUDA, none elsewhere."""
+    import contextlib
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def training_step(model: NanoDeepseekOCR, batch, opt, device: torch.device,
+                  extra_loss: Callable[[], torch.Tensor] | None = None) -> Callable[[], float]:
+    """The trainer's step (``pipeline/train.py``) on a packed batch already on the device: the
+    mean next-token loss (+ ``extra_loss()``, evaluated inside autocast after the forward),
+    backward, clipping at 1.0, the optimizer, and the trainer's one host read per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = autocast_for(device)
+    n_targets = max(1, batch.n_target_tokens)
+
+    def step() -> float:
+        with autocast:
+            loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
+                         segment_ids=batch.segment_ids, loss_reduction="sum") / n_targets
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
 # ----------------------------------------------------------------------------------- results
 @dataclass
 class Table:

@@ -13,13 +13,12 @@ after how many steps it pays off.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
 import torch
 
-from common import Table, base_parser, build_model, mode_views, report, sync
+from common import Table, base_parser, build_model, mode_views, report, sync, training_step
 
 from model.config import processor_config
 from model.processor import global_slots
@@ -60,24 +59,8 @@ def run(args, device: torch.device, compiled: bool) -> dict:
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)
     model.train()
     opt = build_optimizer(model, "muon", lr=1e-3, muon_lr=0.02, encoder_lr_scale=0.5)
-    params = [p for p in model.parameters() if p.requires_grad]
     batch = line_batch(model.config, args.mode, args.rows, args.seq, args.response, rng).to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    n_targets = max(1, batch.n_target_tokens)
-
-    def step() -> float:
-        with autocast:
-            loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
-                         segment_ids=batch.segment_ids, loss_reduction="sum")
-            glyph, _ = heads.loss(batch.glyphs)
-            total = loss / n_targets + glyph
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(total.detach())
-
+    step = training_step(model, batch, opt, device, extra_loss=lambda: heads.loss(batch.glyphs)[0])
     sync(device)
     t0 = time.perf_counter()
     losses = [step() for _ in range(args.warmup)]  # the compile happens in the first

@@ -18,14 +18,13 @@ are the vision encoder's (3x its forward: SAM + compressor + CLIP + projector) p
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
 import torch
 
-from common import (Table, a4_page, base_parser, build_model, datasheet_peak, free_memory, gpt_train_flops,
-                    image_flops, is_oom, matmul_peak, median, report, sync, timed)
+from common import (Table, a4_page, autocast_for, base_parser, build_model, datasheet_peak, free_memory,
+                    gpt_train_flops, image_flops, is_oom, matmul_peak, median, report, sync, timed, training_step)
 
 from pipeline.mixture import Sample, collate, pack_sequences
 from pipeline.optim import build_optimizer
@@ -101,20 +100,8 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
     params = [p for p in model.parameters() if p.requires_grad]
     batch, _ = make_batch(model.config, rows, seq_len, rng)
     batch = batch.to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    n_targets = max(1, batch.n_target_tokens)
-
-    def step() -> float:
-        with autocast:
-            loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
-                         segment_ids=batch.segment_ids, loss_reduction="sum")
-        (loss / n_targets).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())  # the trainer's one host read per step
-
+    autocast = autocast_for(device)
+    step = training_step(model, batch, opt, device)
     losses = [step() for _ in range(warmup)]
     phases = breakdown(model, batch, opt, params, autocast, device) if args.breakdown else {}
     if args.profile and device.type == "cuda":
