@@ -28,6 +28,7 @@ import _common  # noqa: F401  (puts the repo root on sys.path)
 from _common import REPO_ROOT, init_ray
 
 CONFIGS = REPO_ROOT / "jobs" / "configs"
+HELDOUT_LINES = "heldout_lines"  # data/ folder of the held-out pages' line crops (eval_line_crops)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class SpeedrunConfig:
     eval_limit: int | None = None  # records per split (None: all)
     eval_batch_size: int = 4  # requests one evaluation actor generates together
     eval_baseline: str | None = None  # "tesseract": the peer baseline on the same pages
+    eval_line_crops: int = 0  # > 0: also read this many line crops of the held-out pages (reading shows there first)
     stream_pages: int = 0  # > 0: stage 1 trains on this many pages rendered on the fly (Ray Data)
     stream_tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
     stream_crops_per_page: int = 1  # line/word pages give up to this many crops (bench/stream.py: fewer CPUs needed)
@@ -125,6 +127,9 @@ def make_data(cfg: SpeedrunConfig) -> None:
     data = cfg.root / "data"
     generate(data / "train", cfg.train_pages, synth, seed=cfg.seed, split="train")
     generate(data / "heldout", cfg.heldout_pages, synth, seed=cfg.seed + 1, split="heldout")
+    if cfg.eval_line_crops:  # the same held-out pages, cut into their lines
+        lines = SynthConfig.from_profile(cfg.synth_profile, tasks=("line",))
+        generate(data / HELDOUT_LINES, cfg.heldout_pages, lines, seed=cfg.seed + 1, split="heldout")
     with open(data / "text.jsonl", "w") as f:
         for record in text_records(cfg.text_records, seed=cfg.seed):
             f.write(json.dumps(record) + "\n")
@@ -180,17 +185,25 @@ def stage_dir(cfg: SpeedrunConfig, stage: int) -> Path:
     return cfg.root / "runs" / f"stage{stage}-{cfg.preset}" / "final"
 
 
+def eval_splits(cfg: SpeedrunConfig) -> dict[str, int | None]:
+    """The evaluated splits (folders under ``data/``) and how many records of each are read."""
+    splits = {"train": cfg.eval_limit, "heldout": cfg.eval_limit}
+    if cfg.eval_line_crops:
+        splits[HELDOUT_LINES] = cfg.eval_line_crops
+    return splits
+
+
 def evaluate(cfg: SpeedrunConfig, parent_run_id: str | None, uri: str) -> dict:
     from pipeline.evaluate import EvalConfig, evaluate as run_eval
 
     results = {}
-    for split in ("train", "heldout"):
+    for split, limit in eval_splits(cfg).items():
         report = run_eval(EvalConfig(
             data=str(cfg.root / "data" / split / "manifest.jsonl"), checkpoint=str(stage_dir(cfg, cfg.final_stage)),
             max_new_tokens=cfg.eval_max_new_tokens, use_gpu=cfg.use_gpu, experiment=cfg.experiment,
-            run_name=f"eval-{split}", parent_run_id=parent_run_id, tracking_uri=uri, limit=cfg.eval_limit,
+            run_name=f"eval-{split}", parent_run_id=parent_run_id, tracking_uri=uri, limit=limit,
             batch_size=cfg.eval_batch_size,
-            baseline=cfg.eval_baseline if split == "heldout" else None, out_dir=str(cfg.root / "eval" / split)))
+            baseline=cfg.eval_baseline if split != "train" else None, out_dir=str(cfg.root / "eval" / split)))
         results[split] = report.results["model"].metrics
         for system, result in report.results.items():
             if system != "model":
@@ -302,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         tracking.log_params_flat(state["pipeline_run_id"], {"speedrun": dataclasses.asdict(cfg)}, tracking_uri=uri)
     parent = state["pipeline_run_id"]
 
-    steps.run("synthetic data", lambda: (cfg.root / "data" / "heldout" / "manifest.jsonl").is_file(),
-              lambda: make_data(cfg))
+    steps.run("synthetic data", lambda: all((cfg.root / "data" / split / "manifest.jsonl").is_file()
+                                            for split in eval_splits(cfg)), lambda: make_data(cfg))
     steps.run("tokenizer", lambda: (cfg.root / "tokenizer" / "tokenizer.json").is_file(), lambda: train_tokenizer(cfg))
     if 2 in cfg.stages or not cfg.stream_pages:  # a stage-1 stream needs no shards
         steps.run("preprocess (Ray Data)", lambda: (cfg.root / "shards" / "stats.json").is_file(),

@@ -70,3 +70,20 @@ def test_glyph_recipe_configs_load():
                                       "crops_per_page": run.stream_crops_per_page})
     assert stage1.glyph_loss > 0 and stage1.slot_centering and stage1.synth.tasks["line"] == 0.5
     assert stage1.synth.crops_per_page > 1
+
+
+def test_line_crops_of_the_heldout_pages_are_evaluated_when_asked(tmp_path):
+    import speedrun
+
+    from pipeline.synth import read_manifest
+
+    cfg = speedrun.load_config(str(REPO / "jobs/configs/speedrun_tiny.yaml"), out=str(tmp_path), train_pages=1,
+                               heldout_pages=2)
+    assert list(speedrun.eval_splits(cfg)) == ["train", "heldout"]
+    cfg.eval_line_crops = 3
+    assert speedrun.eval_splits(cfg) == {"train": None, "heldout": None, speedrun.HELDOUT_LINES: 3}
+    speedrun.make_data(cfg)
+    pages = {r["id"].rsplit("-", 1)[0] for r in read_manifest(tmp_path / "data" / "heldout" / "manifest.jsonl")}
+    lines = list(read_manifest(tmp_path / "data" / speedrun.HELDOUT_LINES / "manifest.jsonl"))
+    assert lines and {r["task"] for r in lines} == {"line"}
+    assert {r["id"].rsplit("-", 1)[0] for r in lines} == pages  # the held-out pages, cut into their lines
