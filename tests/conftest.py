@@ -85,16 +85,27 @@ def ray_local(_ray_session):
     return _ensure_local_ray()
 
 
-@pytest.fixture
-def mlflow_uri(tmp_path_factory, tmp_path) -> str:
-    """A fresh SQLite store per test, copied from a session template (creating the schema takes ~10 s)."""
+@pytest.fixture(scope="session")
+def new_mlflow_store(tmp_path_factory):
+    """Makes a fresh SQLite store in a directory and returns its URI, copied from a session
+    template (creating the schema takes ~10 s)."""
     template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not template.exists():
-        from mlflow import MlflowClient
 
-        template.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    db = tmp_path / "mlruns" / "mlflow.db"
-    db.parent.mkdir()
-    shutil.copy(template, db)
-    return f"sqlite:///{db}"
+    def make(directory: Path) -> str:
+        if not template.exists():
+            from mlflow import MlflowClient
+
+            template.parent.mkdir(parents=True, exist_ok=True)
+            MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+        db = directory / "mlflow.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(template, db)
+        return f"sqlite:///{db}"
+
+    return make
+
+
+@pytest.fixture
+def mlflow_uri(new_mlflow_store, tmp_path) -> str:
+    """A fresh SQLite store per test."""
+    return new_mlflow_store(tmp_path / "mlruns")

@@ -20,12 +20,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ray_local, capsys):
+def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ray_local, capsys, mlflow_uri):
     import speedrun
     from mlflow import MlflowClient
     from ray import serve
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "artifacts"
     args = ["--out", str(out), "--stage1-steps", "3", "--stage2-steps", "2", "--train-pages", "2",

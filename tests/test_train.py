@@ -34,7 +34,7 @@ OVERFIT_STEPS = 300
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_local):
+def workspace(tmp_path_factory, ray_local, new_mlflow_store):
     """10 easy synthetic pages (free OCR) + text records, preprocessed into shards."""
     from pipeline.preprocess import PreprocessConfig, run_preprocess
 
@@ -47,7 +47,7 @@ def workspace(tmp_path_factory, ray_local):
                                              rows_per_file=8))
     assert result.rows_failed == 0
     return {"root": root, "manifest": manifest, "shards": str(root / "shards"),
-            "uri": f"sqlite:///{root / 'mlflow.db'}", "runs": str(root / "runs")}
+            "uri": new_mlflow_store(root), "runs": str(root / "runs")}
 
 
 def _cfg(ws, **kw):
