@@ -217,7 +217,6 @@ def mode_views(mode: str, rng: np.random.Generator | None = None) -> ImageViews:
     return random_views(spec["base_size"], rng=rng)
 
 
-
 def autocast_for(device: torch.device):
     """The trainer's autocast: bf16 on CUDA, none elsewhere."""
     import contextlib
@@ -247,6 +246,7 @@ def training_step(model: NanoDeepseekOCR, batch, opt, device: torch.device,
         return float(loss.detach())
 
     return step
+
 
 # ----------------------------------------------------------------------------------- results
 @dataclass

@@ -20,7 +20,7 @@ import torch
 
 from common import Table, base_parser, build_model, mode_views, report, sync, training_step
 
-from model.config import processor_config
+from model.config import MODES, processor_config
 from model.processor import global_slots
 from pipeline.glyph_loss import ATTRIBUTE, GlyphHeads
 from pipeline.glyphs import N_CLASSES
@@ -33,7 +33,7 @@ IMAGE_ID = 3
 def line_batch(cfg, mode: str, rows: int, seq_len: int, response: int, rng: np.random.Generator):
     """``rows`` packed rows of line-crop samples (image slots + prompt + a short response) with glyphs."""
     slots = global_slots(processor_config(mode))
-    size = mode_views(mode, rng).global_view.shape[-1]
+    size = MODES[mode]["base_size"]
     samples = []
     while sum(map(len, samples)) < rows * seq_len:
         ids = np.concatenate([[1], np.full(slots, IMAGE_ID), rng.integers(10, cfg.gpt.vocab_size, 8 + response)])

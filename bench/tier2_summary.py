@@ -31,10 +31,10 @@ EVAL_KEYS = ("cer", "free/cer", "markdown/cer", "plain_cer", "box_gt_iou70", "bo
              "box_f1", "n", "pages_per_s")
 
 
-def summarise(run_id: str, uri: str, eval_summary: Path | None, baseline: Path | None, device: str,
-              notes: dict) -> dict:
-    comparison = tracking.compare_runs(run_ids=[run_id], tracking_uri=uri)
+def summarise(comparison: tracking.Comparison, uri: str, eval_summary: Path | None, baseline: Path | None,
+              device: str, notes: dict) -> dict:
     run = comparison.runs[0]
+    run_id = run.run_id
     params = run.params
     history = tracking.metric_histories(comparison, list(CURVES), uri)
     summary: dict = {
@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="path prefix: writes <out>_run_summary.json and <out>_curves.png")
     args = p.parse_args(argv)
     notes = dict(n.split("=", 1) for n in args.note)
-    summary = summarise(args.run_id, args.tracking_uri, args.eval_summary, args.baseline, args.device, notes)
+    comparison = tracking.compare_runs(run_ids=[args.run_id], tracking_uri=args.tracking_uri)
+    summary = summarise(comparison, args.tracking_uri, args.eval_summary, args.baseline, args.device, notes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}_run_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    comparison = tracking.compare_runs(run_ids=[args.run_id], tracking_uri=args.tracking_uri)
     tracking.plot_curves(comparison, f"{out}_curves.png", metrics=list(CURVES), tracking_uri=args.tracking_uri)
     print(f"wrote {out}_run_summary.json and {out}_curves.png")
     return 0

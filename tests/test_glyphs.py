@@ -45,7 +45,6 @@ def test_cell_and_patch_targets():
     assert np.count_nonzero(patches) == 2
 
 
-
 def _cells_one_by_one(glyphs: np.ndarray, view: int) -> np.ndarray:
     """The targets' definition, one glyph at a time (the oracle of the vectorised code)."""
     g = view // CELL
@@ -80,6 +79,7 @@ def test_targets_match_their_definition_on_random_glyphs():
         glyphs = np.stack([rng.integers(0, N_CLASSES, n), x, top, top + height], 1).astype(np.float32)
         np.testing.assert_array_equal(cell_targets(glyphs, view), _cells_one_by_one(glyphs, view))
         np.testing.assert_array_equal(patch_targets(glyphs, view), _patches_one_by_one(glyphs, view))
+
 
 def test_glyphs_round_trip_and_bad_bytes():
     glyphs = np.arange(12, dtype=np.float32).reshape(3, 4)
