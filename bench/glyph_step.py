@@ -59,7 +59,8 @@ def run(args, device: torch.device, compiled: bool) -> dict:
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)
     model.train()
     opt = build_optimizer(model, "muon", lr=1e-3, muon_lr=0.02, encoder_lr_scale=0.5)
-    batch = line_batch(model.config, args.mode, args.rows, args.seq, args.response, rng).to(device)
+    batch = line_batch(model.config, args.mode, args.rows, args.seq, args.response, rng)
+    batch = batch.to(device, index_on_host=True)  # as the trainer moves it
     step = training_step(model, batch, opt, device, extra_loss=lambda: heads.loss(batch.glyphs)[0])
     sync(device)
     t0 = time.perf_counter()

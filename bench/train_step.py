@@ -99,7 +99,7 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
     opt = build_optimizer(model, "adamw", lr=1e-4)  # fused on CUDA
     params = [p for p in model.parameters() if p.requires_grad]
     batch, _ = make_batch(model.config, rows, seq_len, rng)
-    batch = batch.to(device)
+    batch = batch.to(device, index_on_host=True)  # as the trainer moves it
     autocast = autocast_for(device)
     step = training_step(model, batch, opt, device)
     losses = [step() for _ in range(warmup)]

@@ -130,18 +130,20 @@ def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
-def packed_plan(segment_ids: torch.Tensor) -> AttentionPlan:
-    """Segment boundaries of packed rows for varlen attention (one host sync per forward).
+def packed_plan(segment_ids: torch.Tensor, device: torch.device | None = None) -> AttentionPlan:
+    """Segment boundaries of packed rows for varlen attention, on ``device``.
 
     Each maximal run of equal ids in a row is one sequence; rows never share a sequence. Packing
-    (``pipeline.mixture.collate``) lays every sample out as one such run.
+    (``pipeline.mixture.collate``) lays every sample out as one such run. Computed where
+    ``segment_ids`` live: on the host that costs no device sync (on the device, one).
     """
     B, T = segment_ids.shape
     starts = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     first = starts.flatten().nonzero().flatten()
     cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
-    return AttentionPlan(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+    max_seqlen = int((cu[1:] - cu[:-1]).max())
+    return AttentionPlan(cu_seqlens=cu.to(device or cu.device, non_blocking=True), max_seqlen=max_seqlen)
 
 
 class CausalSelfAttention(nn.Module):
@@ -285,6 +287,8 @@ class GPT(nn.Module):
         ``inputs_embeds`` replaces the token embeddings (pre-norm, as ``wte`` outputs them).
         ``positions`` [B, T] default to 0..T-1 (or continue each row's cache length).
         ``segment_ids`` [B, T] restrict attention to the same segment (packed training).
+        Without a KV cache, ``positions`` and ``segment_ids`` may stay on the host: what the
+        forward reads from them (the largest position, segment boundaries) then costs no sync.
         ``cache_rows`` [B] maps batch rows to KV-cache rows (prefill into free slots);
         by default batch row b is cache row b and the batch spans the whole cache.
         ``logits_rows`` [B] computes logits only at one position per row (prefill).
@@ -298,6 +302,10 @@ class GPT(nn.Module):
         if C != self.config.n_embd:
             raise ValueError(f"inputs_embeds width {C} != n_embd {self.config.n_embd}")
         device = x.device
+        host_pmax = None
+        if positions is not None and positions.device != device and kv_cache is None:
+            host_pmax = int(positions.max())
+            positions = positions.to(device, non_blocking=True)
         if positions is None:
             if kv_cache is not None:
                 base = (kv_cache.lengths if cache_rows is None else kv_cache.lengths[cache_rows])[:, None]
@@ -310,7 +318,7 @@ class GPT(nn.Module):
             pmax, shifted = torch.stack([positions.max(), (positions != steps).any().long()]).tolist()
             fresh = not shifted
         else:
-            pmax, fresh = int(positions.max()), False
+            pmax, fresh = host_pmax if host_pmax is not None else int(positions.max()), False
         if pmax >= self.rotary_len:
             raise ValueError(f"position {pmax} beyond the rotary table ({self.rotary_len})")
         cos = self.cos[positions][:, :, None, :].to(x.dtype)
@@ -327,8 +335,9 @@ class GPT(nn.Module):
                 plan = AttentionPlan(mask=(key_pos[None, None, :] <= positions[:, :, None])[:, None])  # [B,1,T,L]
         elif segment_ids is not None:
             if x.is_cuda and _half_dtype(x) is not None and _varlen_causal_fn() is not None:
-                plan = packed_plan(segment_ids)
+                plan = packed_plan(segment_ids, device)
             else:
+                segment_ids = segment_ids.to(device, non_blocking=True)
                 causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
                 same = segment_ids[:, :, None] == segment_ids[:, None, :]
                 plan = AttentionPlan(mask=(causal[None] & same)[:, None])

@@ -208,7 +208,9 @@ class NanoDeepseekOCR(nn.Module):
         """Vision embeddings per image, [n_slots, n_embd] each, in DeepSeek-OCR's slot order.
 
         Views of equal size across the batch are encoded in one call (globals together,
-        tiles together), which is where batching pays off on a GPU.
+        tiles together), which is where batching pays off on a GPU. The global views' rows,
+        newlines and separators are laid out for a whole size group at once: a training step
+        holds a hundred line crops or more, and per-image work there is host time the GPU waits on.
         """
         if not images:
             return []
@@ -220,39 +222,52 @@ class NanoDeepseekOCR(nn.Module):
         for i, im in enumerate(images):
             if im.global_view.dim() != 3 or im.global_view.shape[0] != 3:
                 raise ValueError(f"image {i}: global view must be uint8 [3, S, S], got {tuple(im.global_view.shape)}")
-            groups.setdefault(tuple(im.global_view.shape[-2:]), []).append((i, "global", im.global_view[None]))
+            groups.setdefault(tuple(im.global_view.shape[-2:]), []).append((i, "global", im.global_view))
             if im.tiles.shape[0]:
                 groups.setdefault(tuple(im.tiles.shape[-2:]), []).append((i, "tiles", im.tiles))
-        encoded: dict[tuple[int, str], torch.Tensor] = {}
+        globals_: dict[int, torch.Tensor] = {}  # image -> its global rows + separator
+        tiles: dict[int, torch.Tensor] = {}  # image -> its tiles' features
         for members in groups.values():
-            batch = torch.cat([t for _, _, t in members]).to(device)
-            feats = self._encode_views(normalize(batch, dtype))
-            start = 0
+            if all(kind == "global" for _, kind, _ in members):
+                batch = torch.stack([t for _, _, t in members])
+            else:
+                batch = torch.cat([t[None] if kind == "global" else t for _, kind, t in members])
+            feats = self._encode_views(normalize(batch.to(device), dtype))
+            rows, owners, start = [], [], 0
             for i, kind, t in members:
-                encoded[(i, kind)] = feats[start:start + t.shape[0]]
-                start += t.shape[0]
+                n = 1 if kind == "global" else t.shape[0]
+                if kind == "tiles":
+                    tiles[i] = feats[start:start + n]
+                else:
+                    rows.append(start)
+                    owners.append(i)
+                start += n
+            if owners:
+                own = feats if len(rows) == feats.shape[0] else feats[torch.tensor(rows, device=feats.device)]
+                globals_.update(zip(owners, self._arrange_globals(own).unbind(0)))
         out = []
         for i, im in enumerate(images):
-            pieces = []
-            if (i, "tiles") in encoded:
-                cols, rows = im.spatial_crop
-                pieces.append(self._arrange_tiles(encoded[(i, "tiles")], cols, rows))
-            pieces.append(self._arrange_grid(encoded[(i, "global")][0]))
-            pieces.append(self.view_seperator[None].to(pieces[0].dtype))
-            out.append(torch.cat(pieces, dim=0))
+            if i in tiles:
+                cols, rows_ = im.spatial_crop
+                out.append(torch.cat([self._arrange_tiles(tiles[i], cols, rows_), globals_[i]]))
+            else:
+                out.append(globals_[i])
         return out
 
     def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
-        h, w, d = grid.shape
-        newline = self.image_newline.to(grid.dtype)[None, None].expand(h, 1, d)
-        return torch.cat([grid, newline], dim=1).reshape(h * (w + 1), d)
+        """[..., h, w, D] -> [..., h * (w + 1), D]: each grid row closed by the newline embedding."""
+        *lead, h, w, d = grid.shape
+        newline = self.image_newline.to(grid.dtype).expand(*lead, h, 1, d)
+        return torch.cat([grid, newline], dim=-2).reshape(*lead, h * (w + 1), d)
 
-    def _arrange_grid(self, feats: torch.Tensor) -> torch.Tensor:
-        n, d = feats.shape
-        g = int(round(n ** 0.5))
-        if g * g != n:
-            raise ValueError(f"view features of {n} positions are not a square grid")
-        return self._with_newlines(feats.view(g, g, d))
+    def _arrange_globals(self, feats: torch.Tensor) -> torch.Tensor:
+        """[N, g*g, D] global-view features -> [N, g*(g+1) + 1, D]: rows with newlines, then the separator."""
+        n, hw, d = feats.shape
+        g = int(round(hw ** 0.5))
+        if g * g != hw:
+            raise ValueError(f"view features of {hw} positions are not a square grid")
+        separator = self.view_seperator.to(feats.dtype).expand(n, 1, d)
+        return torch.cat([self._with_newlines(feats.view(n, g, g, d)), separator], dim=1)
 
     def _arrange_tiles(self, feats: torch.Tensor, cols: int, rows: int) -> torch.Tensor:
         n, hw, d = feats.shape
@@ -262,18 +277,22 @@ class NanoDeepseekOCR(nn.Module):
 
     # ------------------------------------------------------------- language
     def merge_embeddings(self, input_ids: torch.Tensor, vision: Sequence[torch.Tensor] | None) -> torch.Tensor:
-        """Token embeddings with the ``<image>`` slots filled by vision embeddings, in order."""
-        embeds = self.gpt.embed(input_ids)
-        slots = input_ids == self.config.image_token_id
-        n_slots = int(slots.sum())
+        """Token embeddings with the ``<image>`` slots filled by vision embeddings, in order.
+
+        ``input_ids`` may stay on the host (the trainer passes them so): the slots are counted
+        there without waiting for the device, and the ids move over asynchronously.
+        """
+        n_slots = int((input_ids == self.config.image_token_id).sum())
         n_vision = sum(v.shape[0] for v in vision) if vision else 0
         if n_slots != n_vision:
             raise ValueError(
                 f"the prompt has {n_slots} <image> slots but the images give {n_vision} embeddings "
                 "(mode or tokenizer mismatch between processor and prompt?)")
+        input_ids = input_ids.to(self.image_newline.device, non_blocking=True)
+        embeds = self.gpt.embed(input_ids)
         if n_slots:
             flat = torch.cat(list(vision)).to(embeds.dtype)
-            embeds = embeds.masked_scatter(slots[..., None], flat)
+            embeds = embeds.masked_scatter((input_ids == self.config.image_token_id)[..., None], flat)
         return embeds
 
     def forward(

@@ -81,9 +81,9 @@ class GlyphHeads(nn.Module):
             return zero, {}
         view_size = neck.shape[-1] * PATCH
         device = neck.device
-        index = torch.tensor(keep, device=device)
-        cells = torch.as_tensor(np.stack([cell_targets(glyphs[i], view_size) for i in keep]), device=device)
-        patches = torch.as_tensor(np.stack([patch_targets(glyphs[i], view_size) for i in keep]), device=device)
+        index = _to_device(np.asarray(keep), device)
+        cells = _to_device(np.stack([cell_targets(glyphs[i], view_size) for i in keep]), device)
+        patches = _to_device(np.stack([patch_targets(glyphs[i], view_size) for i in keep]), device)
         grid = slots.index_select(0, index).float()
         grid = center_slots(grid) if self.centering else grid
         cell_loss = nn.functional.binary_cross_entropy_with_logits(self.cell(grid), cells.float())
@@ -93,15 +93,26 @@ class GlyphHeads(nn.Module):
                                         "glyph_patch_error": wrong.detach()}
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` without waiting for the device (pinned, asynchronous copy)."""
+    t = torch.as_tensor(array)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def balanced_patch_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy with glyph patches and empty patches (class 0) weighing the same, the share
     of glyph patches named wrong) of [..., classes] logits against [...] class targets: empty
-    patches are most of a page, and an unweighted mean would teach "none" first."""
+    patches are most of a page, and an unweighted mean would teach "none" first. A kind of
+    patch that is absent adds nothing; no value is read back to the host (no device sync)."""
     ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                      reduction="none").reshape(targets.shape)
     glyph = targets > 0
-    loss = sum(ce[m].mean() for m in (glyph, ~glyph) if bool(m.any()))
-    wrong = (logits.argmax(-1) != targets)[glyph].float().mean() if bool(glyph.any()) else ce.new_zeros(())
+
+    def mean_over(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+
+    loss = mean_over(glyph, ce) + mean_over(~glyph, ce)
+    wrong = mean_over(glyph, (logits.argmax(-1) != targets).float())
     return loss, wrong
 
 

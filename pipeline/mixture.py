@@ -43,10 +43,14 @@ class PackedBatch:
     n_target_tokens: int
     glyphs: list[np.ndarray | None] = field(default_factory=list)  # per image (pipeline.glyphs), stays on the host
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
-                           self.positions.to(device, non_blocking=True), self.segment_ids.to(device, non_blocking=True),
-                           [im.to(device) for im in self.images], self.n_samples, self.n_target_tokens, self.glyphs)
+    def to(self, device: torch.device | str, index_on_host: bool = False) -> "PackedBatch":
+        """The batch on ``device``; ``index_on_host`` keeps ids, positions and segment ids where they
+        are: the model reads slot counts and segment boundaries from them there, without a device
+        sync, and moves them itself (``NanoDeepseekOCR.forward``)."""
+        move = (lambda t: t) if index_on_host else (lambda t: t.to(device, non_blocking=True))  # noqa: E731
+        return PackedBatch(move(self.input_ids), self.targets.to(device, non_blocking=True), move(self.positions),
+                           move(self.segment_ids), [im.to(device) for im in self.images], self.n_samples,
+                           self.n_target_tokens, self.glyphs)
 
     def pin_memory(self) -> "PackedBatch":
         """Page-locked copies (a background thread prepares them; see ``pipeline.prefetch``)."""

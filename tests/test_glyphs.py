@@ -12,7 +12,7 @@ import torch
 
 from model.config import preset
 from model.vlm import ImageViews, NanoDeepseekOCR
-from pipeline.glyph_loss import GlyphHeads, split_state
+from pipeline.glyph_loss import GlyphHeads, balanced_patch_loss, split_state
 from pipeline.glyphs import (CELL, N_CLASSES, PATCH, cell_targets, char_class, crop_page, decode_glyphs,
                              encode_glyphs, page_glyphs, patch_targets)
 from pipeline.synth import SynthConfig, TextPiece, make_page, readable_pieces
@@ -79,6 +79,25 @@ def test_targets_match_their_definition_on_random_glyphs():
         glyphs = np.stack([rng.integers(0, N_CLASSES, n), x, top, top + height], 1).astype(np.float32)
         np.testing.assert_array_equal(cell_targets(glyphs, view), _cells_one_by_one(glyphs, view))
         np.testing.assert_array_equal(patch_targets(glyphs, view), _patches_one_by_one(glyphs, view))
+
+
+def test_balanced_patch_loss_matches_its_definition_with_or_without_glyph_patches():
+    """The loss reads nothing back to the host; the oracle indexes each kind of patch."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40, N_CLASSES + 1, requires_grad=True)
+    for targets in (torch.randint(0, 4, (3, 40)), torch.zeros(3, 40, dtype=torch.long),
+                    torch.randint(1, N_CLASSES + 1, (3, 40))):
+        loss, wrong = balanced_patch_loss(logits, targets)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, N_CLASSES + 1), targets.reshape(-1),
+                                               reduction="none").reshape(targets.shape)
+        glyph = targets > 0
+        expected = sum(ce[m].mean() for m in (glyph, ~glyph) if m.any())
+        assert torch.allclose(loss, expected)
+        grad, = torch.autograd.grad(loss, logits)
+        expected_grad, = torch.autograd.grad(expected, logits)
+        assert torch.allclose(grad, expected_grad, atol=1e-7)
+        named_wrong = (logits.argmax(-1) != targets)[glyph].float()
+        assert float(wrong) == pytest.approx(float(named_wrong.mean()) if glyph.any() else 0.0)
 
 
 def test_glyphs_round_trip_and_bad_bytes():

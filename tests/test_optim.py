@@ -1,4 +1,5 @@
-"""Optimizer groups: the vision encoders' lr can be held at 0 while the rest trains."""
+"""Optimizer groups: the vision encoders' lr can be held at 0 while the rest trains; Muon's
+batched step against its one-matrix-at-a-time definition."""
 
 import copy
 
@@ -8,7 +9,7 @@ import torch
 
 from model.config import preset
 from model.vlm import ImageViews, NanoDeepseekOCR
-from pipeline.optim import build_optimizer, set_lr
+from pipeline.optim import Muon, build_optimizer, orthogonalize, set_lr
 
 
 def _model() -> NanoDeepseekOCR:
@@ -66,3 +67,30 @@ def test_optimizer_state_saved_without_encoder_flags_keeps_them():
     set_lr(fresh, 1.0, encoder_multiplier=0.0)
     assert all(g["lr"] == 0.0 for g in fresh.param_groups if g.get("encoder"))
     assert all(g["lr"] > 0.0 for g in fresh.param_groups if not g.get("encoder"))
+
+
+def test_muon_batches_same_shape_matrices_without_changing_the_update():
+    """Two steps of momentum + Nesterov + Newton-Schulz, matrix by matrix, as the oracle of the
+    step that stacks matrices of one shape (three shapes here, one of them tall)."""
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8, 8), (16, 8), (8, 24), (8, 8), (16, 8)]
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    expected = [p.detach().clone() for p in params]
+    bufs = [torch.zeros(s) for s in shapes]
+    opt = Muon(params, lr=0.05)
+    for _ in range(2):
+        grads = [torch.randn(*s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            bufs[i] = bufs[i] * 0.95 + g * 0.05
+            update = g * 0.05 + bufs[i] * 0.95
+            scale = max(1.0, shapes[i][0] / shapes[i][1]) ** 0.5
+            expected[i] = expected[i] - 0.05 * scale * orthogonalize(update)
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.detach(), e, atol=1e-5), (p - e).abs().max()
+    params[1].grad = None  # a matrix without a gradient is left alone
+    before = params[1].detach().clone()
+    opt.step()
+    assert torch.equal(params[1].detach(), before)

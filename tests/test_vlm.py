@@ -58,7 +58,9 @@ def test_layout_is_local_rows_then_global_rows_then_separator():
 
 def test_batched_encoding_equals_one_by_one():
     m = _model()
-    imgs = [_views(512, seed=1), _views(1024, tiles=2, crop=(2, 1), seed=2), _views(512, seed=4)]
+    # the 640 global encodes in one call with the 640 tiles of the 1024 page
+    imgs = [_views(512, seed=1), _views(1024, tiles=2, crop=(2, 1), seed=2), _views(512, seed=4),
+            _views(640, seed=7)]
     together = m.encode_images(imgs)
     for im, t in zip(imgs, together):
         assert torch.allclose(m.encode_images([im])[0], t, atol=1e-5)
