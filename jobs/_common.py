@@ -50,6 +50,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume-from", dest="resume_from", help="checkpoint dir: weights + optimizer + step")
     parser.add_argument("--export-dir", dest="export_dir", help="copy the final checkpoint here")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local in-process Ray)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="any TrainConfig field, VALUE read as YAML (repeatable): --set profile_at=100")
 
 
 TRAIN_FIELDS = ("preset", "data", "tokenizer", "out", "run_name", "experiment", "parent_run_id", "num_workers",
@@ -58,4 +60,17 @@ TRAIN_FIELDS = ("preset", "data", "tokenizer", "out", "run_name", "experiment", 
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k, None) for k in TRAIN_FIELDS}
+    return {**{k: getattr(args, k, None) for k in TRAIN_FIELDS}, **parse_settings(getattr(args, "settings", []))}
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``["profile_at=100", "betas=[0.9, 0.99]"]`` -> a dict of YAML-typed values (``--set`` flags)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

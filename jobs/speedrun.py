@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import REPO_ROOT, init_ray
+from _common import REPO_ROOT, init_ray, parse_settings
 
 CONFIGS = REPO_ROOT / "jobs" / "configs"
 HELDOUT_LINES = "heldout_lines"  # data/ folder of the held-out pages' line crops (eval_line_crops)
@@ -51,6 +51,7 @@ class SpeedrunConfig:
     stage1_steps: int | None = None
     stage2_steps: int | None = None
     stage1_time_limit_s: float | None = None  # stop stage 1 with a checkpoint; a re-run of the speedrun resumes it
+    stage1_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields over stage1_config's
     num_workers: int = 1
     use_gpu: bool = False
     eval_max_new_tokens: int = 512
@@ -172,6 +173,7 @@ def train(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None, uri: str):
         overrides["init_from"] = str(stage_dir(cfg, 1))
     else:
         overrides["time_limit_s"] = cfg.stage1_time_limit_s
+        overrides.update(cfg.stage1_overrides)
     if stage == 1 and cfg.stream_pages:
         overrides["synth"] = {"profile": cfg.synth_profile, "pages": cfg.stream_pages, "seed": cfg.seed + 100,
                               "mode": cfg.mode, "tasks": dict(cfg.stream_tasks),
@@ -279,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage2-steps", dest="stage2_steps", type=int)
     parser.add_argument("--stage1-time-limit", dest="stage1_time_limit_s", type=float,
                         help="seconds: stage 1 checkpoints and the speedrun stops; run it again to resume")
+    parser.add_argument("--stage1-set", dest="stage1_settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a stage-1 TrainConfig field, VALUE read as YAML (repeatable): --stage1-set profile_at=100")
     parser.add_argument("--train-pages", dest="train_pages", type=int)
     parser.add_argument("--heldout-pages", dest="heldout_pages", type=int)
     parser.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate at most this many records per split")
@@ -292,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                       stage1_time_limit_s=args.stage1_time_limit_s,
                       train_pages=args.train_pages, heldout_pages=args.heldout_pages, eval_limit=args.eval_limit,
                       serve_port=args.serve_port)
+    cfg.stage1_overrides.update(parse_settings(args.stage1_settings))
     cfg.out = str(Path(cfg.out).resolve())  # Ray workers and actors do not share our working directory
     cfg.root.mkdir(parents=True, exist_ok=True)
     if args.force:

@@ -35,6 +35,7 @@ from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS
 from pipeline.mixture import Sample, batches, mixture_counts
 from pipeline.optim import build_optimizer, lr_multiplier, set_lr
 from pipeline.prefetch import Prefetcher
+from pipeline.profiling import StepProfiler, phase
 from pipeline.synth_stream import SynthStreamConfig
 
 PENDING_RUN_FILE = "ndocr_pending_run.json"  # beside Ray's run state while a time-limited stage is unfinished
@@ -97,6 +98,8 @@ class TrainConfig:
     export_dir: str | None = None  # where the final checkpoint is copied (default <out>/<run>/final)
     inject_failure_at_step: int | None = None  # testing: rank 0 dies once at this step
     time_limit_s: float | None = None  # stop with a checkpoint after this long; the same run resumes
+    profile_at: int | None = None  # torch.profiler over steps [profile_at, +profile_steps) on rank 0 (MLflow profile/)
+    profile_steps: int = 5
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -112,6 +115,9 @@ class TrainConfig:
             raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.profile_at is not None and (self.profile_at < 0 or self.profile_steps < 1):
+            raise ValueError(f"profile_at must be >= 0 and profile_steps >= 1, got {self.profile_at}, "
+                             f"{self.profile_steps}")
         if self.pack_lookahead < 1 or self.prefetch_batches < 0:
             raise ValueError("pack_lookahead must be >= 1 and prefetch_batches >= 0")
         if self.max_row_megapixels is not None and self.max_row_megapixels <= 0:
@@ -475,6 +481,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     peak = _peak_flops(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
+    profiler = StepProfiler(cfg.profile_at if rank == 0 else None, cfg.profile_steps, device)
     try:
         first_sample = None
         metrics: dict[str, float] = {}
@@ -489,10 +496,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     print(f"[fault injection] rank 0 dies at step {step}", flush=True)
                     time.sleep(10)  # a crash mid-step: the controller has collected the last report
                     os._exit(1)
+            profiler.before(step)
             lr = set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.schedule, cfg.warmup_steps, cfg.min_lr_frac,
                                                  cfg.step_milestones, cfg.step_gamma))
             t_data = time.perf_counter()
-            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            with phase("data"):
+                micro = [next(stream) for _ in range(cfg.grad_accum)]
             data_wait = time.perf_counter() - t_data
             if first_sample is None:
                 first_sample = micro[0]
@@ -500,7 +509,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             loss_sum = 0.0
             glyph_sums: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(micro):
-                batch = batch.to(device)
+                with phase("to_device"):  # ids stay on the host: the forward reads counts there without a sync
+                    batch = batch.to(device, index_on_host=True)
                 if fsdp and cfg.stage == 2:  # stage 1 rows all carry an image; stage 2 mixes in text rows
                     batch = vision_on_every_rank(batch, inner, device)
                 # DDP skips the all-reduce on all but the last micro-step. FSDP2 (no no_sync)
@@ -509,20 +519,35 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
                 ctx_sync = model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx_sync, autocast:
-                    loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
-                                 segment_ids=batch.segment_ids, loss_reduction="sum")
+                    with phase("forward"):
+                        loss = model(batch.input_ids, batch.images, batch.targets, positions=batch.positions,
+                                     segment_ids=batch.segment_ids, loss_reduction="sum")
                     total = loss / n_targets
                     if glyph_heads is not None:
-                        glyph, parts = glyph_heads.loss(batch.glyphs)
+                        with phase("glyph_loss"):
+                            glyph, parts = glyph_heads.loss(batch.glyphs)
                         total = total + cfg.glyph_loss * glyph / len(micro)
                         for k, v in parts.items():
                             glyph_sums[k] = glyph_sums.get(k, 0.0) + v / len(micro)
-                total.backward()
-                loss_sum += float(loss.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                with phase("backward"):
+                    total.backward()
+                with phase("loss_read"):  # the host waits here for the device to catch up
+                    loss_sum += float(loss.detach())
+            with phase("optimizer"):
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            try:
+                profiled = profiler.after(step)
+            except Exception as exc:  # a profile must never fail a run
+                print(f"profile of steps {profiler.start}..{step} skipped: {exc!r}", flush=True)
+                profiled = None
+            if profiled is not None:
+                print(f"profile of steps {profiler.start}..{step}:\n{profiler.summary.report}", flush=True)
+                tracker.artifact(str(profiled), "profile")
+                tracker.log(profiler.summary.metrics(), step + 1)
+                shutil.rmtree(profiled, ignore_errors=True)
             step += 1
             now = time.perf_counter()
             tokens = sum(b.input_ids.numel() for b in micro) * world

@@ -98,13 +98,24 @@ def test_mlflow_records_params_metrics_and_artifacts(workspace, stage1):
     assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} == {"checkpoint/config.json"}
 
 
-def test_stage2_freezes_sam_and_compressor_only(workspace, stage1):
+@pytest.fixture(scope="module")
+def stage2(workspace, stage1):
+    """Stage 2 from the overfit checkpoint, under a pipeline run. Rank 0 dies once at step 3 (the
+    last checkpoint is at 2) and the run resumes; steps 5-6 run under the profiler. Balanced
+    packing (two 512 px pages per row at most) and the prefetch thread are on the same path."""
     _, s1 = stage1
     parent = MlflowClient(workspace["uri"]).create_run(
         MlflowClient(workspace["uri"]).get_run(s1.run_id).info.experiment_id, run_name="pipeline").info.run_id
     cfg = _cfg(workspace, stage=2, run_name="s2", steps=8, lr=1e-3, init_from=s1.checkpoint_dir, text_ratio=0.3,
-               parent_run_id=parent, warmup_steps=0, schedule="step")
-    s2 = run_stage(cfg)
+               parent_run_id=parent, warmup_steps=0, schedule="step", log_every=1, checkpoint_every=2,
+               max_failures=1, inject_failure_at_step=3, max_row_megapixels=0.53, pack_lookahead=4,
+               prefetch_batches=2, profile_at=5, profile_steps=2)
+    return parent, run_stage(cfg)
+
+
+def test_stage2_freezes_sam_and_compressor_only(workspace, stage1, stage2):
+    _, s1 = stage1
+    parent, s2 = stage2
     before = load_file(str(Path(s1.checkpoint_dir) / "model.safetensors"))
     after = load_file(str(Path(s2.checkpoint_dir) / "model.safetensors"))
     sam = [k for k in before if k.startswith("sam_model.")]
@@ -120,20 +131,30 @@ def test_stage2_freezes_sam_and_compressor_only(workspace, stage1):
     assert version.run_id == s2.run_id
 
 
-def test_worker_crash_resumes_from_last_checkpoint(workspace, stage1):
-    # balanced packing (two 512 px pages per row at most) and the prefetch thread on the same path
-    cfg = _cfg(workspace, stage=1, run_name="crash", steps=6, checkpoint_every=2, max_failures=1,
-               inject_failure_at_step=3, sample_prediction=False, batch_size=1, log_every=1,
-               max_row_megapixels=0.53, pack_lookahead=4, prefetch_batches=2)
-    result = run_stage(cfg)
-    marker = Path(workspace["runs"]) / "crash" / "fault_injected"
+def test_profiled_steps_leave_a_trace_and_a_report_in_mlflow(workspace, stage2, tmp_path):
+    _, s2 = stage2
+    client = MlflowClient(workspace["uri"])
+    assert {a.path for a in client.list_artifacts(s2.run_id, "profile")} == {"profile/report.txt",
+                                                                             "profile/trace.json.gz"}
+    report = Path(client.download_artifacts(s2.run_id, "profile/report.txt", str(tmp_path))).read_text()
+    assert report.startswith("steps 5..6:"), report
+    for phase in ("data", "forward", "backward", "optimizer"):
+        assert f"{phase} " in report.splitlines()[1], report
+    [wall] = client.get_metric_history(s2.run_id, "profile_step_ms")
+    [forward] = client.get_metric_history(s2.run_id, "profile_forward_ms")
+    assert wall.step == 7 and 0 < forward.value < wall.value
+
+
+def test_worker_crash_resumes_from_last_checkpoint(workspace, stage2):
+    _, result = stage2
+    marker = Path(workspace["runs"]) / "s2" / "fault_injected"
     assert marker.is_file(), "the fault was never injected"
-    assert result.metrics["step"] == 6
+    assert result.metrics["step"] == 8
     _, _, meta = load_checkpoint(result.checkpoint_dir, with_tokenizer=False)
-    assert meta["step"] == 6
+    assert meta["step"] == 8 and meta["stage"] == 2
     client = MlflowClient(workspace["uri"])
     steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
-    # died after 3 steps with the last checkpoint at 2: step 3 ran twice, then on to 6
-    assert steps.count(3) == 2 and steps.count(2) == 1 and max(steps) == 6, steps
+    # died after 3 steps with the last checkpoint at 2: step 3 ran twice, then on to 8
+    assert steps.count(3) == 2 and steps.count(2) == 1 and max(steps) == 8, steps
     waits = client.get_metric_history(result.run_id, "data_wait_s")
     assert len(waits) == len(steps) and all(m.value >= 0 for m in waits)
