@@ -142,31 +142,6 @@ def test_stream_rows_are_shard_rows(ray_local, tokenizer_file):
         assert list(r["input_ids"]) == list(ids) and list(r["loss_mask"]) == list(mask)
 
 
-@pytest.mark.slow
-def test_stage1_on_stream_stops_at_time_limit_and_resumes(ray_local, tokenizer_file, tmp_path, mlflow_uri):
-    base = dict(stage=1, preset="tiny", synth=dict(TINY_STREAM), tokenizer=str(tokenizer_file), out=str(tmp_path / "runs"),
-                run_name="stream", tracking_uri=mlflow_uri, experiment="test-stream", seq_len=1024, batch_size=2,
-                steps=4, warmup_steps=1, log_every=1, sample_prediction=False)
-    first = run_stage(load_train_config(None, **base, time_limit_s=0.0))
-    assert not first.complete
-    assert first.metrics["step"] == 1 and first.metrics["stopped_at_time_limit"] == 1.0
-    pending = tmp_path / "runs" / "stream" / PENDING_RUN_FILE
-    assert pending.is_file()
-    assert not (tmp_path / "runs" / "stream" / "final").exists()
-    client = MlflowClient(mlflow_uri)
-    assert client.get_run(first.run_id).info.status == "KILLED"
-
-    second = run_stage(load_train_config(None, **base))
-    assert second.complete and second.run_id == first.run_id
-    assert second.metrics["step"] == 4
-    assert not pending.exists()
-    assert (Path(second.checkpoint_dir) / "model.safetensors").is_file()
-    run = client.get_run(first.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["mode"] == "tiny"
-    assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2, 3, 4]
-
-
 def test_stream_rows_carry_glyphs_of_the_view_they_show(ray_local, tokenizer_file):
     from pipeline.glyphs import char_class
     from pipeline.synth_stream import GLYPHS_COLUMN
@@ -203,8 +178,10 @@ def test_glyph_loss_config_errors_are_clear(bad, match):
 
 
 @pytest.mark.slow
-def test_stage1_with_glyph_loss_logs_it_and_keeps_heads_out_of_the_weights(ray_local, tokenizer_file, tmp_path,
-                                                                             mlflow_uri):
+def test_stage1_on_stream_with_glyph_loss_stops_at_time_limit_and_resumes(ray_local, tokenizer_file, tmp_path,
+                                                                          mlflow_uri):
+    """Two DDP workers on the stream with the glyph heads: a time-limited first call checkpoints
+    (heads beside the weights) and a second call resumes the same MLflow run to the end."""
     from safetensors import safe_open
 
     from model.weights import load_checkpoint
@@ -215,9 +192,21 @@ def test_stage1_with_glyph_loss_logs_it_and_keeps_heads_out_of_the_weights(ray_l
                 seq_len=1024, batch_size=2, steps=3, warmup_steps=1, log_every=1, sample_prediction=False,
                 glyph_loss=1.0, slot_centering=True, num_workers=2)
     first = run_stage(load_train_config(None, **base, time_limit_s=0.0))  # stops at step 1 with a checkpoint
-    assert not first.complete and (Path(first.checkpoint_dir) / STATE_FILE).is_file()
+    assert not first.complete
+    assert first.metrics["step"] == 1 and first.metrics["stopped_at_time_limit"] == 1.0
+    assert (Path(first.checkpoint_dir) / STATE_FILE).is_file()
+    pending = tmp_path / "runs" / "glyphs" / PENDING_RUN_FILE
+    assert pending.is_file()
+    assert not (tmp_path / "runs" / "glyphs" / "final").exists()
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
     second = run_stage(load_train_config(None, **base))  # resumes with the heads' weights
-    assert second.complete and second.metrics["step"] == 3
+    assert second.complete and second.run_id == first.run_id and second.metrics["step"] == 3
+    assert not pending.exists()
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["mode"] == "tiny"
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2, 3]
     final = Path(second.checkpoint_dir)
     with safe_open(str(final / "model.safetensors"), "pt") as f:
         assert not any(k.startswith("glyph_heads") for k in f.keys())
@@ -225,12 +214,10 @@ def test_stage1_with_glyph_loss_logs_it_and_keeps_heads_out_of_the_weights(ray_l
         assert {"cell.weight", "cell.bias", "patch.weight", "patch.bias"} <= set(f.keys())
     model, _, _ = load_checkpoint(str(final), with_tokenizer=False)  # the plain model loads strictly
     assert not hasattr(model, "glyph_heads") and model.config.slot_centering
-    client = MlflowClient(mlflow_uri)
     for name in ("glyph_cell_loss", "glyph_patch_loss", "glyph_patch_error"):
         history = client.get_metric_history(second.run_id, name)
         assert [m.step for m in history] == [1, 2, 3] and all(np.isfinite(m.value) for m in history)
     assert 0 < second.metrics["glyph_patch_loss"] < 20
-
 
 
 def test_stream_gives_several_crops_of_a_line_page(ray_local, tokenizer_file):
