@@ -5,7 +5,7 @@ this keeps what bench/RESULTS.md quotes: the recipe as logged, the curves of the
 metrics, the evaluation summary of the speedrun and, optionally, the peer baseline's metrics.
 
     python bench/tier2_summary.py --tracking-uri file:///tmp/run/mlruns --run-id 1552... \\
-        --eval-summary /tmp/run/eval/summary.json --baseline /tmp/run/tess/metrics.json \\
+        --eval-summary /tmp/run/eval/summary.json --baseline heldout=/tmp/run/tess/metrics.json \\
         --device "NVIDIA H200" --out bench/tier2/glyphs
 """
 
@@ -31,7 +31,7 @@ EVAL_KEYS = ("cer", "free/cer", "markdown/cer", "plain_cer", "box_gt_iou70", "bo
              "box_f1", "n", "pages_per_s")
 
 
-def summarise(comparison: tracking.Comparison, uri: str, eval_summary: Path | None, baseline: Path | None,
+def summarise(comparison: tracking.Comparison, uri: str, eval_summary: Path | None, baselines: dict[str, Path],
               device: str, notes: dict) -> dict:
     run = comparison.runs[0]
     run_id = run.run_id
@@ -46,10 +46,10 @@ def summarise(comparison: tracking.Comparison, uri: str, eval_summary: Path | No
     if eval_summary:
         evals = json.loads(eval_summary.read_text())
         summary["eval"] = {split: {k: m[k] for k in EVAL_KEYS if k in m} for split, m in evals.items()}
-    if baseline:
-        metrics = json.loads(baseline.read_text())
+    for split, path in baselines.items():
+        metrics = json.loads(path.read_text())
         metrics = metrics.get("tesseract", metrics)
-        summary["eval_tesseract_heldout"] = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
+        summary[f"eval_tesseract_{split}"] = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
     return summary
 
 
@@ -58,15 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", required=True)
     p.add_argument("--run-id", required=True, help="the stage-1 run")
     p.add_argument("--eval-summary", type=Path, help="the speedrun's eval/summary.json")
-    p.add_argument("--baseline", type=Path, help="the baseline's metrics.json on the held-out pages")
+    p.add_argument("--baseline", action="append", default=[], metavar="[SPLIT=]PATH",
+                   help="the baseline's metrics.json on a split's records (default split: heldout; repeatable)")
     p.add_argument("--device", required=True)
     p.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe facts the params do not hold (e.g. steps=1500 when a resume changed them)")
     p.add_argument("--out", required=True, help="path prefix: writes <out>_run_summary.json and <out>_curves.png")
     args = p.parse_args(argv)
     notes = dict(n.split("=", 1) for n in args.note)
+    baselines = {split: Path(path) for split, path in
+                 (b.split("=", 1) if "=" in b else ("heldout", b) for b in args.baseline)}
     comparison = tracking.compare_runs(run_ids=[args.run_id], tracking_uri=args.tracking_uri)
-    summary = summarise(comparison, args.tracking_uri, args.eval_summary, args.baseline, args.device, notes)
+    summary = summarise(comparison, args.tracking_uri, args.eval_summary, baselines, args.device, notes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}_run_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
