@@ -8,8 +8,24 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from any working directory
-    sys.path.insert(0, str(REPO_ROOT))
+JOBS_DIR = REPO_ROOT / "jobs"
+
+
+def job_sys_path(path: list[str], script: str) -> list[str]:
+    """``sys.path`` for a job script: the repo root first, and without ``jobs/`` itself.
+
+    Why drop ``jobs/``: Ray copies the driver script's directory (when it is on ``sys.path``) onto
+    every worker's ``sys.path``, ahead of the repo root when the job starts from another working
+    directory, and there ``jobs/serve.py`` shadows the ``serve`` package: Serve replicas fail with
+    "'serve' is not a package". Imported from anywhere but a script in ``jobs/`` (tests), only the
+    repo root is added.
+    """
+    is_job = bool(script) and Path(script).resolve().parent == JOBS_DIR
+    kept = [p for p in path if not (is_job and p and Path(p).resolve() == JOBS_DIR)]
+    return kept if str(REPO_ROOT) in kept else [str(REPO_ROOT), *kept]
+
+
+sys.path[:] = job_sys_path(sys.path, sys.argv[0] if sys.argv else "")  # runnable from any working directory
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

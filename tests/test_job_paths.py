@@ -1,0 +1,31 @@
+"""Job scripts run from any working directory, and never hand ``jobs/`` to Ray's workers
+(where ``jobs/serve.py`` would shadow the ``serve`` package)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from jobs._common import JOBS_DIR, REPO_ROOT, job_sys_path
+
+
+def test_a_job_script_drops_its_directory_and_puts_the_repo_root_first():
+    script = str(JOBS_DIR / "speedrun.py")
+    assert job_sys_path([str(JOBS_DIR), "/lib/python"], script) == [str(REPO_ROOT), "/lib/python"]
+    assert job_sys_path([str(JOBS_DIR), str(REPO_ROOT), "/lib"], script) == [str(REPO_ROOT), "/lib"]
+    # imported by anything else (tests, `python -m`): jobs/ stays where it was
+    assert job_sys_path([str(JOBS_DIR), "/lib"], "/usr/bin/pytest") == [str(REPO_ROOT), str(JOBS_DIR), "/lib"]
+
+
+def test_a_job_script_starts_from_another_directory(tmp_path):
+    script = "speedrun.py"  # every job script begins with the same `import _common`
+    # what `python jobs/<script> --help` does (its directory first on sys.path), then a look at sys.path
+    probe = ("import runpy, sys; sys.argv = [{path!r}, '--help']; sys.path.insert(0, {jobs!r})\n"
+             "try:\n    runpy.run_path({path!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "import serve.app, os\n"
+             "assert {jobs!r} not in [os.path.abspath(p) for p in sys.path], sys.path\n"
+             "print(serve.app.__file__)")
+    code = probe.format(path=str(JOBS_DIR / script), jobs=str(JOBS_DIR))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout and done.stdout.strip().endswith(str(REPO_ROOT / "serve" / "app.py"))
