@@ -61,10 +61,6 @@ class StepProfiler:
         self._t0 = 0.0
         self.summary: ProfileSummary | None = None
 
-    @property
-    def active(self) -> bool:
-        return self._prof is not None
-
     def before(self, step: int) -> None:
         if self.start is None or step != self.start or self._prof is not None or self.summary is not None:
             return
@@ -94,6 +90,12 @@ class StepProfiler:
         self.summary = summarize(prof, self.steps, wall, step - self.steps + 1)
         (out / "report.txt").write_text(self.summary.report)
         return out
+
+    def close(self) -> None:
+        """Stop a profile the loop left unfinished (it ended first), writing nothing."""
+        if self._prof is not None:
+            prof, self._prof = self._prof, None
+            prof.__exit__(None, None, None)
 
 
 def summarize(prof: profile, steps: int, wall_s: float, first_step: int) -> ProfileSummary:

@@ -115,9 +115,10 @@ class TrainConfig:
             raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
-        if self.profile_at is not None and (self.profile_at < 0 or self.profile_steps < 1):
-            raise ValueError(f"profile_at must be >= 0 and profile_steps >= 1, got {self.profile_at}, "
-                             f"{self.profile_steps}")
+        if self.profile_at is not None and not (0 <= self.profile_at and 1 <= self.profile_steps
+                                                and self.profile_at + self.profile_steps <= self.steps):
+            raise ValueError(f"profile_at {self.profile_at} with profile_steps {self.profile_steps}: the profiled "
+                             f"steps must lie within the run's {self.steps} steps")
         if self.pack_lookahead < 1 or self.prefetch_batches < 0:
             raise ValueError("pack_lookahead must be >= 1 and prefetch_batches >= 0")
         if self.max_row_megapixels is not None and self.max_row_megapixels <= 0:
@@ -590,6 +591,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     print(f"sample prediction skipped: {exc}", flush=True)
         return metrics
     finally:
+        profiler.close()
         if isinstance(stream, Prefetcher):
             stream.close()
 

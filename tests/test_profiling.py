@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.profiling import StepProfiler, phase
+from pipeline.train import load_train_config
 
 
 def _loop(profiler: StepProfiler, steps: int) -> list:
@@ -47,3 +48,13 @@ def test_no_start_profiles_nothing_and_bad_ranges_are_refused():
         StepProfiler(-1, 5, torch.device("cpu"))
     with pytest.raises(ValueError, match="steps >= 1"):
         StepProfiler(0, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="within the run's 10 steps"):
+        load_train_config(None, steps=10, profile_at=8, profile_steps=5)
+
+
+def test_a_loop_that_ends_inside_the_profile_closes_it_and_writes_nothing():
+    profiler = StepProfiler(1, 5, torch.device("cpu"))
+    assert _loop(profiler, 3) == [None] * 3
+    profiler.close()
+    assert profiler.summary is None
+    assert _loop(StepProfiler(0, 1, torch.device("cpu")), 1)[0] is not None  # a new profile starts cleanly
