@@ -3,7 +3,7 @@
 # evaluation on held-out pages). Run in the repo root on the device with .gpu and .fonts carried:
 #   bash bench/run_tier2.sh [jobs/speedrun.py flags...]      # e.g. --stage1-time-limit 350
 #   CONFIG=jobs/configs/speedrun_tier2_glyphs.yaml bash bench/run_tier2.sh ...
-# Writes speedrun.log, the evaluation folders and the MLflow file store under $OUT. A stage stopped
+# Writes speedrun.log, eval_summary.json and the MLflow file store under $OUT. A stage stopped
 # at its time limit resumes when the same command runs again on the still-warm machine; the MLflow
 # store is kept under artifacts/ between calls ($OUT starts empty each call), so the resumed stage
 # logs into the same run.
@@ -21,7 +21,15 @@ if [ -z "${MLFLOW_TRACKING_URI:-}" ]; then  # the bundle's MLflow has no SQLAlch
   trap 'rm -rf "$KEEP"; [ -d "$OUT/mlruns" ] && cp -r "$OUT/mlruns" "$KEEP"' EXIT
 fi
 python -c "from pipeline.synth import font_dir; d = font_dir(); assert d, 'no fonts: set NDOCR_FONT_DIR'; print('fonts', d)" || exit 2
+touch "$OUT/.started"
 python jobs/speedrun.py --config "$CONFIG" --no-serve "$@" > "$OUT/speedrun.log" 2>&1
 status=$?
+# this call's evaluation summary (if it got that far) travels back beside the log (tier2_summary.py
+# --eval-summary); the YAML's `out:` (a --out flag elsewhere is not followed)
+root=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1])).get('out', 'artifacts'))" "$CONFIG")
+if [ -n "$(find "$root/eval/summary.json" -newer "$OUT/.started" 2>/dev/null)" ]; then
+  cp "$root/eval/summary.json" "$OUT/eval_summary.json"
+fi
+rm -f "$OUT/.started"
 grep -E "stage1 step|^==>|^\||finished in|^  [a-z]|Error" "$OUT/speedrun.log" | grep -v " INFO \|WARNING" | awk '!seen[$0]++' | tail -150
 exit $status
