@@ -111,7 +111,7 @@ class _Rendered(torch.utils.data.IterableDataset):
         from model.tokenizer import Tokenizer
         from model.vlm import ImageViews
         from pipeline.mixture import Sample
-        from pipeline.synth_stream import _render_crops, sample_glyphs
+        from pipeline.synth_stream import render_crop_pieces, sample_glyphs
 
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -124,7 +124,7 @@ class _Rendered(torch.utils.data.IterableDataset):
         while True:
             pool = []
             for _ in range(SHUFFLE_PAGES):
-                page, crops = _render_crops(index, self.stream, synth, self.crops_per_page)
+                page, crops = render_crop_pieces(index, self.stream, synth, self.crops_per_page)
                 pool += [(page, *crop) for crop in crops]
                 index += nw
             rng.shuffle(pool)

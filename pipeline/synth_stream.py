@@ -150,13 +150,14 @@ def render_crops(index: int, stream: SynthStreamConfig, synth=None,
     """The page of :func:`render_sample` and every (image, record) it offers for its task: its
     readable crops for ``line``/``word`` (at most ``limit``, drawn per page), the page itself
     otherwise. A consumer that can use many crops of one page renders it once, not once per crop."""
-    page, samples = _render_crops(index, stream, synth, limit)
+    page, samples = render_crop_pieces(index, stream, synth, limit)
     return page, [(image, record) for _, image, record in samples]
 
 
-def _render_crops(index: int, stream: SynthStreamConfig, synth=None,
-                  limit: int | None = None) -> tuple[Any, list[tuple[Any, Any, dict]]]:
-    """:func:`render_crops` with each sample's cropped piece (None for the page itself)."""
+def render_crop_pieces(index: int, stream: SynthStreamConfig, synth=None,
+                       limit: int | None = None) -> tuple[Any, list[tuple[Any, Any, dict]]]:
+    """:func:`render_crops` with each sample's cropped piece (None for the page itself): what the
+    glyph targets of a crop are computed from."""
     page, task, rng = _draw(index, stream, synth)
     pieces = _crop_pieces(page, task)
     if not pieces:
@@ -175,7 +176,7 @@ def _block_samples(indices: list[int], stream: SynthStreamConfig, synth) -> list
         return [_render(i, stream, synth) for i in indices]
     out = []
     for i in indices:
-        page, samples = _render_crops(i, stream, synth, stream.crops_per_page)
+        page, samples = render_crop_pieces(i, stream, synth, stream.crops_per_page)
         out += [(page, *sample) for sample in samples]
     random.Random(f"ndocr-stream-block/{stream.seed}/{indices[0] if indices else 0}").shuffle(out)
     return out
