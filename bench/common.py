@@ -226,7 +226,7 @@ def autocast_for(device: torch.device):
 
 def training_step(model: NanoDeepseekOCR, batch, opt, device: torch.device,
                   extra_loss: Callable[[], torch.Tensor] | None = None) -> Callable[[], float]:
-    """The trainer's step (``pipeline/train.py``) on a packed batch already on the device: the
+    """The trainer's step (``pipeline/train.py``) on a packed batch moved as the trainer moves it: the
     mean next-token loss (+ ``extra_loss()``, evaluated inside autocast after the forward),
     backward, clipping at 1.0, the optimizer, and the trainer's one host read per step."""
     params = [p for p in model.parameters() if p.requires_grad]

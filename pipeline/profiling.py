@@ -9,8 +9,6 @@ wall time per step, how much of it the device was busy, the host-side phases, an
 
 from __future__ import annotations
 
-import gzip
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -82,11 +80,7 @@ class StepProfiler:
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
         out = Path(tempfile.mkdtemp(prefix="ndocr-profile-"))
-        trace = out / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        trace.unlink()
+        prof.export_chrome_trace(str(out / "trace.json.gz"))  # torch gzips a .gz path itself
         self.summary = summarize(prof, self.steps, wall, step - self.steps + 1)
         (out / "report.txt").write_text(self.summary.report)
         return out
