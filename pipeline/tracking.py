@@ -73,8 +73,20 @@ def _check_uri(uri: str) -> None:
             "'sqlite:///path/mlflow.db' or an http(s):// tracking server "
             "(or set MLFLOW_ALLOW_FILE_STORE=true where no SQLite store exists, e.g. mlflow-skinny)"
         )
+    if is_file_store and "artifacts" in Path(_file_store_path(uri)).parts:
+        raise ValueError(
+            f"MLflow tracking URI {uri!r}: MLflow's file store does not find runs under a folder named "
+            "'artifacts' (it takes them for a run's artifacts and reports 'Run ... not found' right after "
+            "creating one); put the store elsewhere, e.g. file:///tmp/mlruns, or use sqlite:///artifacts/mlflow.db"
+        )
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _file_store_path(uri: str) -> str:
+    """The directory of a file-store URI (``file:///abs``, ``file:rel`` or a bare path), absolute."""
+    path = uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):] if uri.startswith("file:") else uri
+    return str(Path(path).resolve())
 
 
 def _artifact_root(uri: str) -> str | None:

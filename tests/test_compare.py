@@ -147,6 +147,22 @@ def test_tracking_uri_default_and_refusals(tmp_path, monkeypatch):
     assert tracking.tracking_uri() == "http://mlflow:5000"
     with pytest.raises(ValueError, match="file store is refused"):
         tracking.client("file:///tmp/mlruns")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    under_artifacts = (tmp_path / "artifacts" / "mlruns").as_uri()
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    raw = MlflowClient(tracking_uri=under_artifacts)  # what the refusal below spares a user
+    with pytest.raises(MlflowException, match="not found"):
+        raw.create_run(raw.create_experiment("x"), tags={"a": "b"})
+    with pytest.raises(ValueError, match="folder named 'artifacts'"):
+        tracking.client(under_artifacts)
+    with pytest.raises(ValueError, match="folder named 'artifacts'"):
+        tracking.client("artifacts/mlruns")  # relative to the working directory
+    elsewhere = (tmp_path / "mlruns").as_uri()
+    run_id = tracking.start_run("x", run_name="r", tracking_uri=elsewhere)
+    assert tracking.client(elsewhere).get_run(run_id).info.run_name == "r"
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     with pytest.raises(ValueError, match="nested=True"):
         tracking.start_run("x", nested=True, tracking_uri="sqlite:///" + str(tmp_path / "n.db"))
     assert tracking.flatten({"a": {"b": {"c": 1}}, "d": []}) == {"a.b.c": 1, "d": []}
