@@ -184,9 +184,17 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
     return CombinedOptimizer(opts)
 
 
+SCHEDULES = ("cosine", "step", "warmdown", "constant")
+
+
 def lr_multiplier(step: int, total: int, schedule: str, warmup: int = 0, min_frac: float = 0.1,
-                  milestones: Iterable[float] = (0.5, 0.8), gamma: float = 0.1) -> float:
-    """Multiplier of the base lr at ``step`` (0-based) of ``total``."""
+                  milestones: Iterable[float] = (0.5, 0.8), gamma: float = 0.1, warmdown: float = 0.4) -> float:
+    """Multiplier of the base lr at ``step`` (0-based) of ``total``.
+
+    ``warmdown`` (warmup, then constant, then linear to ``min_frac`` over the last ``warmdown``
+    share of the steps, as nanochat trains) keeps the full lr as long as the loss still falls
+    fast and gives the decay, where the loss drops most, more than one step of a step schedule.
+    """
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -197,7 +205,13 @@ def lr_multiplier(step: int, total: int, schedule: str, warmup: int = 0, min_fra
     if schedule == "step":
         passed = sum(step >= m * total for m in milestones)
         return gamma ** passed
-    raise ValueError(f"unknown schedule {schedule!r}; choose cosine, step or constant")
+    if schedule == "warmdown":
+        start = total * (1 - warmdown)
+        if step < start:
+            return 1.0
+        progress = min(1.0, (step - start + 1) / max(1.0, total - start))
+        return 1.0 + (min_frac - 1.0) * progress
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def set_lr(optimizer: CombinedOptimizer, multiplier: float, encoder_multiplier: float = 1.0) -> float:

@@ -33,7 +33,7 @@ from pipeline.distributed import (any_rank, full_model_state, full_optimizer_sta
                                   shard_optimizer_state, to_float, vision_on_every_rank)
 from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS
 from pipeline.mixture import Sample, batches, mixture_counts
-from pipeline.optim import build_optimizer, lr_multiplier, set_lr
+from pipeline.optim import SCHEDULES, build_optimizer, lr_multiplier, set_lr
 from pipeline.prefetch import Prefetcher
 from pipeline.profiling import StepProfiler, phase
 from pipeline.synth_stream import SynthStreamConfig
@@ -73,8 +73,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 10
-    schedule: str | None = None  # default: cosine for stage 1, step for stage 2
-    min_lr_frac: float = 0.1
+    schedule: str | None = None  # cosine | step | warmdown | constant (default: cosine stage 1, step stage 2)
+    min_lr_frac: float = 0.1  # cosine and warmdown end here
+    warmdown_frac: float = 0.4  # warmdown: the last share of the steps, where the lr falls linearly
     step_milestones: list[float] = field(default_factory=lambda: [0.6, 0.85])
     step_gamma: float = 0.3
     grad_clip: float = 1.0
@@ -107,6 +108,10 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.schedule is None:
             self.schedule = "cosine" if self.stage == 1 else "step"
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not 0 < self.warmdown_frac <= 1:
+            raise ValueError(f"warmdown_frac must be in (0, 1], got {self.warmdown_frac}")
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and not (self.init_from or self.resume_from):
@@ -441,7 +446,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if fsdp:
         model = shard_model(model, device)
     elif world > 1:
-        kwargs = {"find_unused_parameters": True} if cfg.stage == 2 else {}
+        # device_ids=None: DDP then leaves forward inputs where they are. With a device it moves them
+        # all, and the ids, positions and segment ids that the trainer keeps on the host (so that the
+        # model reads counts and boundaries there without a sync) would go to the GPU first.
+        kwargs = {"device_ids": None, "output_device": None}
+        if cfg.stage == 2:
+            kwargs["find_unused_parameters"] = True
         model = ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=kwargs)
     else:
         model = model.to(device)
@@ -499,7 +509,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     os._exit(1)
             profiler.before(step)
             lr = set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.schedule, cfg.warmup_steps, cfg.min_lr_frac,
-                                                 cfg.step_milestones, cfg.step_gamma))
+                                                 cfg.step_milestones, cfg.step_gamma, cfg.warmdown_frac))
             t_data = time.perf_counter()
             with phase("data"):
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
@@ -552,10 +562,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             step += 1
             now = time.perf_counter()
             tokens = sum(b.input_ids.numel() for b in micro) * world
-            tok_per_s = tokens / max(now - t_last, 1e-9)
+            elapsed = max(now - t_last, 1e-9)
+            tok_per_s = tokens / elapsed
             t_last = now
+            # recipes whose samples differ in length compare by samples seen, not tokens
+            # (this rank's count x world: the ranks' counts differ a little, and summing them would sync)
+            samples_per_s = sum(b.n_samples for b in micro) * world / elapsed
             metrics = {"loss": loss_sum / n_targets, "lr": lr, "grad_norm": to_float(grad_norm),
-                       "tokens_per_s": tok_per_s, "data_wait_s": data_wait, "step": step,
+                       "tokens_per_s": tok_per_s, "samples_per_s": samples_per_s, "data_wait_s": data_wait,
+                       "step": step,
                        **{k: float(v) for k, v in glyph_sums.items()}}
             if peak:
                 metrics["mfu"] = flops_per_token * tok_per_s / (peak * world)

@@ -9,7 +9,7 @@ import torch
 
 from model.config import preset
 from model.vlm import ImageViews, NanoDeepseekOCR
-from pipeline.optim import Muon, build_optimizer, orthogonalize, set_lr
+from pipeline.optim import Muon, build_optimizer, lr_multiplier, orthogonalize, set_lr
 
 
 def _model() -> NanoDeepseekOCR:
@@ -94,3 +94,23 @@ def test_muon_batches_same_shape_matrices_without_changing_the_update():
     before = params[1].detach().clone()
     opt.step()
     assert torch.equal(params[1].detach(), before)
+
+
+def test_warmdown_holds_the_lr_then_falls_linearly_to_its_floor():
+    total, warmup = 100, 10
+    lrs = [lr_multiplier(s, total, "warmdown", warmup, min_frac=0.05, warmdown=0.4) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[warmup - 1] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in lrs[warmup:60])  # constant until the last 40%
+    decay = lrs[60:]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly falling ...
+    assert np.allclose(np.diff(decay), decay[1] - decay[0])  # ... by the same amount each step
+    assert decay[-1] == pytest.approx(0.05)  # the last step trains at the floor
+
+
+def test_unknown_schedule_is_refused_before_training():
+    from pipeline.train import TrainConfig
+
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        TrainConfig(data="x", schedule="linear")
+    with pytest.raises(ValueError, match="warmdown_frac"):
+        TrainConfig(data="x", schedule="warmdown", warmdown_frac=0.0)

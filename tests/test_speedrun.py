@@ -59,12 +59,13 @@ def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ra
         assert f"==> {step}" in again and "skipped" in again.split(f"==> {step}")[1].splitlines()[0], step
 
 
-def test_glyph_recipe_configs_load():
+@pytest.mark.parametrize("name", ["speedrun_tier2_glyphs", "speedrun_tier2_glyphs_base"])
+def test_glyph_recipe_configs_load(name):
     import speedrun
 
     from pipeline.train import load_train_config
 
-    run = speedrun.load_config(str(REPO / "jobs/configs/speedrun_tier2_glyphs.yaml"))
+    run = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"))
     stage1 = load_train_config(str(REPO / run.stage1_config),
                                synth={"profile": run.synth_profile, "mode": run.mode, "tasks": run.stream_tasks,
                                       "crops_per_page": run.stream_crops_per_page})

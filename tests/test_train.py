@@ -91,8 +91,11 @@ def test_mlflow_records_params_metrics_and_artifacts(workspace, stage1):
     assert params["model.gpt.n_layer"] == "2" and "git_commit" in params and "data.rows_out" in params
     losses = client.get_metric_history(result.run_id, "loss")
     assert len(losses) >= OVERFIT_STEPS // 10 and losses[-1].value < losses[0].value
-    for key in ("lr", "grad_norm", "tokens_per_s"):
+    for key in ("lr", "grad_norm", "tokens_per_s", "samples_per_s"):
         assert client.get_metric_history(result.run_id, key)
+    per_step = [m.value / t.value for m, t in zip(client.get_metric_history(result.run_id, "samples_per_s"),
+                                                 client.get_metric_history(result.run_id, "tokens_per_s"))]
+    assert all(0 < v < 1 for v in per_step)  # a sample is more than one token of a packed row
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "samples")}
     assert "samples/sample_prediction.png" in artifacts
     assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} == {"checkpoint/config.json"}
