@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -38,6 +39,21 @@ def prepare_data(work: Path, preset: str, mode: str, pages: int, seq_len: int) -
     pre = run_preprocess(PreprocessConfig(manifests=[str(manifest)], out=str(work / "shards"), mode=mode,
                                           preset=preset, vocab_size=8192, max_seq_len=seq_len))
     return int(pre.stats["rows_out"]), t_synth, time.perf_counter() - t0
+
+
+def reachable_tracking_store(work: Path) -> str:
+    """The MLflow store the runs log to: ``MLFLOW_TRACKING_URI`` if set, else the default SQLite
+    store, else (the device's Ray bundle has MLflow without SQLAlchemy) a file store in ``work``.
+    Set before Ray starts, so that its workers see the same store."""
+    import importlib.util
+
+    from pipeline import tracking
+
+    if os.environ.get("MLFLOW_TRACKING_URI") or importlib.util.find_spec("sqlalchemy") is not None:
+        return tracking.tracking_uri()
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    os.environ["MLFLOW_TRACKING_URI"] = (work.resolve() / "mlruns").as_uri()
+    return os.environ["MLFLOW_TRACKING_URI"]
 
 
 def train_run(work: Path, preset: str, num_workers: int, steps: int, batch_size: int, seq_len: int,
@@ -92,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from _common import init_ray
 
     work = Path(args.out or tempfile.mkdtemp(prefix="ndocr-gpu-"))
+    print(f"MLflow store: {reachable_tracking_store(work)}", flush=True)
     init_ray()
     rows_out, t_synth, t_pre = prepare_data(work, args.preset, args.mode, args.pages, args.seq_len)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

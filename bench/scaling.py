@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from ray_train_gpu import prepare_data, train_run
+    from ray_train_gpu import prepare_data, reachable_tracking_store, train_run
 
     work = Path(args.out or tempfile.mkdtemp(prefix="ndocr-scaling-"))
+    print(f"MLflow store: {reachable_tracking_store(work)}", flush=True)
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(runtime_env={"env_vars": {**NO_MULTICAST, "PYTHONPATH": pythonpath}})
     rows_out, _, _ = prepare_data(work, args.preset, args.mode, args.pages, args.seq_len)
