@@ -422,6 +422,11 @@ class _Tracker:
         tracking.log_artifact(self.run_id, path, artifact_path=artifact_path, tracking_uri=self.uri)
 
 
+# Ray Train 2.60 patches `print` in its workers to tee each line into its logger as well, and since
+# Ray's workers wrap stdout, every progress line reached the driver twice. Plain print: once.
+WORKER_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+
+
 def train_loop_per_worker(loop_config: dict) -> dict:
     """The Ray Train worker function (also callable directly in one process for debugging)."""
     import ray.train
@@ -764,7 +769,8 @@ def run_stage(cfg: TrainConfig) -> StageResult:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             worker_runtime_env=WORKER_RUNTIME_ENV),
         datasets={"train": _datasets(cfg)},
     )
     try:

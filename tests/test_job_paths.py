@@ -1,8 +1,9 @@
-"""Job scripts run from any working directory, and never hand ``jobs/`` to Ray's workers
-(where ``jobs/serve.py`` would shadow the ``serve`` package)."""
+"""Job scripts run from any working directory, never hand ``jobs/`` to Ray's workers (where
+``jobs/serve.py`` would shadow the ``serve`` package), and start a Ray that answers the State API."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -29,3 +30,17 @@ def test_a_job_script_starts_from_another_directory(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout and done.stdout.strip().endswith(str(REPO_ROOT / "serve" / "app.py"))
+
+
+def test_a_job_started_ray_answers_the_state_api(tmp_path):
+    """Ray Train's placement-group cleaner polls the State API every second; a job's in-process Ray
+    without the dashboard that serves it logged a warning at each poll."""
+    code = (f"import sys; sys.path.insert(0, {str(JOBS_DIR)!r})\n"
+            "import _common\n"
+            "_common.init_ray(num_cpus=1)\n"
+            "from ray.util.state import list_nodes\n"
+            "print('nodes', len(list_nodes()))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_ADDRESS": ""})  # its own Ray, not a cluster
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nodes 1" in done.stdout

@@ -104,6 +104,6 @@ def test_stage1_through_ray_job_submit_logs_the_loss(head, shards):
             break
         time.sleep(5)
     assert done.returncode == 0, logs[-4000:]
-    assert "stage1 step 3/3 loss" in logs, logs[-4000:]
+    assert logs.count("stage1 step 3/3 loss") == 1, logs[-4000:]  # once: Ray Train's print patch doubled it
     assert "succeeded" in logs.lower()
     assert (shards / "runs" / "submitted" / "final" / "model.safetensors").is_file()
