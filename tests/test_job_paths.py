@@ -38,8 +38,9 @@ def test_a_job_started_ray_answers_the_state_api(tmp_path):
     code = (f"import sys; sys.path.insert(0, {str(JOBS_DIR)!r})\n"
             "import _common\n"
             "_common.init_ray(num_cpus=1)\n"
-            "from ray.util.state import list_nodes\n"
-            "print('nodes', len(list_nodes()))\n")
+            "import ray\n"
+            "from ray.util.state import list_nodes\n"  # this Ray's, whatever else runs on the machine
+            "print('nodes', len(list_nodes(address=ray.get_runtime_context().gcs_address)))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "RAY_ADDRESS": ""})  # its own Ray, not a cluster
     assert done.returncode == 0, done.stderr[-2000:]
