@@ -680,12 +680,15 @@ def _datasets(cfg: TrainConfig):
     for path in cfg.data:
         part = read_shards(path)
         ds = part if ds is None else ds.union(part)
-    is_text = lambda r: not r["n_image_tokens"]  # noqa: E731  (text rows carry no image)
+    from ray.data.expressions import col
+
+    # text rows carry no image; expressions filter whole Arrow blocks, not row by row in Python
+    has_image = col("n_image_tokens") > 0
     if cfg.stage == 1:
-        ds = ds.filter(lambda r: not is_text(r))
+        ds = ds.filter(expr=has_image)
     else:
-        vision = ds.filter(lambda r: not is_text(r)).materialize()
-        text = ds.filter(is_text).materialize()
+        vision = ds.filter(expr=has_image).materialize()
+        text = ds.filter(expr=(col("n_image_tokens") == 0) | col("n_image_tokens").is_null()).materialize()
         n_vision, n_text = mixture_counts(vision.count(), text.count(), cfg.text_ratio)
         parts = [vision] if n_vision else []
         if n_text:

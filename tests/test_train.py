@@ -101,6 +101,18 @@ def test_mlflow_records_params_metrics_and_artifacts(workspace, stage1):
     assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} == {"checkpoint/config.json"}
 
 
+def test_stage_datasets_split_vision_and_text_rows(workspace):
+    """Stage 1 reads the 10 page rows alone; stage 2 mixes the 8 text rows in at its text_ratio."""
+    from pipeline.mixture import mixture_counts
+    from pipeline.train import _datasets
+
+    s1 = _datasets(_cfg(workspace, stage=1, shuffle=False))
+    assert s1.count() == 10 and all(r["n_image_tokens"] > 0 for r in s1.take_all())
+    s2 = _datasets(_cfg(workspace, stage=2, init_from="unused", text_ratio=0.3, shuffle=False)).take_all()
+    n_vision, n_text = mixture_counts(10, 8, 0.3)
+    assert sum(r["n_image_tokens"] > 0 for r in s2) == n_vision and sum(not r["n_image_tokens"] for r in s2) == n_text
+
+
 @pytest.fixture(scope="module")
 def stage2(workspace, stage1):
     """Stage 2 from the overfit checkpoint, under a pipeline run. Rank 0 dies once at step 3 (the
