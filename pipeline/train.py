@@ -670,6 +670,8 @@ class StageResult:
 def _datasets(cfg: TrainConfig):
     """The training dataset: stage 1 vision rows (shards, or the synthetic stream); stage 2
     the vision/text mixture."""
+    from ray.data.expressions import col
+
     from pipeline import storage
     from pipeline.preprocess import read_shards
     from pipeline.synth_stream import synth_dataset
@@ -680,8 +682,6 @@ def _datasets(cfg: TrainConfig):
     for path in cfg.data:
         part = read_shards(path)
         ds = part if ds is None else ds.union(part)
-    from ray.data.expressions import col
-
     # text rows carry no image; expressions filter whole Arrow blocks, not row by row in Python
     has_image = col("n_image_tokens") > 0
     if cfg.stage == 1:
