@@ -228,10 +228,7 @@ class NanoDeepseekOCR(nn.Module):
         globals_: dict[int, torch.Tensor] = {}  # image -> its global rows + separator
         tiles: dict[int, torch.Tensor] = {}  # image -> its tiles' features
         for members in groups.values():
-            if all(kind == "global" for _, kind, _ in members):
-                batch = torch.stack([t for _, _, t in members])
-            else:
-                batch = torch.cat([t[None] if kind == "global" else t for _, kind, t in members])
+            batch = torch.cat([t[None] if kind == "global" else t for _, kind, t in members])
             feats = self._encode_views(normalize(batch.to(device), dtype))
             rows, owners, start = [], [], 0
             for i, kind, t in members:
