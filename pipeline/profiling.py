@@ -94,20 +94,26 @@ class StepProfiler:
 
 def summarize(prof: profile, steps: int, wall_s: float, first_step: int) -> ProfileSummary:
     """Per-step wall, device and phase times, and the top ops, from a finished profile."""
-    events = prof.events()
-    on_device = lambda e: e.device_type == DeviceType.CUDA  # noqa: E731
-    labelled = lambda e: getattr(e, "is_user_annotation", False) or e.name.startswith(PHASE_PREFIX)  # noqa: E731
-    device_us = sum(e.time_range.elapsed_us() for e in events if on_device(e) and not labelled(e))
-    host, device = {}, {}
-    for e in events:
+    host, device = {}, {}  # phase -> ms per step
+    annotations: set[str] = set()
+    device_us = host_ops = kernels = 0
+    for e in prof.events():
+        on_device = e.device_type == DeviceType.CUDA
         if e.name.startswith(PHASE_PREFIX):
-            into = device if on_device(e) else host
+            into = device if on_device else host
             key = e.name[len(PHASE_PREFIX):]
             into[key] = into.get(key, 0.0) + e.time_range.elapsed_us() / 1e3 / steps
+        if getattr(e, "is_user_annotation", False) or e.name.startswith(PHASE_PREFIX):
+            annotations.add(e.name)
+        elif on_device:
+            device_us += e.time_range.elapsed_us()
+            kernels += 1
+        else:
+            host_ops += 1
     wall_ms = wall_s * 1e3 / steps
     device_ms = device_us / 1e3 / steps
-    host_ops = sum(1 for e in events if not on_device(e) and not labelled(e)) / steps
-    kernels = sum(1 for e in events if on_device(e) and not labelled(e)) / steps
+    host_ops /= steps
+    kernels /= steps
     lines = [f"steps {first_step}..{first_step + steps - 1}: {wall_ms:.1f} ms per step (wall), "
              f"{host_ops:.0f} host ops per step" + (f", {kernels:.0f} device ops" if kernels else "")]
     lines.append("host phases, ms per step: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(host.items())))
@@ -116,7 +122,6 @@ def summarize(prof: profile, steps: int, wall_s: float, first_step: int) -> Prof
         lines.append("device spans of the phases, ms per step: "
                      + ", ".join(f"{k} {v:.1f}" for k, v in sorted(device.items())))
     lines.append("")
-    annotations = {e.name for e in events if labelled(e)}
     ops = [e for e in prof.key_averages() if e.key not in annotations]
     if device_us:
         lines += ["top ops by device time:", _table(ops, "self_device_time_total", steps), ""]
