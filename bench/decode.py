@@ -234,7 +234,51 @@ def profile_parts(b: DecodeBatch, model) -> dict:
                 gemm_tbs=dec.weight_bytes() / t_gemm / 1e12, graph_step_ms=t_step * 1e3)
 
 
+@torch.inference_mode()
+def timeline(model, device, dtype, batch: int, prefix: int, new: int, eos: int, steps: int = 5) -> tuple[list[list[object]], dict]:
+    """Where one graph replay's time goes, kernel by kernel (torch profiler on the replays).
+
+    Under programmatic dependent launch a kernel starts before the one ahead of it ends, so its
+    own duration overstates it; what a kernel adds to the step is the time from the previous
+    kernel's end to its own end ("exposed"), and those add up to the step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        raise SystemExit("--timeline profiles CUDA graph replays: it needs a CUDA device")
+    width = model.config.gpt.n_embd
+    params = SamplingParams(max_new_tokens=10 ** 6, ngram_size=0, stop_ids=frozenset({-1}))
+    b = DecodeBatch(model, batch, prefix + new + 32, eos, device, dtype, fast=True)  # the cache run_batch builds
+    b.add([(i, p, params) for i, p in enumerate(prompts(batch, prefix, width, device, dtype, seed=batch))])
+    dec = b.decoder
+    for _ in range(3):
+        dec.step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec.step()
+        sync(device)
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and e.time_range.end > 0),
+                     key=lambda e: e.time_range.start)
+    if not kernels or len(kernels) % steps:
+        raise RuntimeError(f"profiler saw {len(kernels)} kernels for {steps} replays (CUPTI cannot trace graphs here?)")
+    per_step = len(kernels) // steps
+    by_name: dict[str, list[float]] = {}
+    for i in range(per_step, len(kernels)):  # the first replay has no previous end to count from
+        e = kernels[i]
+        exposed = e.time_range.end - max(kernels[i - 1].time_range.end, 0)
+        name = e.name if len(e.name) < 48 else e.name[:45] + "..."
+        by_name.setdefault(name, []).append(exposed)
+    measured = steps - 1
+    step_us = (kernels[-1].time_range.end - kernels[per_step - 1].time_range.end) / measured
+    rows = sorted(([name, len(v) // measured, f"{sum(v) / measured:.1f}", f"{sum(v) / len(v):.2f}",
+                    f"{100 * sum(v) / measured / step_us:.0f}%"] for name, v in by_name.items()),
+                  key=lambda r: -float(r[2]))
+    return rows, {"kernels_per_step": per_step, "step_us": step_us}
+
+
 SWEEP = [(64, 4, 512), (64, 8, 512), (32, 4, 512), (128, 8, 512), (64, 4, 256), (64, 8, 1024), (128, 4, 512)]
+ONE_ROW_SWEEP = [(64, 2, 512), (32, 2, 512), (32, 1, 512), (16, 1, 512)]  # fewer warps: cheaper reductions
 
 
 @torch.inference_mode()
@@ -243,7 +287,8 @@ def sweep(model, device, dtype, eos: int, prefix: int, bw: float, out_path: str)
     batch 128 and 1; the best at batch 128 is written as NANO_OCR_DECODE_ATTN's value."""
     import model.gpt as gpt_module
 
-    saved = dict(gpt_module.DECODE_ATTENTION)
+    launches = (gpt_module.DECODE_ATTENTION, gpt_module.DECODE_ATTENTION_ONE_ROW)  # both batch sizes get each
+    saved = [dict(launch) for launch in launches]
     cfg = model.config.gpt
     kv_pos = kv_bytes_per_position(model)
     batches = {}
@@ -255,7 +300,8 @@ def sweep(model, device, dtype, eos: int, prefix: int, bw: float, out_path: str)
     rows, best = [], None
     try:
         for block_n, warps, max_split in SWEEP:
-            gpt_module.DECODE_ATTENTION.update(block_n=block_n, num_warps=warps, max_split=max_split)
+            for launch in launches:
+                launch.update(block_n=block_n, num_warps=warps, max_split=max_split)
             row = [f"{block_n}, {warps}, {max_split}"]
             for batch, b in batches.items():
                 dec = b.decoder
@@ -274,8 +320,9 @@ def sweep(model, device, dtype, eos: int, prefix: int, bw: float, out_path: str)
             print(row, flush=True)
             rows.append(row)
     finally:
-        gpt_module.DECODE_ATTENTION.clear()
-        gpt_module.DECODE_ATTENTION.update(saved)
+        for launch, before in zip(launches, saved):
+            launch.clear()
+            launch.update(before)
     if out_path and best:
         with open(out_path, "w") as f:
             f.write(best[1])
@@ -301,6 +348,83 @@ def gemv_shapes(cfg) -> list[tuple[str, int, int, bool, str]]:
 
 
 GEMV_LAUNCHES = [(bn, warps) for bn in (1, 2, 4, 8, 16) for warps in (2, 4, 8)]
+
+
+@torch.inference_mode()
+def tune_in_step(model, device, dtype, prefix: int, new: int, eos: int, rounds: int = 1,
+                 attention: bool = True) -> list[list[object]]:
+    """The skinny GEMV launches chosen inside a whole batch-1 decode step rather than alone.
+
+    Alone, each product has the GPU to itself; in a step it runs between other kernels that hold
+    SMs and registers while it starts streaming its weights, so a launch that wins alone can lose
+    there. Coordinate descent: for each product in turn, every launch of GEMV_LAUNCHES that fits,
+    the others held at their current best; the measure is the step time of graph replays. Then
+    (``attention``) the one-row split-K attention launches of SWEEP + ONE_ROW_SWEEP, reported, not kept.
+    """
+    import model.gpt as gpt_module
+
+    width = model.config.gpt.n_embd
+    params = SamplingParams(max_new_tokens=10 ** 6, ngram_size=0, stop_ids=frozenset({-1}))
+    prompt = prompts(1, prefix, width, device, dtype, seed=1)
+
+    def step_ms() -> float:
+        b = DecodeBatch(model, 1, prefix + new + 32, eos, device, dtype, fast=True)
+        b.add([(0, prompt[0], params)])
+        dec, best = b.decoder, float("inf")
+        for _ in range(3):
+            dec.step()
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(new // 3):
+                dec.step()
+            end.record()
+            torch.cuda.synchronize()
+            best = min(best, start.elapsed_time(end) / (new // 3))
+        return best
+
+    tuned = gpt_module.SKINNY_TUNED
+    saved = dict(tuned)
+    rows = []
+    try:
+        baseline = current = step_ms()
+        for rnd in range(rounds):
+            for name, n, k, _, _ in gemv_shapes(model.config.gpt):
+                kp = gpt_module._next_pow2(k)
+                before = tuned.get((n, k))
+                times = {}
+                for launch in GEMV_LAUNCHES:
+                    if launch[0] * kp > 32768 or -(-n // launch[0]) < 66:  # spills; under half the SMs
+                        continue
+                    tuned[(n, k)] = launch
+                    times[launch] = step_ms()
+                best = min(times, key=times.get)
+                tuned[(n, k)] = best
+                current = times[best]
+                rows.append([rnd + 1, name, f"{n} x {k}", str(before), f"{times.get(before, float('nan')):.4f}",
+                             str(best), f"{current:.4f}"])
+                print(rows[-1], flush=True)
+        if attention:  # the split-K attention launch for one row
+            att = gpt_module.DECODE_ATTENTION_ONE_ROW
+            saved_att = dict(att)
+            times = {}
+            try:
+                for block_n, warps, max_split in SWEEP + ONE_ROW_SWEEP:
+                    att.update(block_n=block_n, num_warps=warps, max_split=max_split)
+                    times[(block_n, warps, max_split)] = step_ms()
+            finally:
+                att.clear()
+                att.update(saved_att)
+            before = (saved_att["block_n"], saved_att["num_warps"], saved_att["max_split"])
+            best = min(times, key=times.get)
+            rows.append(["", "attention", "(block_n, warps, max_split)", str(before),
+                         f"{times.get(before, float('nan')):.4f}", str(best), f"{times[best]:.4f}"])
+        rows.append(["", "step", "", "SKINNY_TUNED before", f"{baseline:.4f}", "after", f"{current:.4f}"])
+        rows.append(["", "tuned", "", "", "", repr({k: v for k, v in tuned.items()}), ""])
+    finally:
+        tuned.clear()
+        tuned.update(saved)
+    return rows
 
 
 @torch.inference_mode()
@@ -373,6 +497,10 @@ def main() -> None:
     p.add_argument("--gemv-sweep", default="", metavar="BATCHES",
                    help="time each matrix product alone (cuBLAS vs skinny GEMV launches) at these batches, exit")
     p.add_argument("--check", action="store_true")
+    p.add_argument("--tune-in-step", action="store_true",
+                   help="choose the skinny GEMV launches by whole batch-1 step time, exit")
+    p.add_argument("--timeline", type=int, default=0, metavar="BATCH",
+                   help="profile graph replays at this batch: each kernel's exposed time per step, exit")
     p.add_argument("--sweep", default="", help="time attention launch settings; write the best to this file, exit")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -390,6 +518,23 @@ def main() -> None:
                      rows, ["context 1300 tokens per row (a page's mean context while decoding 800 tokens)",
                             "TB/s = KV bytes read / time; the defaults are the first row unless "
                             "NANO_OCR_DECODE_ATTN sets them"]), device, args, {"sweep": rows})
+        return
+    if args.tune_in_step:
+        rows = tune_in_step(model, device, dtype, args.prefix, args.new, eos)
+        report(Table("Skinny GEMV launches chosen in the whole step (bench/decode.py --tune-in-step)",
+                     ["round", "product", "N x K", "launch before", "step ms", "best launch", "step ms"], rows,
+                     ["batch 1, full step graph replays (best of three runs of a third of the steps); launch = "
+                      "(BLOCK_N, num_warps); each product swept with the others at their best so far"]),
+               device, args, {"tune": rows})
+        return
+    if args.timeline:
+        rows, info = timeline(model, device, dtype, args.timeline, args.prefix, args.new, eos)
+        report(Table(f"Decode step kernel by kernel (bench/decode.py --timeline {args.timeline})",
+                     ["kernel", "per step", "exposed us/step", "us each", "of step"], rows,
+                     [f"{info['kernels_per_step']} kernels per step, {info['step_us']:.1f} us from one replay's "
+                      "last kernel end to the next's (profiled replays, back to back)",
+                      "exposed = this kernel's end - the previous kernel's end: what it adds to the step "
+                      "(under programmatic dependent launch kernels overlap)"]), device, args, {"timeline": rows, **info})
         return
     if args.gemv_sweep:
         rows = gemv_sweep(model, device, dtype, [int(b) for b in args.gemv_sweep.split(",")])
@@ -429,7 +574,8 @@ def main() -> None:
                      f"{r['kv_used_gb']:.2f} / {r['kv_alloc_gb']:.2f}", f"{r['context']:.0f}",
                      _part(r, "attn"), _part(r, "gemm"),
                      f"{r['graph_step_ms']:.3f}" if "graph_step_ms" in r else ""])
-    notes += [f"decode attention launch settings {gpt_module.DECODE_ATTENTION}; skinny GEMV up to batch "
+    notes += [f"decode attention launch settings {gpt_module.DECODE_ATTENTION} (one row: "
+              f"{gpt_module.DECODE_ATTENTION_ONE_ROW}); skinny GEMV up to batch "
               f"{skinny_max}"]
     notes += [f"model: {args.preset} preset GPT ({model.config.gpt.n_layer} layers, width {model.config.gpt.n_embd}), "
               f"{str(dtype).replace('torch.', '')} weights and KV cache, random weights; prefix {args.prefix}-{args.prefix + 6} "

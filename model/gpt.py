@@ -428,6 +428,28 @@ def relu_square_ref(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x).square()
 
 
+def step_inputs_ref(tokens: torch.Tensor, active: torch.Tensor, lengths: torch.Tensor, wte: torch.Tensor,
+                    pos: torch.Tensor, n_keys: torch.Tensor, max_len: int) -> torch.Tensor:
+    """A decode step's start: each row's position into ``pos``, ``pos + 1`` into ``n_keys`` (in
+    place), and the normed embedding of each row's token, [B, C].
+
+    Idle rows, and rows already at the cache's end (a step the host launched ahead for a row that
+    has finished), compute a throwaway token at position 0 instead of writing past the cache.
+    """
+    torch.mul(lengths, active & (lengths < max_len), out=pos)
+    torch.add(pos, 1, out=n_keys)
+    return rms_norm(F.embedding(tokens, wte))
+
+
+def greedy_advance_ref(logits: torch.Tensor, active: torch.Tensor, greedy: torch.Tensor, tokens: torch.Tensor,
+                       lengths: torch.Tensor) -> None:
+    """A decode step's end, in place: the argmax of each row's logits into ``greedy`` and
+    ``tokens`` (the next step's input), and the active rows' lengths advanced by one."""
+    torch.argmax(logits, dim=-1, out=greedy)
+    tokens.copy_(greedy)
+    lengths.add_(active)
+
+
 EPILOGUES = ("none", "relu2", "residual", "softcap")
 
 
@@ -603,9 +625,9 @@ if triton is not None:
         kvh = h // GROUP
         kv = b * s_c_b + kvh * s_c_h
         first = _kv_tile(KC, VC, kv, start + tl.arange(0, BLOCK_N), old_end, s_c_t, i, HALF)
-        _after_previous(PDL)
-        c = tl.load(COS + pos * HALF + i).to(tl.float32)
+        c = tl.load(COS + pos * HALF + i).to(tl.float32)  # the tables never change: read before waiting too
         s = tl.load(SIN + pos * HALF + i).to(tl.float32)
+        _after_previous(PDL)
         q1, q2 = _rotate_norm(QKV + b * s_qkv + h * D, c, s, i, eps, HALF)
         q1 = q1.to(KC.dtype.element_ty).to(tl.float32) * scale_log2  # rounded as a stored q is
         q2 = q2.to(KC.dtype.element_ty).to(tl.float32) * scale_log2
@@ -651,6 +673,52 @@ if triton is not None:
             out = _merge_splits(MOUT, LOUT, AOUT, (b * H + h) * n_split, n_split, D, NSPLIT_P2)
             tl.store(OUT + b * s_o_b + h * D + tl.arange(0, D), out.to(OUT.dtype.element_ty))
             tl.atomic_xchg(COUNT + b * H + h, 0)
+
+    @triton.jit
+    def _step_inputs_kernel(TOKENS, ACTIVE, LENGTHS, WTE, X, POS, NKEYS, s_w, s_x, eps, max_len,
+                            C: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # step_inputs_ref in one launch, one program per row. With PDL the next kernel (the first
+        # layer's products) starts streaming its weights while this one runs.
+        _after_previous(PDL)
+        b = tl.program_id(0)
+        length = tl.load(LENGTHS + b)
+        pos = tl.where(tl.load(ACTIVE + b) & (length < max_len), length, 0)
+        tl.store(POS + b, pos)
+        tl.store(NKEYS + b, pos + 1)
+        c = tl.arange(0, BLOCK)
+        ok = c < C
+        e = tl.load(WTE + tl.load(TOKENS + b) * s_w + c, mask=ok, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(e * e, 0) / C + eps)
+        tl.store(X + b * s_x + c, (e * r).to(X.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _greedy_advance_kernel(LOGITS, ACTIVE, LENGTHS, GREEDY, TOKENS, PMAX, PIDX, COUNT, V, s_l, n_chunks,
+                               CHUNK: tl.constexpr, NCHUNK_P2: tl.constexpr, PDL: tl.constexpr):
+        # greedy_advance_ref in one launch: program (b, c) finds the first maximum of chunk c of row
+        # b's logits; the last chunk of a row to finish (a ticket, as in the attention merge) picks
+        # the row's token from the chunks' maxima and advances the row. NaN counts as the largest
+        # value, as in torch.argmax, so a broken row still yields a valid token id.
+        _after_previous(PDL)
+        b = tl.program_id(0)
+        ch = tl.program_id(1)
+        i = ch * CHUNK + tl.arange(0, CHUNK)
+        x = tl.load(LOGITS + b * s_l + i, mask=i < V, other=-float("inf"))
+        x = tl.where(x != x, float("inf"), x)
+        m = tl.max(x, 0)
+        tl.store(PMAX + b * n_chunks + ch, m)
+        tl.store(PIDX + b * n_chunks + ch, tl.min(tl.where(x == m, i, V), 0))
+        tl.debug_barrier()  # the partial is written before the ticket is taken
+        ticket = tl.atomic_add(COUNT + b, 1, sem="acq_rel")
+        if ticket == n_chunks - 1:
+            c = tl.arange(0, NCHUNK_P2)
+            ok = c < n_chunks
+            pm = tl.load(PMAX + b * n_chunks + c, mask=ok, other=-float("inf"), cache_modifier=".cg")
+            pi = tl.load(PIDX + b * n_chunks + c, mask=ok, other=V, cache_modifier=".cg")
+            token = tl.min(tl.where(pm == tl.max(pm, 0), pi, V), 0).to(tl.int64)
+            tl.store(GREEDY + b, token)
+            tl.store(TOKENS + b, token)
+            tl.store(LENGTHS + b, tl.load(LENGTHS + b) + tl.load(ACTIVE + b).to(tl.int64))
+            tl.atomic_xchg(COUNT + b, 0)
 
     @triton.jit
     def _decode_attn_merge_kernel(MOUT, LOUT, AOUT, OUT, s_o_b, n_split,
@@ -701,6 +769,8 @@ if triton is not None:
         _after_previous(PDL)
         for b in tl.static_range(B):
             x = tl.load(X + b * s_x + k, mask=k_ok, other=0.0)
+            if EPILOGUE == 2:  # requested with x: one trip to memory after the wait, not two
+                res = tl.load(Y + b * s_y + n, mask=n_ok, other=0.0).to(tl.float32)
             if NORM:
                 xf = x.to(tl.float32)
                 x = (xf / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)).to(X.dtype.element_ty)
@@ -710,24 +780,33 @@ if triton is not None:
                 y = tl.maximum(y, 0.0)
                 y = y * y
             elif EPILOGUE == 2:
-                y = tl.load(Y + b * s_y + n, mask=n_ok, other=0.0).to(tl.float32) + y
+                y = res + y
             elif EPILOGUE == 3:
                 z = tl.exp(2.0 * y / cap)  # tanh(y / cap) = 1 - 2 / (exp(2 y / cap) + 1), exact at +-inf
                 y = cap * (1.0 - 2.0 / (z + 1.0))
             tl.store(Y + b * s_y + n, y.to(Y.dtype.element_ty), mask=n_ok)
 
 
-def _attention_config() -> dict[str, int]:
-    """Split-K decode attention launch settings; ``NANO_OCR_DECODE_ATTN=block_n,num_warps,max_split``
+def _attention_config(env_name: str, block_n: int, num_warps: int, max_split: int) -> dict[str, int]:
+    """Split-K decode attention launch settings; ``<env_name>=block_n,num_warps,max_split``
     overrides them (tuning on a new GPU)."""
-    config = {"block_n": 64, "num_warps": 4, "max_split": 512}
-    env = os.environ.get("NANO_OCR_DECODE_ATTN")
+    config = {"block_n": block_n, "num_warps": num_warps, "max_split": max_split}
+    env = os.environ.get(env_name)
     if env:
         config.update(zip(("block_n", "num_warps", "max_split"), (int(v) for v in env.split(","))))
     return config
 
 
-DECODE_ATTENTION = _attention_config()
+# Several rows: the best of `bench/decode.py --sweep` at batch 128. One row: the best inside a whole
+# batch-1 step (`bench/decode.py --tune-in-step`, H200): two warps' cheaper reductions and twice the
+# splits shorten the chain of dependent steps in each program (3% of the step).
+DECODE_ATTENTION = _attention_config("NANO_OCR_DECODE_ATTN", 64, 4, 512)
+DECODE_ATTENTION_ONE_ROW = _attention_config("NANO_OCR_DECODE_ATTN_ONE_ROW", 32, 2, 512)
+
+
+def attention_launch(batch: int) -> dict[str, int]:
+    """The split-K attention launch settings for a cache of ``batch`` rows."""
+    return DECODE_ATTENTION_ONE_ROW if batch == 1 else DECODE_ATTENTION
 
 # Decoding a single row reads every weight matrix once per token for one vector: cuBLAS's GEMV
 # runs these 3-13 MB matrices well below copy bandwidth and leaves the norms, activations and
@@ -741,7 +820,7 @@ DECODE_GEMV = {"max_batch": int(os.environ.get("NANO_OCR_DECODE_GEMV", "1")),
 
 # (N, K) -> (BLOCK_N, num_warps): the full preset's decode products, the best of
 # `bench/decode.py --gemv-sweep 1` on an H200 (one weight read per call, calls back to back).
-SKINNY_TUNED = {(3840, 1280): (8, 2), (1280, 1280): (16, 8), (5120, 1280): (16, 2), (1280, 5120): (4, 8),
+SKINNY_TUNED = {(3840, 1280): (8, 4), (1280, 1280): (8, 4), (5120, 1280): (4, 2), (1280, 5120): (2, 4),
                 (65536, 1280): (4, 2)}
 
 
@@ -801,7 +880,7 @@ class DecodeKernels:
     @staticmethod
     def split_size(batch: int, heads: int, max_len: int) -> int:
         """Keys per split-K program: enough programs to fill the GPU, at most 64 splits a row."""
-        cfg = DECODE_ATTENTION
+        cfg = attention_launch(batch)
         want_splits = max(1, -(-1024 // (batch * heads)))
         split = _next_pow2(-(-max_len // want_splits))
         return max(cfg["block_n"], min(split, cfg["max_split"]), _next_pow2(-(-max_len // 64)))
@@ -816,11 +895,12 @@ class DecodeKernels:
         if scratch is None:
             scratch = self.attention_scratch(B, H, D, L, q.device)
         m, lsum, acc = scratch[:3]
+        launch = attention_launch(B)
         _decode_attn_split_kernel[(B, H, n_split)](
             q, k_cache, v_cache, n_keys, m, lsum, acc, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D ** -0.5 * 1.4426950408889634, n_split,
-            H=H, GROUP=H // k_cache.shape[1], D=D, SPLIT=split, BLOCK_N=DECODE_ATTENTION["block_n"],
-            PDL=self.pdl, num_warps=DECODE_ATTENTION["num_warps"], **_pdl_launch(self.pdl))
+            H=H, GROUP=H // k_cache.shape[1], D=D, SPLIT=split, BLOCK_N=launch["block_n"],
+            PDL=self.pdl, num_warps=launch["num_warps"], **_pdl_launch(self.pdl))
         out = torch.empty(B, H * D, device=q.device, dtype=q.dtype)
         _decode_attn_merge_kernel[(B * H,)](m, lsum, acc, out, out.stride(0), n_split,
                                             H=H, D=D, NSPLIT_P2=_next_pow2(n_split), PDL=self.pdl, num_warps=4,
@@ -848,8 +928,8 @@ class DecodeKernels:
             qkv, cos, sin, n_keys, k_cache, v_cache, m, lsum, acc, count, out, qkv.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), D ** -0.5 * 1.4426950408889634,
             _norm_eps(qkv.dtype), n_split, H=n_head, HKV=n_kv, D=D, SPLIT=split,
-            BLOCK_N=DECODE_ATTENTION["block_n"], NSPLIT_P2=_next_pow2(n_split), PDL=self.pdl,
-            num_warps=DECODE_ATTENTION["num_warps"], **_pdl_launch(self.pdl))
+            BLOCK_N=attention_launch(B)["block_n"], NSPLIT_P2=_next_pow2(n_split), PDL=self.pdl,
+            num_warps=attention_launch(B)["num_warps"], **_pdl_launch(self.pdl))
         return out
 
     def attention_scratch(self, B: int, H: int, D: int, L: int, device) -> tuple[torch.Tensor, ...]:
@@ -860,6 +940,37 @@ class DecodeKernels:
                 torch.empty(B * H * n_split, device=device, dtype=torch.float32),
                 torch.empty(B * H * n_split * D, device=device, dtype=torch.float32),
                 torch.zeros(B * H, device=device, dtype=torch.int32))
+
+    def step_inputs(self, tokens, active, lengths, wte, pos, n_keys, max_len):
+        """See :func:`step_inputs_ref`."""
+        if not self.use_triton:
+            return step_inputs_ref(tokens, active, lengths, wte, pos, n_keys, max_len)
+        B, C = tokens.shape[0], wte.shape[1]
+        x = torch.empty(B, C, device=wte.device, dtype=wte.dtype)
+        _step_inputs_kernel[(B,)](tokens, active, lengths, wte, x, pos, n_keys, wte.stride(0), x.stride(0),
+                                  _norm_eps(wte.dtype), max_len, C=C, BLOCK=_next_pow2(C), PDL=self.pdl,
+                                  num_warps=4, **_pdl_launch(self.pdl))
+        return x
+
+    GREEDY_CHUNK = 2048  # logits per argmax program: 32 programs a row at a 65k vocabulary
+
+    def greedy_scratch(self, B: int, V: int, device) -> tuple[torch.Tensor, ...]:
+        """Per-chunk maxima and their indices, and the per-row tickets (zero between launches)."""
+        n = B * -(-V // self.GREEDY_CHUNK)
+        return (torch.empty(n, device=device, dtype=torch.float32), torch.empty(n, device=device, dtype=torch.int32),
+                torch.zeros(B, device=device, dtype=torch.int32))
+
+    def greedy_advance(self, logits, active, greedy, tokens, lengths, scratch=None):
+        """See :func:`greedy_advance_ref`."""
+        if not self.use_triton:
+            return greedy_advance_ref(logits, active, greedy, tokens, lengths)
+        B, V = logits.shape
+        n_chunks = -(-V // self.GREEDY_CHUNK)
+        pmax, pidx, count = scratch if scratch is not None else self.greedy_scratch(B, V, logits.device)
+        _greedy_advance_kernel[(B, n_chunks)](logits, active, lengths, greedy, tokens, pmax, pidx, count, V,
+                                              logits.stride(0), n_chunks, CHUNK=self.GREEDY_CHUNK,
+                                              NCHUNK_P2=_next_pow2(n_chunks), PDL=self.pdl, num_warps=4,
+                                              **_pdl_launch(self.pdl))
 
     def add_rms_norm(self, x, y):
         if not self.use_triton:
@@ -940,6 +1051,10 @@ class GraphedDecoder:
                         if self.kernels.use_triton else None)
         self.logits = torch.zeros(B, cfg.vocab_size, dtype=torch.float32, device=device)
         self.greedy = torch.zeros(B, dtype=torch.long, device=device)
+        self.pos = torch.zeros(B, dtype=torch.long, device=device)  # this step's positions (idle rows: 0)
+        self.n_keys = torch.zeros(B, dtype=torch.long, device=device)
+        self.greedy_scratch = (self.kernels.greedy_scratch(B, cfg.vocab_size, device)
+                               if self.kernels.use_triton else None)
         self.graph = None
         if self.use_graph:
             self._capture_with_fallbacks()
@@ -952,11 +1067,8 @@ class GraphedDecoder:
     def _forward(self) -> None:
         k = self.kernels
         cache, n_head = self.cache, self.n_head
-        active = self.active.long()
-        pos = self.lengths * active  # idle rows: a dummy token at position 0
-        n_keys = pos + 1
-        x = F.embedding(self.tokens, self.wte)
-        x = rms_norm(x)
+        pos, n_keys = self.pos, self.n_keys  # idle rows: a dummy token at position 0
+        x = k.step_inputs(self.tokens, self.active, self.lengths, self.wte, pos, n_keys, cache.max_len)
         cap = self.gpt.config.logit_softcap
         if self.skinny:  # one row: norms, activations, residual adds and the attention merge fused in
             for i, (w_qkv, w_o, w_fc, w_proj) in enumerate(self.layers):
@@ -976,9 +1088,7 @@ class GraphedDecoder:
                 x, h = k.add_rms_norm(x, F.linear(y, w_o))
                 x, h = k.add_rms_norm(x, F.linear(k.relu_square(F.linear(h, w_fc)), w_proj))
             self.logits.copy_(cap * torch.tanh(F.linear(h, self.lm_head).float() / cap))
-        torch.argmax(self.logits, dim=-1, out=self.greedy)
-        self.tokens.copy_(self.greedy)
-        self.lengths.add_(active)
+        k.greedy_advance(self.logits, self.active, self.greedy, self.tokens, self.lengths, self.greedy_scratch)
 
     def _capture_with_fallbacks(self) -> None:
         """Capture with the fastest kernels that work here: Triton with programmatic dependent
@@ -996,7 +1106,7 @@ class GraphedDecoder:
                     self.kernels = DecodeKernels(True, pdl=False)
                 else:
                     warnings.warn(f"Triton decode kernels failed ({type(exc).__name__}: {exc}); using torch ops")
-                    self.kernels, self.scratch = DecodeKernels(False), None
+                    self.kernels, self.scratch, self.greedy_scratch = DecodeKernels(False), None, None
 
     @torch.no_grad()
     def _capture(self) -> None:

@@ -60,6 +60,7 @@ def test_rope_attention_fused_and_separate_match_reference(heads, kv_heads, cach
     different lengths (one at position 0), several tiles per split, and the merge counters back at
     zero for the next call."""
     monkeypatch.setitem(gpt_module.DECODE_ATTENTION, "block_n", block_n)
+    monkeypatch.setitem(gpt_module.DECODE_ATTENTION_ONE_ROW, "block_n", block_n)
     torch.manual_seed(1)
     D = 32
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * D, device=DEVICE, dtype=dtype)
@@ -80,6 +81,50 @@ def test_rope_attention_fused_and_separate_match_reference(heads, kv_heads, cach
             assert _rel(got, want) < _tol(dtype)
         assert scratch[3].eq(0).all()
         assert _rel(k_got, k_want) < _tol(dtype) and _rel(v_got, v_want) < _tol(dtype)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_inputs_match_reference(dtype):
+    """A step's start: positions (idle rows, and an active row already at the cache's end, at 0),
+    key counts and the normed token embeddings."""
+    torch.manual_seed(2)
+    wte = torch.randn(50, 96, device=DEVICE, dtype=dtype)  # a width that is not a power of two
+    tokens = torch.tensor([3, 49, 0, 7], device=DEVICE)
+    active = torch.tensor([True, False, True, True], device=DEVICE)
+    lengths = torch.tensor([5, 9, 0, 16], device=DEVICE)
+    got = [torch.full((4,), -1, device=DEVICE, dtype=torch.long) for _ in range(2)]
+    want = [torch.full((4,), -1, device=DEVICE, dtype=torch.long) for _ in range(2)]
+    x = DecodeKernels(True, pdl=False).step_inputs(tokens, active, lengths, wte, *got, 16)
+    assert _rel(x, DecodeKernels(False).step_inputs(tokens, active, lengths, wte, *want, 16)) < _tol(dtype)
+    assert got[0].tolist() == want[0].tolist() == [5, 0, 0, 0]
+    assert got[1].tolist() == want[1].tolist() == [6, 1, 1, 1]
+
+
+@runs_kernels
+def test_greedy_advance_matches_argmax():
+    """A step's end: each row's first maximum over several chunks (a tie across chunks, a NaN as
+    torch.argmax counts it), copied to the next step's tokens, and only active rows advanced; the
+    tickets are back at zero, so a second call (a graph replay) gives the same."""
+    torch.manual_seed(3)
+    V = 5000  # three chunks of 2048, the last one partial
+    logits = torch.randn(4, V, device=DEVICE)
+    logits[0, [100, 4100]] = 9.0  # tie across chunks: the first wins
+    logits[1, 4999] = 9.0  # the last logit
+    logits[2, 3000] = float("nan")
+    active = torch.tensor([True, True, False, True], device=DEVICE)
+    kernels = DecodeKernels(True, pdl=False)
+    scratch = kernels.greedy_scratch(4, V, DEVICE)
+    want = torch.argmax(logits, dim=-1)
+    assert want[:3].tolist() == [100, 4999, 3000]
+    for call in range(2):
+        greedy = torch.full((4,), -1, device=DEVICE, dtype=torch.long)
+        tokens = torch.full((4,), -1, device=DEVICE, dtype=torch.long)
+        lengths = torch.tensor([7, 0, 3, 12], device=DEVICE)
+        kernels.greedy_advance(logits, active, greedy, tokens, lengths, scratch)
+        assert greedy.tolist() == tokens.tolist() == want.tolist(), call
+        assert lengths.tolist() == [8, 1, 3, 13]
+        assert scratch[2].eq(0).all()
 
 
 @needs_triton
@@ -104,9 +149,12 @@ def test_full_preset_decode_kernels_compile_for_hopper(pdl):
             "VC": ptr("bf16"), "MOUT": ptr("fp32"), "LOUT": ptr("fp32"), "AOUT": ptr("fp32"), "COUNT": ptr("i32"),
             "OUT": ptr("bf16"), "s_qkv": "i32", "s_c_b": "i32", "s_c_h": "i32", "s_c_t": "i32", "s_o_b": "i32",
             "scale_log2": "fp32", "eps": "fp32", "n_split": "i32"}
-    for kv_heads, split in ((10, 64), (5, 128)):  # MHA with one tile per split; GQA with two
+    one_row = gpt_module.DECODE_ATTENTION_ONE_ROW
+    # MHA with one tile per split; GQA with two; the one-row launch
+    for kv_heads, split, block_n, warps in ((10, 64, 64, 4), (5, 128, 64, 4),
+                                            (10, one_row["block_n"], one_row["block_n"], one_row["num_warps"])):
         build(gpt_module._rope_attn_split_kernel, attn, {"H": 10, "HKV": kv_heads, "D": 128, "SPLIT": split,
-                                                         "BLOCK_N": 64, "NSPLIT_P2": 32, "PDL": pdl}, 4)
+                                                         "BLOCK_N": block_n, "NSPLIT_P2": 64, "PDL": pdl}, warps)
     rope = {"QKV": ptr("bf16"), "COS": ptr("fp32"), "SIN": ptr("fp32"), "POS": ptr("i64"), "QOUT": ptr("bf16"),
             "KC": ptr("bf16"), "VC": ptr("bf16"), "s_qkv": "i32", "s_qo_b": "i32", "s_qo_h": "i32", "s_c_b": "i32",
             "s_c_h": "i32", "s_c_t": "i32", "eps": "fp32"}
@@ -114,6 +162,14 @@ def test_full_preset_decode_kernels_compile_for_hopper(pdl):
     merge = {"MOUT": ptr("fp32"), "LOUT": ptr("fp32"), "AOUT": ptr("fp32"), "OUT": ptr("bf16"), "s_o_b": "i32",
              "n_split": "i32"}
     build(gpt_module._decode_attn_merge_kernel, merge, {"H": 10, "D": 128, "NSPLIT_P2": 32, "PDL": pdl}, 4)
+    step = {"TOKENS": ptr("i64"), "ACTIVE": ptr("i1"), "LENGTHS": ptr("i64"), "WTE": ptr("bf16"), "X": ptr("bf16"),
+            "POS": ptr("i64"), "NKEYS": ptr("i64"), "s_w": "i32", "s_x": "i32", "eps": "fp32", "max_len": "i32"}
+    build(gpt_module._step_inputs_kernel, step, {"C": 1280, "BLOCK": 2048, "PDL": pdl}, 4)
+    greedy = {"LOGITS": ptr("fp32"), "ACTIVE": ptr("i1"), "LENGTHS": ptr("i64"), "GREEDY": ptr("i64"),
+              "TOKENS": ptr("i64"), "PMAX": ptr("fp32"), "PIDX": ptr("i32"), "COUNT": ptr("i32"), "V": "i32",
+              "s_l": "i32", "n_chunks": "i32"}
+    build(gpt_module._greedy_advance_kernel, greedy, {"CHUNK": DecodeKernels.GREEDY_CHUNK, "NCHUNK_P2": 32,
+                                                      "PDL": pdl}, 4)
     for (n, k), (block_n, warps) in gpt_module.SKINNY_TUNED.items():
         for norm, epilogue in ((True, 0), (False, 2), (True, 1), (True, 3)):
             y = "fp32" if epilogue == 3 else "bf16"

@@ -1,5 +1,6 @@
 """GPT: parameter count, KV-cache decode == full forward, packed segments == separate rows."""
 
+import pytest
 import torch
 
 from model.config import GPTConfig, preset
@@ -88,13 +89,20 @@ def test_logits_are_softcapped():
     assert model(torch.randint(0, 97, (1, 4))).abs().max() <= 15.0
 
 
-def test_decoder_step_matches_eager_decode_in_both_matmul_layouts():
-    """GraphedDecoder's ops (torch references on the CPU) reproduce GPT.forward's decode step,
-    through the cuBLAS-style layout and the fused skinny-GEMV layout, for rows of different
-    lengths and an idle row (which must not advance)."""
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_decoder_step_matches_eager_decode_in_both_matmul_layouts(use_triton):
+    """GraphedDecoder's ops (the torch references, or the Triton kernels where Triton runs: a GPU,
+    or its interpreter) reproduce GPT.forward's decode step, through the cuBLAS-style layout and
+    the fused skinny-GEMV layout, for rows of different lengths and an idle row (which must not
+    advance)."""
     import copy
+    import os
 
+    import model.gpt as gpt_module
     from model.gpt import GraphedDecoder
+
+    if use_triton and (gpt_module.triton is None or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("the Triton kernels on CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
 
     model = _tiny_gpt(n_kv_head=2)
     a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 4))
@@ -109,7 +117,7 @@ def test_decoder_step_matches_eager_decode_in_both_matmul_layouts():
         eager_cache = copy.deepcopy(cache)
         with torch.no_grad():
             want = model(nxt[:2, None], kv_cache=eager_cache, cache_rows=torch.tensor([0, 1]))[:, 0]
-        dec = GraphedDecoder(model, cache, use_graph=False, use_triton=False, skinny=skinny)
+        dec = GraphedDecoder(model, cache, use_graph=False, use_triton=use_triton, skinny=skinny)
         assert dec.skinny is skinny
         dec.tokens.copy_(nxt)
         dec.active.copy_(torch.tensor([True, True, False]))
@@ -124,8 +132,6 @@ def test_decoder_step_matches_eager_decode_in_both_matmul_layouts():
 
 
 def test_skinny_linear_reference_epilogues_and_errors():
-    import pytest
-
     from model.gpt import rms_norm, skinny_linear_ref
 
     torch.manual_seed(0)
