@@ -74,6 +74,44 @@ def test_continuous_batching_admits_requests_between_steps(engine):
         assert got == alone, i
 
 
+def _run_continuous(batch: DecodeBatch, embeds, params, join_after: int = 3) -> dict[int, list[int]]:
+    """Request 0 alone, request 1 joins after ``join_after`` steps, request 2 takes the first row freed."""
+    out: dict[int, list[int]] = {i: [] for i in range(len(embeds))}
+    for ev in batch.add([(0, embeds[0], params[0])]):
+        out[0].append(ev.token_id)
+    for _ in range(join_after):
+        for ev in batch.step():
+            out[ev.request_id].append(ev.token_id)
+    for ev in batch.add([(1, embeds[1], params[1])]):
+        out[1].append(ev.token_id)
+    while batch.active:
+        for ev in batch.step():
+            out[ev.request_id].append(ev.token_id)
+            if ev.finished and batch.free_rows() and not out[2]:
+                for e2 in batch.add([(2, embeds[2], params[2])]):
+                    out[2].append(e2.token_id)
+    return out
+
+
+@pytest.mark.parametrize("near_cache_end", [False, True])
+def test_graphed_decode_path_matches_host_path(engine, near_cache_end):
+    """The fast path (GraphedDecoder with the torch ops on the CPU; steps queued ahead of the
+    host) gives the host path's tokens while rows join, finish and are reused, including rows
+    that finish at the end of the KV cache with steps for them already queued."""
+    model, tok = engine.model, engine.tokenizer
+    reqs = _requests(3, max_new=40 if near_cache_end else 8)
+    embeds = [engine.prompt_embeds(r.prompt, engine.encode_images(r.images))[0] for r in reqs]
+    max_len = max(e.shape[0] for e in embeds) + 6 if near_cache_end else 256
+    outs = {}
+    for fast in (False, True):
+        batch = DecodeBatch(model, capacity=2, max_len=max_len, eos_id=tok.eos_id, fast=fast)
+        assert (batch.decoder is not None) is fast
+        outs[fast] = _run_continuous(batch, embeds, [r.params for r in reqs])
+    assert outs[True] == outs[False]
+    if near_cache_end:  # every row ran into the cache's end, not its token budget
+        assert all(len(embeds[i]) + len(t) >= max_len - 1 for i, t in outs[True].items())
+
+
 def test_ngram_blocker_matches_reference_rule():
     seq = [1, 2, 3, 1, 2]
     assert banned_ngram_tokens(seq, 3, 100) == {3}  # "1 2 -> 3" was seen
