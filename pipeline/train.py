@@ -333,19 +333,26 @@ def _restore(cfg: TrainConfig, tokenizer, device) -> tuple[NanoDeepseekOCR, dict
     """Model (+ optimizer state, step) from Ray's latest checkpoint, resume_from, init_from or scratch."""
     import ray.train
 
-    from model.weights import load_checkpoint, load_optimizer_state
     from pipeline import storage
 
-    source, resume = None, False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        source, resume = checkpoint.to_directory(), True
-    elif cfg.resume_from:
-        source, resume = storage.localize_dir(cfg.resume_from), True
-    elif cfg.init_from:
-        source = storage.localize_dir(cfg.init_from)
-    if source is None:
-        return _with_glyph_heads(cfg, _build_model(cfg, tokenizer), None).to(device), None, 0, None
+        # read in place when the run's storage is local; a remote one is downloaded and the copy
+        # removed afterwards (to_directory() left a full checkpoint in /tmp on every resume)
+        with checkpoint.as_directory() as source:
+            return _load(cfg, tokenizer, device, source, resume=True)
+    if cfg.resume_from:
+        return _load(cfg, tokenizer, device, storage.localize_dir(cfg.resume_from), resume=True)
+    if cfg.init_from:
+        return _load(cfg, tokenizer, device, storage.localize_dir(cfg.init_from), resume=False)
+    return _with_glyph_heads(cfg, _build_model(cfg, tokenizer), None).to(device), None, 0, None
+
+
+def _load(cfg: TrainConfig, tokenizer, device, source: str,
+          resume: bool) -> tuple[NanoDeepseekOCR, dict | None, int, str | None]:
+    """Model (+ optimizer state and step when resuming) from the checkpoint directory ``source``."""
+    from model.weights import load_checkpoint, load_optimizer_state
+
     model, _, meta = load_checkpoint(source, device=device, with_tokenizer=False)
     if model.config.gpt.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"checkpoint {source} has vocab {model.config.gpt.vocab_size} but the tokenizer "
@@ -561,9 +568,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 profiled = None
             if profiled is not None:
                 print(f"profile of steps {profiler.start}..{step}:\n{profiler.summary.report}", flush=True)
-                tracker.artifact(str(profiled), "profile")
+                try:
+                    tracker.artifact(str(profiled), "profile")
+                finally:
+                    shutil.rmtree(profiled, ignore_errors=True)
                 tracker.log(profiler.summary.metrics(), step + 1)
-                shutil.rmtree(profiled, ignore_errors=True)
             step += 1
             now = time.perf_counter()
             tokens = sum(b.input_ids.numel() for b in micro) * world

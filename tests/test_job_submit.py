@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,6 +87,7 @@ def head(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    shutil.rmtree(tmp, ignore_errors=True)  # the head's sessions, logs and store: ~MBs a run
 
 
 def test_stage1_through_ray_job_submit_logs_the_loss(head, shards):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ def test_profiles_exactly_the_asked_steps_and_reports_the_phases():
     assert (out / "report.txt").read_text() == s.report and s.report.startswith("steps 2..4:")
     assert "aten::mm" in s.report
     assert set(s.metrics()) == {"profile_step_ms", "profile_forward_ms", "profile_backward_ms"}
+    shutil.rmtree(out)  # the caller owns the profile's folder (the trainer uploads, then removes it)
 
 
 def test_no_start_profiles_nothing_and_bad_ranges_are_refused():
@@ -57,4 +59,6 @@ def test_a_loop_that_ends_inside_the_profile_closes_it_and_writes_nothing():
     assert _loop(profiler, 3) == [None] * 3
     profiler.close()
     assert profiler.summary is None
-    assert _loop(StepProfiler(0, 1, torch.device("cpu")), 1)[0] is not None  # a new profile starts cleanly
+    out = _loop(StepProfiler(0, 1, torch.device("cpu")), 1)[0]
+    assert out is not None  # a new profile starts cleanly
+    shutil.rmtree(out)

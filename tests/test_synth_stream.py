@@ -5,6 +5,7 @@ MLflow on SQLite, tiny preset on CPU)."""
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -201,8 +202,11 @@ def test_stage1_on_stream_with_glyph_loss_stops_at_time_limit_and_resumes(ray_lo
     client = MlflowClient(mlflow_uri)
     assert client.get_run(first.run_id).info.status == "KILLED"
 
+    ray_copies = lambda: set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))  # noqa: E731
+    before = ray_copies()
     second = run_stage(load_train_config(None, **base))  # resumes with the heads' weights
     assert second.complete and second.run_id == first.run_id and second.metrics["step"] == 3
+    assert ray_copies() <= before  # the resume read the checkpoint in place: no copy left in /tmp
     assert not pending.exists()
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.data.params["mode"] == "tiny"
