@@ -71,7 +71,7 @@ def segment_lengths(batch) -> list[int]:
 
 
 def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args, dense: bool = False,
-        sam_bias: bool = False, compile_chunk: int | None = None) -> dict:
+        sam_bias: bool = False, compile_chunk: int | None = None, compile_gpt: bool = False) -> dict:
     import model.gpt as gpt_module
     from model.sam import SAMAttention
 
@@ -83,17 +83,20 @@ def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, a
 
         SAMAttention.forward = bias_rel_pos_forward  # SAM's old dense-bias attention (the baseline)
     try:
-        return _run(preset, rows, seq_len, steps, warmup, device, args, compile_chunk)
+        return _run(preset, rows, seq_len, steps, warmup, device, args, compile_chunk, compile_gpt)
     finally:
         gpt_module._VARLEN, SAMAttention.forward = saved, saved_fwd
 
 
 def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args,
-         compile_chunk: int | None = None) -> dict:
+         compile_chunk: int | None = None, compile_gpt: bool = False) -> dict:
     rng = np.random.default_rng(args.seed)
     model = build_model(preset, device, seed=args.seed, image_token_id=IMAGE_ID)  # fp32 master weights
     if compile_chunk is not None:
         model.compile_vision(compile_chunk)  # chunks of views (0: one call per view size, dynamic count)
+    if compile_gpt:  # an experiment: each transformer block compiled on its own (norms, RoPE, relu^2 fused)
+        for block in model.gpt.transformer.h:
+            block.forward = torch.compile(block.forward)
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)  # bypassed, as in the trainer
     model.train()
     opt = build_optimizer(model, "adamw", lr=1e-4)  # fused on CUDA
@@ -226,6 +229,8 @@ def main() -> None:
                    help="also time the step's parts alone: vision (and SAM) fwd+bwd, GPT fwd+bwd, optimizer")
     p.add_argument("--compile-vision", default="", metavar="PRESETS",
                    help="presets also timed with the vision towers compiled in static chunks of views")
+    p.add_argument("--compile-gpt", default="", metavar="PRESETS",
+                   help="presets also timed with the vision towers (dynamic view count) and each GPT block compiled")
     p.add_argument("--compile-chunk", type=int, default=0,
                    help="views per compiled vision chunk (0: one call per view size, the view count dynamic)")
     args = p.parse_args()
@@ -240,6 +245,7 @@ def main() -> None:
     jobs += [(name, r, "dense") for name, r, _ in jobs if name in args.dense_baseline.split(",")]
     jobs += [(name, r, "sambias") for name, r, v in jobs if not v and name in args.sam_bias.split(",")]
     jobs += [(name, r, "compiled") for name, r, v in jobs if not v and name in args.compile_vision.split(",")]
+    jobs += [(name, r, "compiled_gpt") for name, r, v in jobs if not v and name in args.compile_gpt.split(",")]
     import model.gpt as gpt_module
 
     fast_label = "varlen flash" if device.type == "cuda" and gpt_module._varlen_causal_fn() else "dense mask"
@@ -248,6 +254,7 @@ def main() -> None:
         label = {"dense": "dense mask", "sambias": fast_label + ", SAM dense-bias attention",
                  "compiled": f"{fast_label}, vision compiled "
                              + (f"(chunks of {args.compile_chunk})" if args.compile_chunk else "(dynamic view count)"),
+                 "compiled_gpt": f"{fast_label}, vision compiled (dynamic view count), GPT blocks compiled",
                  }.get(variant, fast_label)
         r = None
         while r is None and n_rows >= 1:
@@ -255,7 +262,9 @@ def main() -> None:
             try:
                 r = run(name, n_rows, args.seq, args.steps, args.warmup, device, args, dense=dense,
                         sam_bias=variant == "sambias",
-                        compile_chunk=args.compile_chunk if variant == "compiled" else None)
+                        compile_chunk=(args.compile_chunk if variant == "compiled"
+                                       else 0 if variant == "compiled_gpt" else None),
+                        compile_gpt=variant == "compiled_gpt")
             except Exception as exc:
                 if not is_oom(exc):
                     raise

@@ -9,7 +9,8 @@ it for the common cases (``generate`` and ``stream`` over a list of requests).
 On CUDA the defaults are the fast paths: bf16 weights, prefill through causal flash attention,
 and decoding through :class:`model.gpt.GraphedDecoder` (one CUDA-graph replay per step, greedy
 argmax and the n-gram blocker on the device, one small device-to-host copy of the chosen token
-ids per step for stop detection and events). The CPU runs the plain path, token for token as
+ids per step for stop detection and events; with greedy rows the next steps are queued before
+the host reads a step's tokens). The CPU runs the plain path, token for token as
 before. In bf16 the fast path rounds differently from the eager one, so greedy outputs agree
 except where two logits nearly tie.
 """

@@ -769,7 +769,7 @@ if triton is not None:
         _after_previous(PDL)
         for b in tl.static_range(B):
             x = tl.load(X + b * s_x + k, mask=k_ok, other=0.0)
-            if EPILOGUE == 2:  # requested with x: one trip to memory after the wait, not two
+            if EPILOGUE == 2:  # requested with x, so both loads are in flight together
                 res = tl.load(Y + b * s_y + n, mask=n_ok, other=0.0).to(tl.float32)
             if NORM:
                 xf = x.to(tl.float32)
@@ -924,12 +924,13 @@ class DecodeKernels:
             scratch = self.attention_scratch(B, n_head, D, L, qkv.device)
         m, lsum, acc, count = scratch
         out = torch.empty(B, n_head * D, device=qkv.device, dtype=qkv.dtype)
+        launch = attention_launch(B)
         _rope_attn_split_kernel[(B, n_head, n_split)](
             qkv, cos, sin, n_keys, k_cache, v_cache, m, lsum, acc, count, out, qkv.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), D ** -0.5 * 1.4426950408889634,
             _norm_eps(qkv.dtype), n_split, H=n_head, HKV=n_kv, D=D, SPLIT=split,
-            BLOCK_N=attention_launch(B)["block_n"], NSPLIT_P2=_next_pow2(n_split), PDL=self.pdl,
-            num_warps=attention_launch(B)["num_warps"], **_pdl_launch(self.pdl))
+            BLOCK_N=launch["block_n"], NSPLIT_P2=_next_pow2(n_split), PDL=self.pdl,
+            num_warps=launch["num_warps"], **_pdl_launch(self.pdl))
         return out
 
     def attention_scratch(self, B: int, H: int, D: int, L: int, device) -> tuple[torch.Tensor, ...]:
@@ -1013,7 +1014,8 @@ class GraphedDecoder:
 
     Inputs live in static buffers: ``tokens`` [B] (each row's last token) and ``active`` [B]
     (rows that hold a request). :meth:`step` embeds the tokens, runs all layers at each active
-    row's own position (``cache.lengths``; idle rows compute a throwaway token at position 0),
+    row's own position (``cache.lengths``; idle rows, and rows already at the cache's end, compute a
+    throwaway token at position 0),
     advances the active rows' lengths, and leaves softcapped fp32 ``logits`` [B, V] and their
     ``greedy`` argmax [B] in static buffers, which it also copies into ``tokens`` for the next
     step. Nothing in it synchronises with the host. On CUDA it is captured once as a CUDA graph
@@ -1051,7 +1053,7 @@ class GraphedDecoder:
                         if self.kernels.use_triton else None)
         self.logits = torch.zeros(B, cfg.vocab_size, dtype=torch.float32, device=device)
         self.greedy = torch.zeros(B, dtype=torch.long, device=device)
-        self.pos = torch.zeros(B, dtype=torch.long, device=device)  # this step's positions (idle rows: 0)
+        self.pos = torch.zeros(B, dtype=torch.long, device=device)  # this step's positions and key counts
         self.n_keys = torch.zeros(B, dtype=torch.long, device=device)
         self.greedy_scratch = (self.kernels.greedy_scratch(B, cfg.vocab_size, device)
                                if self.kernels.use_triton else None)
@@ -1067,7 +1069,7 @@ class GraphedDecoder:
     def _forward(self) -> None:
         k = self.kernels
         cache, n_head = self.cache, self.n_head
-        pos, n_keys = self.pos, self.n_keys  # idle rows: a dummy token at position 0
+        pos, n_keys = self.pos, self.n_keys  # written by step_inputs (idle rows: position 0)
         x = k.step_inputs(self.tokens, self.active, self.lengths, self.wte, pos, n_keys, cache.max_len)
         cap = self.gpt.config.logit_softcap
         if self.skinny:  # one row: norms, activations, residual adds and the attention merge fused in
