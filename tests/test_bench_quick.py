@@ -1,0 +1,32 @@
+"""The GPU benchmarks' ``--quick`` smoke runs on the CPU: tiny presets through the same code paths.
+
+The numbers mean nothing here; what is checked is that each script still runs end to end and
+prints its table (a benchmark that has rotted is found on the GPU machine, where time is short).
+Nothing is appended to bench/RESULTS.md (``--results ''``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.mark.parametrize("script, args, header", [
+    ("decode.py", ["--check"], "| batch | path | TTFT ms |"),
+    ("train_step.py", [], "| preset | batch | attention | step ms |"),
+    ("encoder.py", [], "| mode | batch | images/s |"),
+    ("pages.py", [], "| pages x tokens |"),
+    ("glyph_step.py", ["--variants", "eager"], "| towers | batch | views/step |"),
+])
+def test_benchmark_quick_run_prints_its_table(script, args, header, tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    proc = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--results", "", "--json", str(raw),
+                           *args], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert header in proc.stdout
+    assert raw.read_text().strip()  # the raw numbers went to --json
