@@ -19,7 +19,7 @@ import torch
 from common import (Table, base_parser, build_model, copy_bandwidth, free_memory, is_oom, report,
                     sync)
 
-from model.engine import DecodeBatch, SamplingParams
+from model.engine import DEFAULT_NGRAM, DecodeBatch, SamplingParams
 
 
 def prompts(n: int, length: int, width: int, device, dtype, seed: int) -> list[torch.Tensor]:
@@ -69,7 +69,7 @@ def check(model, device, dtype, eos: int) -> list[str]:
         fp32_note = f"; vs an fp32 reference: fast {err(fast_logits):.2e}, eager {err(logits):.2e}"
     else:
         fp32_note = ""
-    notes_ops = check_triton_ops(model, device, dtype)
+    notes_ops = check_triton_ops(model, device, dtype) + [check_ngram(model, device, dtype, eos)]
     agree = [sum(a == b for a, b in zip(out[False][i], out[True][i])) for i in range(4)]
     first_diff = []
     for i in range(4):
@@ -82,6 +82,39 @@ def check(model, device, dtype, eos: int) -> list[str]:
     if dtype == torch.float32 and rel > 1e-4:
         raise AssertionError(f"fast decode path disagrees with eager in fp32: {rel}")
     return notes + notes_ops
+
+
+def ngram_setup(mode: str) -> tuple[SamplingParams, tuple[int, int] | None]:
+    """Sampling params and DecodeBatch's ``graph_ngram`` for an n-gram blocker mode: ``off``, or the
+    reference's blocker (30-grams in a 90-token window) applied in the decode ``graph`` or by the
+    ``host`` between steps (on the device, as the engine did for every request before)."""
+    if mode == "off":
+        return SamplingParams(ngram_size=0, stop_ids=frozenset({-1})), None
+    if mode not in ("graph", "host"):
+        raise SystemExit(f"unknown n-gram mode {mode!r}: off, graph or host")
+    return SamplingParams(stop_ids=frozenset({-1})), DEFAULT_NGRAM if mode == "graph" else None
+
+
+def check_ngram(model, device, dtype, eos: int, new: int = 160) -> str:
+    """The blocker inside the decode graph against the same blocker between steps: the same tokens."""
+    ps = prompts(4, 40, model.config.gpt.n_embd, device, dtype, seed=3)
+    out = {}
+    for mode in ("graph", "host", "off"):
+        params, graph_ngram = ngram_setup(mode)
+        params.max_new_tokens = new
+        b = DecodeBatch(model, 4, 256, eos, device, dtype, fast=True, graph_ngram=graph_ngram)
+        toks = {i: [ev.token_id] for i, ev in enumerate(b.add([(i, p, params) for i, p in enumerate(ps)]))}
+        while b.active:
+            for ev in b.step():
+                toks[ev.request_id].append(ev.token_id)
+        out[mode] = toks
+    changed = sum(out["graph"][i] != out["off"][i] for i in range(4))
+    note = (f"n-gram blocker (30-grams, window 90) in the decode graph vs between steps, 4 rows x {new} tokens: "
+            f"{'identical' if out['graph'] == out['host'] else 'DIFFERENT'}; the blocker changed {changed} of 4 rows")
+    print(note, flush=True)
+    if out["graph"] != out["host"]:
+        raise AssertionError(note)
+    return note
 
 
 @torch.inference_mode()
@@ -133,11 +166,13 @@ def check_triton_ops(model, device, dtype) -> list[str]:
     return [note]
 
 
-def run_batch(model, device, dtype, batch: int, prefix: int, new: int, eos: int, fast: bool, bw: float):
+def run_batch(model, device, dtype, batch: int, prefix: int, new: int, eos: int, fast: bool, bw: float,
+              ngram: str = "off"):
     width = model.config.gpt.n_embd
     ps = prompts(batch, prefix, width, device, dtype, seed=batch)
-    params = SamplingParams(max_new_tokens=new + 2, ngram_size=0, stop_ids=frozenset({-1}))
-    b = DecodeBatch(model, batch, prefix + new + 32, eos, device, dtype, fast=fast)
+    params, graph_ngram = ngram_setup(ngram)
+    params.max_new_tokens = new + 2
+    b = DecodeBatch(model, batch, prefix + new + 32, eos, device, dtype, fast=fast, graph_ngram=graph_ngram)
     sync(device)
     t0 = time.perf_counter()
     b.add([(i, p, params) for i, p in enumerate(ps)])  # prefill + first token (its host copy syncs)
@@ -330,12 +365,13 @@ def sweep(model, device, dtype, eos: int, prefix: int, bw: float, out_path: str)
     return rows
 
 
-def path_name(fast: bool, device, skinny: bool) -> str:
+def path_name(fast: bool, device, skinny: bool, ngram: str = "off") -> str:
+    blocker = {"off": "", "graph": ", n-gram blocker in the graph", "host": ", n-gram blocker between steps"}[ngram]
     if not fast:
-        return "eager GPT.forward"
+        return "eager GPT.forward" + blocker
     if device.type != "cuda":
-        return "fast path, torch ops" + (" (skinny layout)" if skinny else "")
-    return "CUDA graph + Triton, skinny GEMV" if skinny else "CUDA graph + Triton, cuBLAS"
+        return "fast path, torch ops" + (" (skinny layout)" if skinny else "") + blocker
+    return ("CUDA graph + Triton, skinny GEMV" if skinny else "CUDA graph + Triton, cuBLAS") + blocker
 
 
 def gemv_shapes(cfg) -> list[tuple[str, int, int, bool, str]]:
@@ -497,6 +533,8 @@ def main() -> None:
     p.add_argument("--gemv-sweep", default="", metavar="BATCHES",
                    help="time each matrix product alone (cuBLAS vs skinny GEMV launches) at these batches, exit")
     p.add_argument("--check", action="store_true")
+    p.add_argument("--ngram", default="off", help="also time these n-gram blocker modes at --batches: graph "
+                   "(the reference's blocker inside the decode graph, the default for requests), host (between steps)")
     p.add_argument("--tune-in-step", action="store_true",
                    help="choose the skinny GEMV launches by whole batch-1 step time, exit")
     p.add_argument("--timeline", type=int, default=0, metavar="BATCH",
@@ -551,24 +589,26 @@ def main() -> None:
     import model.gpt as gpt_module
 
     skinny_max = gpt_module.DECODE_GEMV["max_batch"]
-    runs = [(b, True, b <= skinny_max) for b in map(int, args.batches.split(","))]
-    runs += [(b, True, False) for b in map(int, args.cublas.split(",")) if b <= skinny_max] if args.cublas else []
-    runs += [(b, False, False) for b in map(int, args.eager.split(","))] if args.eager else []
-    for batch, fast, skinny in runs:
+    runs = [(b, True, b <= skinny_max, "off") for b in map(int, args.batches.split(","))]
+    runs += [(b, True, False, "off") for b in map(int, args.cublas.split(",")) if b <= skinny_max] if args.cublas else []
+    runs += [(b, False, False, "off") for b in map(int, args.eager.split(","))] if args.eager else []
+    runs += [(b, True, b <= skinny_max, mode) for mode in args.ngram.split(",") if mode and mode != "off"
+             for b in map(int, args.batches.split(","))]
+    for batch, fast, skinny, ngram in runs:
         free_memory(device)
         gpt_module.DECODE_GEMV["max_batch"] = skinny_max if skinny else 0
         try:
-            r = run_batch(model, device, dtype, batch, args.prefix, args.new, eos, fast, bw)
+            r = run_batch(model, device, dtype, batch, args.prefix, args.new, eos, fast, bw, ngram)
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            rows.append([batch, path_name(fast, device, skinny), "OOM"] + [""] * 11)
+            rows.append([batch, path_name(fast, device, skinny, ngram), "OOM"] + [""] * 11)
             continue
         finally:
             gpt_module.DECODE_GEMV["max_batch"] = skinny_max
         raw.append(r)
         print(r, flush=True)
-        rows.append([batch, path_name(fast, device, skinny), f"{r['ttft_ms']:.1f}", f"{r['step_ms']:.3f}",
+        rows.append([batch, path_name(fast, device, skinny, ngram), f"{r['ttft_ms']:.1f}", f"{r['step_ms']:.3f}",
                      f"{r['tok_s']:,.0f}", f"{r['roof_tok_s']:,.0f}", f"{100 * r['eff']:.0f}%",
                      f"{100 * r['weights_only_eff']:.0f}%", f"{r['bytes_per_step_gb']:.2f}",
                      f"{r['kv_used_gb']:.2f} / {r['kv_alloc_gb']:.2f}", f"{r['context']:.0f}",

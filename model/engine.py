@@ -25,6 +25,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 
 from model.gpt import GraphedDecoder, KVCache
+from model.ngram import banned_ngram_tokens, block_ngrams
 from model.vlm import ImageViews, NanoDeepseekOCR
 
 
@@ -75,38 +76,7 @@ class GenerationResult:
     seconds: float
 
 
-def banned_ngram_tokens(tokens: Sequence[int], n: int, window: int) -> set[int]:
-    """Tokens that would repeat an n-gram seen in the last ``window`` generated tokens.
-
-    The same rule as DeepSeek-OCR's no-repeat logits processor: take the last n-1 tokens as a
-    prefix, find that prefix among the n-grams that start inside the window, ban what followed.
-    """
-    if n <= 0 or len(tokens) < n:
-        return set()
-    prefix = tuple(tokens[len(tokens) - (n - 1):]) if n > 1 else ()
-    start = max(0, len(tokens) - window)
-    banned = set()
-    for i in range(start, len(tokens) - n + 1):
-        if tuple(tokens[i:i + n - 1]) == prefix:
-            banned.add(tokens[i + n - 1])
-    return banned
-
-
-def block_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int,
-                 whitelist: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`banned_ngram_tokens` for many rows at once on the device: logits [r, V] with the
-    banned tokens at -inf. ``history`` [r, W] holds each row's last W generated tokens (W = the
-    window), right-aligned, -1 where the row has generated fewer."""
-    r, W = history.shape
-    if n <= 0 or W < n:
-        return logits
-    grams = history.unfold(1, n, 1)  # [r, W-n+1, n]: every n-gram inside the window
-    follow = grams[..., n - 1]
-    match = (grams[..., :n - 1] == history[:, None, W - n + 1:]).all(-1) & (follow >= 0)
-    if whitelist is not None and whitelist.numel():
-        match &= ~torch.isin(follow, whitelist)
-    inf = torch.tensor(float("inf"), device=logits.device, dtype=logits.dtype)
-    return logits.scatter_reduce(1, follow.clamp(min=0), torch.where(match, -inf, inf), "amin")
+DEFAULT_NGRAM = (SamplingParams.ngram_size, SamplingParams.ngram_window)  # the reference's blocker
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
@@ -163,7 +133,9 @@ class DecodeBatch:
 
     def __init__(self, model: NanoDeepseekOCR, capacity: int, max_len: int, eos_id: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 fast: bool | None = None) -> None:
+                 fast: bool | None = None, graph_ngram: tuple[int, int] | None = DEFAULT_NGRAM) -> None:
+        """``graph_ngram`` = (n, window): requests with exactly these n-gram blocker settings
+        (the defaults) are blocked inside the decode graph; others on the device between steps."""
         self.model = model
         self.device = torch.device(device) if device is not None else model.image_newline.device
         self.dtype = dtype or model.gpt.lm_head.weight.dtype
@@ -175,7 +147,7 @@ class DecodeBatch:
         self.lengths = [0] * capacity  # host copy of each active row's cache length (no syncs)
         self.next_token = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self.fast = self.device.type == "cuda" if fast is None else fast
-        self.decoder = GraphedDecoder(model.gpt, self.cache) if self.fast else None
+        self.decoder = GraphedDecoder(model.gpt, self.cache, ngram=graph_ngram) if self.fast else None
         self.history: torch.Tensor | None = None  # fast path: [capacity, W] recent tokens per row
         self._whitelists: dict[frozenset[int], torch.Tensor] = {}
         # fast path: launched steps whose tokens the host has not read yet, oldest first (see _step_fast)
@@ -240,7 +212,7 @@ class DecodeBatch:
         sampled = []
         for i, slot in enumerate(slots):
             p = self.rows[slot].params
-            if p.ngram_size:
+            if self._host_ngram(p):
                 groups.setdefault((p.ngram_size, p.ngram_window, p.whitelist_ids), []).append(i)
             if p.temperature > 0:
                 sampled.append(i)
@@ -265,7 +237,7 @@ class DecodeBatch:
         """Shift the chosen tokens into the n-gram history of rows that block n-grams."""
         if self.history is None:
             return
-        keep = [i for i, s in enumerate(slots) if s in self.rows and self.rows[s].params.ngram_size]
+        keep = [i for i, s in enumerate(slots) if s in self.rows and self._host_ngram(self.rows[s].params)]
         if not keep:
             return
         rows = torch.tensor([slots[i] for i in keep], device=self.device)
@@ -309,15 +281,26 @@ class DecodeBatch:
             return [self._emit(slot, logits[i].float().cpu()) for i, slot in enumerate(slot_list)]
         if self.history is not None:
             self.history[slots] = -1
-        if any(p.ngram_size for _, _, p in prompts):
-            self._history_for(max(p.ngram_window for _, _, p in prompts))
+        host_blocked = [p.ngram_window for _, _, p in prompts if self._host_ngram(p)]
+        if host_blocked:
+            self._history_for(max(host_blocked))
         tokens = self._choose_on_device(slot_list, logits)
         self._remember(slot_list, tokens)
-        self.decoder.tokens[slots] = tokens
+        dec = self.decoder
+        dec.tokens[slots] = tokens
         events = [self._record(slot, t) for slot, t in zip(slot_list, tokens.tolist())]
+        if dec.ngram is not None:  # the graph's blocker: on for these rows, its history the first token
+            in_graph = [slot in self.rows and self._in_graph_ngram(self.rows[slot].params) for slot in slot_list]
+            dec.ngram_rows[slots] = torch.tensor(in_graph, device=self.device)
+            dec.history[slots] = -1
+            dec.history[slots, -1] = tokens
+            dec.ngram_whitelist[slots] = False
+            for slot, (_, _, p) in zip(slot_list, prompts):
+                if p.whitelist_ids and self._in_graph_ngram(p):
+                    dec.ngram_whitelist[slot, sorted(p.whitelist_ids)] = True
         started = [s for s in slot_list if s in self.rows]
         if started:
-            self.decoder.active[torch.tensor(started, device=self.device)] = True
+            dec.active[torch.tensor(started, device=self.device)] = True
         return events
 
     @torch.inference_mode()
@@ -339,8 +322,19 @@ class DecodeBatch:
             events.append(self._emit(slot, logits[slot]))
         return events
 
+    def _in_graph_ngram(self, p: SamplingParams) -> bool:
+        """The decode graph applies this greedy request's n-gram blocker itself (the settings it was
+        built for). A sampling row's blocker stays on the host: its token is not the graph's argmax."""
+        return (bool(p.ngram_size) and p.temperature == 0 and self.decoder is not None
+                and self.decoder.ngram == (p.ngram_size, p.ngram_window))
+
+    def _host_ngram(self, p: SamplingParams) -> bool:
+        """This request's n-gram blocker runs between steps (settings other than the graph's)."""
+        return bool(p.ngram_size) and not self._in_graph_ngram(p)
+
     def _special(self, row: _Row) -> bool:
-        return bool(row.params.ngram_size) or row.params.temperature > 0
+        """The host must choose this row's tokens after each step (sampling, or a blocker outside the graph)."""
+        return self._host_ngram(row.params) or row.params.temperature > 0
 
     # Steps queued on the GPU beyond the one the host is reading when every row is greedy: with
     # one, the GPU idles from a step's end until the host has woken, read its tokens and launched
@@ -351,6 +345,7 @@ class DecodeBatch:
         """Queue one decode step for the rows active now, and the copy of its tokens to the host."""
         snapshot = [(slot, self.rows[slot]) for slot in sorted(self.rows)]
         special = any(self._special(row) for _, row in snapshot)
+        self.decoder.ngram_on = any(self._in_graph_ngram(row.params) for _, row in snapshot)
         self.decoder.step()
         event, host = None, None
         if not special:  # greedy rows: the graph's argmax is final, fetch it without waiting

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import GPTConfig
+from model.ngram import block_ngrams, push_tokens
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -1023,10 +1024,17 @@ class GraphedDecoder:
     elementwise work runs as fused Triton kernels, else as the torch references, which is how
     the CPU runs it. ``skinny`` (default: at most ``DECODE_GEMV["max_batch"]`` rows) multiplies
     by the weights through the fused small-batch GEMV instead of cuBLAS.
+
+    ``ngram`` = (n, window): the step also applies the no-repeat n-gram blocker
+    (:func:`model.ngram.block_ngrams`) before its argmax, to the rows marked in ``ngram_rows``
+    [B], each with its own ``history`` [B, window] of generated tokens (right-aligned, -1 empty;
+    the step shifts its token in) and ``ngram_whitelist`` [B, V] of tokens never banned. The
+    engine fills those when a request joins; the blocker then costs the host nothing per step.
     """
 
     def __init__(self, gpt: "GPT", cache: KVCache, use_graph: bool | None = None,
-                 use_triton: bool | None = None, skinny: bool | None = None) -> None:
+                 use_triton: bool | None = None, skinny: bool | None = None,
+                 ngram: tuple[int, int] | None = None) -> None:
         device = cache.k.device
         cuda = device.type == "cuda"
         self.gpt = gpt
@@ -1057,7 +1065,18 @@ class GraphedDecoder:
         self.n_keys = torch.zeros(B, dtype=torch.long, device=device)
         self.greedy_scratch = (self.kernels.greedy_scratch(B, cfg.vocab_size, device)
                                if self.kernels.use_triton else None)
-        self.graph = None
+        self.ngram = ngram if ngram is not None and ngram[0] > 0 else None
+        if self.ngram is not None:
+            n, window = self.ngram
+            if window < n:
+                raise ValueError(f"n-gram window {window} is shorter than n = {n}")
+            self.ngram_rows = torch.zeros(B, dtype=torch.bool, device=device)
+            self.history = torch.full((B, window), -1, dtype=torch.long, device=device)
+            self.ngram_whitelist = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+        # set before step(): some row uses the blocker. Steps without one replay a graph without
+        # its kernels (~10 small ones: 5% of a batch-1 step)
+        self.ngram_on = False
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by ngram_on
         if self.use_graph:
             self._capture_with_fallbacks()
 
@@ -1066,7 +1085,7 @@ class GraphedDecoder:
         mats = [w for layer in self.layers for w in layer] + [self.lm_head]
         return sum(w.numel() * w.element_size() for w in mats)
 
-    def _forward(self) -> None:
+    def _forward(self, ngram: bool) -> None:
         k = self.kernels
         cache, n_head = self.cache, self.n_head
         pos, n_keys = self.pos, self.n_keys  # written by step_inputs (idle rows: position 0)
@@ -1090,18 +1109,28 @@ class GraphedDecoder:
                 x, h = k.add_rms_norm(x, F.linear(y, w_o))
                 x, h = k.add_rms_norm(x, F.linear(k.relu_square(F.linear(h, w_fc)), w_proj))
             self.logits.copy_(cap * torch.tanh(F.linear(h, self.lm_head).float() / cap))
+        if ngram:
+            block_ngrams(self.logits, self.history, self.ngram[0], self.ngram_whitelist, self.ngram_rows, inplace=True)
         k.greedy_advance(self.logits, self.active, self.greedy, self.tokens, self.lengths, self.greedy_scratch)
+        if ngram:
+            push_tokens(self.history, self.tokens, self.ngram_rows & self.active)
 
     def _capture_with_fallbacks(self) -> None:
         """Capture with the fastest kernels that work here: Triton with programmatic dependent
-        launch, Triton without it, then the torch ops (a build problem must not stop decoding)."""
+        launch, Triton without it, then the torch ops, and last without the n-gram blocker (the
+        engine then blocks on the host): a build problem must not stop decoding."""
         while True:
             try:
                 return self._capture()
             except Exception as exc:
+                self.graphs = {}
                 if not self.kernels.use_triton:
-                    raise
-                self.graph = None
+                    if self.ngram is None:
+                        raise
+                    warnings.warn(f"decode graph with the n-gram blocker failed ({type(exc).__name__}: {exc}); "
+                                  "capturing without it")
+                    self.ngram = None
+                    continue
                 if self.kernels.pdl:
                     warnings.warn(f"decode kernels with programmatic dependent launch failed "
                                   f"({type(exc).__name__}: {exc}); capturing without it")
@@ -1114,15 +1143,19 @@ class GraphedDecoder:
     def _capture(self) -> None:
         if self.active.any():
             raise RuntimeError("GraphedDecoder captures with every row idle")
+        variants = (False, True) if self.ngram is not None else (False,)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
-            for _ in range(2):
-                self._forward()
+            for ngram in variants * 2:
+                self._forward(ngram)
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._forward()
+        for ngram in variants:  # one memory pool: only one of them runs at a time
+            graph = torch.cuda.CUDAGraph()
+            pool = self.graphs[False].pool() if self.graphs else None
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(ngram)
+            self.graphs[ngram] = graph
         self.tokens.zero_()
 
     @torch.inference_mode()
@@ -1131,7 +1164,8 @@ class GraphedDecoder:
         if self.cache.lengths is not self.lengths:  # someone rebound it: keep the captured tensor
             self.lengths.copy_(self.cache.lengths)
             self.cache.lengths = self.lengths
-        if self.graph is not None:
-            self.graph.replay()
+        ngram = self.ngram_on and self.ngram is not None
+        if self.graphs:
+            self.graphs[ngram].replay()
         else:
-            self._forward()
+            self._forward(ngram)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.engine import (DecodeBatch, Engine, GenerationRequest, SamplingParams, banned_ngram_tokens, sample)
+from model.engine import (DecodeBatch, Engine, GenerationRequest, SamplingParams, _Row, banned_ngram_tokens,
+                          sample)
 from model.vlm import ImageViews
 from model.weights import load_checkpoint
 
@@ -110,6 +111,41 @@ def test_graphed_decode_path_matches_host_path(engine, near_cache_end):
     assert outs[True] == outs[False]
     if near_cache_end:  # every row ran into the cache's end, not its token budget
         assert all(len(embeds[i]) + len(t) >= max_len - 1 for i, t in outs[True].items())
+
+
+@pytest.mark.parametrize("other", ["other settings", "sampling"])
+def test_ngram_blocker_in_the_decode_graph_matches_the_host_rule(engine, other):
+    """Greedy requests with the graph's blocker settings are blocked inside the decode step (no
+    host work per step); others (other settings, or sampling) between steps. All give the host
+    path's tokens, which follow the reference rule, while rows join, finish and are reused, with
+    a whitelist too."""
+    model, tok = engine.model, engine.tokenizer
+    reqs = _requests(3, max_new=40)
+    embeds = [engine.prompt_embeds(r.prompt, engine.encode_images(r.images))[0] for r in reqs]
+    in_graph = SamplingParams(max_new_tokens=40, ngram_size=3, ngram_window=20)
+    outside = (SamplingParams(max_new_tokens=40, ngram_size=2, ngram_window=20) if other == "other settings" else
+               SamplingParams(max_new_tokens=40, ngram_size=3, ngram_window=20, temperature=1.0, seed=7))
+    params = [in_graph, outside,
+              SamplingParams(max_new_tokens=40, ngram_size=3, ngram_window=20, whitelist_ids=frozenset(range(40)))]
+    outs = {}
+    for fast in (False, True):
+        batch = DecodeBatch(model, capacity=2, max_len=512, eos_id=tok.eos_id, fast=fast, graph_ngram=(3, 20))
+        if fast:
+            assert batch.decoder.ngram == (3, 20)
+            assert not batch._special(_Row(0, in_graph, frozenset())) and batch._special(_Row(1, outside, frozenset()))
+            # a sampled token is not the graph's argmax, so the graph's history would be wrong for it
+            assert batch._in_graph_ngram(in_graph) and not batch._in_graph_ngram(outside)
+        outs[fast] = _run_continuous(batch, embeds, [SamplingParams(**vars(p)) for p in params])  # fresh seeds
+    assert outs[True] == outs[False]
+    unblocked = _run_continuous(DecodeBatch(model, capacity=2, max_len=512, eos_id=tok.eos_id, fast=False),
+                                embeds, [SamplingParams(max_new_tokens=40, ngram_size=0)] * 3)
+    assert unblocked[0] != outs[False][0]  # this model repeats itself: the blocker changed the output
+    for i, p in enumerate(params):
+        if p.temperature:
+            continue
+        seq = [t for t in outs[True][i] if t != tok.eos_id]
+        for j in range(len(seq)):  # no token the reference rule bans at its step (whitelist aside)
+            assert seq[j] not in banned_ngram_tokens(seq[:j], p.ngram_size, p.ngram_window) - p.whitelist_ids
 
 
 def test_ngram_blocker_matches_reference_rule():
