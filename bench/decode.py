@@ -507,7 +507,7 @@ def gemv_sweep(model, device, dtype, batches: list[int]) -> list[list[object]]:
                    str(default), tbs(best[0]), str(best[1])]
             print(row, flush=True)
             rows.append(row)
-        del ws
+        ws.clear()  # free this shape's copies before the next shape's
     return rows
 
 
