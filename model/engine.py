@@ -361,8 +361,8 @@ class DecodeBatch:
         return bool(self.rows) and not any(self._special(r) for r in self.rows.values())
 
     def _step_fast(self) -> list[TokenEvent]:
-        """One graph replay per step. When every row is greedy without the n-gram blocker, up to
-        AHEAD steps are queued before this one's tokens are handled on the host, so the GPU does
+        """One graph replay per step. When no row needs the host's choice (greedy rows, with no
+        n-gram blocker or the graph's own), up to AHEAD steps are queued before this one's tokens are handled on the host, so the GPU does
         not wait for Python: rows that finish now are computed up to AHEAD more times and ignored
         (a row past the cache's end computes at position 0, see GraphedDecoder), and rows added
         in between join at the next step launched."""

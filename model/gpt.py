@@ -1019,8 +1019,9 @@ class GraphedDecoder:
     throwaway token at position 0),
     advances the active rows' lengths, and leaves softcapped fp32 ``logits`` [B, V] and their
     ``greedy`` argmax [B] in static buffers, which it also copies into ``tokens`` for the next
-    step. Nothing in it synchronises with the host. On CUDA it is captured once as a CUDA graph
-    (at construction, so every row must be idle then) and replayed; with ``use_triton`` the
+    step. Nothing in it synchronises with the host. On CUDA it is captured as a CUDA graph (at
+    construction, so every row must be idle then; with ``ngram``, one with the blocker and one
+    without) and replayed; with ``use_triton`` the
     elementwise work runs as fused Triton kernels, else as the torch references, which is how
     the CPU runs it. ``skinny`` (default: at most ``DECODE_GEMV["max_batch"]`` rows) multiplies
     by the weights through the fused small-batch GEMV instead of cuBLAS.
