@@ -295,9 +295,11 @@ class DecodeBatch:
             dec.history[slots] = -1
             dec.history[slots, -1] = tokens
             dec.ngram_whitelist[slots] = False
+            vocab = dec.ngram_whitelist.shape[1]
             for slot, (_, _, p) in zip(slot_list, prompts):
-                if p.whitelist_ids and self._in_graph_ngram(p):
-                    dec.ngram_whitelist[slot, sorted(p.whitelist_ids)] = True
+                ids = sorted(t for t in p.whitelist_ids if 0 <= t < vocab)  # others can never be generated
+                if ids and self._in_graph_ngram(p):
+                    dec.ngram_whitelist[slot, ids] = True
         started = [s for s in slot_list if s in self.rows]
         if started:
             dec.active[torch.tensor(started, device=self.device)] = True

@@ -126,7 +126,8 @@ def test_ngram_blocker_in_the_decode_graph_matches_the_host_rule(engine, other):
     outside = (SamplingParams(max_new_tokens=40, ngram_size=2, ngram_window=20) if other == "other settings" else
                SamplingParams(max_new_tokens=40, ngram_size=3, ngram_window=20, temperature=1.0, seed=7))
     params = [in_graph, outside,
-              SamplingParams(max_new_tokens=40, ngram_size=3, ngram_window=20, whitelist_ids=frozenset(range(40)))]
+              SamplingParams(max_new_tokens=40, ngram_size=3, ngram_window=20,
+                             whitelist_ids=frozenset(range(40)) | {10 ** 9})]  # an id past the vocabulary too
     outs = {}
     for fast in (False, True):
         batch = DecodeBatch(model, capacity=2, max_len=512, eos_id=tok.eos_id, fast=fast, graph_ngram=(3, 20))
