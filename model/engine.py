@@ -163,6 +163,17 @@ class DecodeBatch:
     def free_rows(self) -> list[int]:
         return [r for r in range(self.capacity) if r not in self.rows]
 
+    def drop(self, request_ids: set) -> int:
+        """Stop the rows of these requests (cancelled ones) and free their slots; how many were
+        dropped. On the fast path the rows also stop decoding on the device: before, a dropped
+        row kept running there, past its budget, until a new request took its slot."""
+        slots = [slot for slot, row in self.rows.items() if row.request_id in request_ids]
+        for slot in slots:
+            del self.rows[slot]
+        if slots and self.decoder is not None:
+            self.decoder.active[torch.tensor(slots, device=self.device)] = False
+        return len(slots)
+
     # ------------------------------------------------------------ host path
     def _choose(self, row: _Row, logits: torch.Tensor) -> int:
         p = row.params

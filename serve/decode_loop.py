@@ -117,9 +117,7 @@ class DecodeLoop:
     # ------------------------------------------------------------------ the loop
     def _advance(self, admit: list[Pending], cancelled: set[str]) -> list[TokenEvent]:
         """One round in the worker thread: drop cancelled rows, prefill newcomers, one step."""
-        for slot, row in list(self.batch.rows.items()):
-            if row.request_id in cancelled:
-                del self.batch.rows[slot]  # the slot's cache is reset when a new request takes it
+        self.batch.drop(cancelled)  # the slot's cache is reset when a new request takes it
         events = self.batch.add([(p.request_id, p.prompt_embeds, p.params) for p in admit]) if admit else []
         if self.batch.active:
             events += self.batch.step()

@@ -149,6 +149,33 @@ def test_ngram_blocker_in_the_decode_graph_matches_the_host_rule(engine, other):
             assert seq[j] not in banned_ngram_tokens(seq[:j], p.ngram_size, p.ngram_window) - p.whitelist_ids
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_dropped_request_stops_and_frees_its_row(engine, fast):
+    """A cancelled request is dropped between steps: it stops decoding (also on the device), the
+    other row goes on as if alone, and a new request takes the freed row."""
+    model, tok = engine.model, engine.tokenizer
+    reqs = _requests(3, max_new=12)
+    embeds = [engine.prompt_embeds(r.prompt, engine.encode_images(r.images))[0] for r in reqs]
+    batch = DecodeBatch(model, capacity=2, max_len=256, eos_id=tok.eos_id, fast=fast)
+    out = {0: [], 1: [], 2: []}
+    for ev in batch.add([(i, embeds[i], reqs[i].params) for i in (0, 1)]):
+        out[ev.request_id].append(ev.token_id)
+    for ev in batch.step():
+        out[ev.request_id].append(ev.token_id)
+    assert batch.drop({1, "unknown"}) == 1 and batch.active == 1 and len(batch.free_rows()) == 1
+    if fast:
+        assert batch.decoder.active.tolist() == [True, False]
+    for ev in batch.add([(2, embeds[2], reqs[2].params)]):
+        out[2].append(ev.token_id)
+    while batch.active:
+        for ev in batch.step():
+            assert ev.request_id != 1
+            out[ev.request_id].append(ev.token_id)
+    assert len(out[1]) == 2
+    for i in (0, 2):
+        assert [t for t in out[i] if t != tok.eos_id] == engine.generate([reqs[i]])[0].token_ids, i
+
+
 def test_ngram_blocker_matches_reference_rule():
     seq = [1, 2, 3, 1, 2]
     assert banned_ngram_tokens(seq, 3, 100) == {3}  # "1 2 -> 3" was seen
