@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--pages", type=int, default=128)
     p.add_argument("--tokens", type=int, default=800)
     p.add_argument("--eager-encoder", action="store_true", help="Engine(compile_encoder=False) (compiled is the CUDA default)")
+    p.add_argument("--ngram", action="store_true",
+                   help="decode with the reference's n-gram blocker (the default for requests) instead of none")
     args = p.parse_args()
     if args.quick:
         args.preset, args.pages, args.tokens = "tiny", 3, 16
@@ -104,7 +106,9 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     pages = [a4_page(rng) for _ in range(min(args.pages, 16))]
     pages = [pages[i % len(pages)] for i in range(args.pages)]  # content does not change the cost
-    params = SamplingParams(max_new_tokens=args.tokens, ngram_size=0, stop_ids=frozenset({-1}))
+    params = SamplingParams(max_new_tokens=args.tokens, stop_ids=frozenset({-1}))  # never stops early
+    if not args.ngram:
+        params.ngram_size = 0
     prompt = TASK_PROMPTS["free"]
     requests = [GenerationRequest(prompt, [pg], params=params) for pg in pages]
 
@@ -130,6 +134,7 @@ def main() -> None:
              f"{ph['encode_s']:.2f}", f"{ph['prompt_s']:.2f}", f"{ph['prefill_s']:.2f}", f"{ph['decode_s']:.2f}",
              f"{proc_ms:.0f}"]]
     notes = [f"model: {args.preset} preset, random weights, {'bf16' if device.type == 'cuda' else 'fp32'}; "
+             f"{'the default n-gram blocker (30-grams, window 90)' if args.ngram else 'no n-gram blocker'}; "
              f"engine on this device: fast={engine.fast}, encode batch {engine.encode_batch}, "
              f"compile_encoder={engine.compile_encoder} (warm-up call {warm_s:.0f} s)",
              "pages/s = pages / end-to-end seconds of `Engine.generate` on all pages at once (second run: cache "

@@ -21,6 +21,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
     ("train_step.py", [], "| preset | batch | attention | step ms |"),
     ("encoder.py", [], "| mode | batch | images/s |"),
     ("pages.py", [], "| pages x tokens |"),
+    ("pages.py", ["--ngram"], "| pages x tokens |"),
     ("glyph_step.py", ["--variants", "eager"], "| towers | batch | views/step |"),
 ])
 def test_benchmark_quick_run_prints_its_table(script, args, header, tmp_path):
