@@ -399,6 +399,8 @@ def tune_in_step(model, device, dtype, prefix: int, new: int, eos: int, rounds: 
     """
     import model.gpt as gpt_module
 
+    if device.type != "cuda":
+        raise SystemExit("--tune-in-step times CUDA graph replays: it needs a CUDA device")
     width = model.config.gpt.n_embd
     params = SamplingParams(max_new_tokens=10 ** 6, ngram_size=0, stop_ids=frozenset({-1}))
     prompt = prompts(1, prefix, width, device, dtype, seed=1)
