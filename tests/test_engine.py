@@ -55,20 +55,7 @@ def test_continuous_batching_admits_requests_between_steps(engine):
     reqs = _requests(3, max_new=8)
     embeds = [engine.prompt_embeds(r.prompt, engine.encode_images(r.images))[0] for r in reqs]
     batch = DecodeBatch(model, capacity=2, max_len=256, eos_id=tok.eos_id)
-    out: dict[int, list[int]] = {0: [], 1: [], 2: []}
-    for ev in batch.add([(0, embeds[0], reqs[0].params)]):
-        out[0].append(ev.token_id)
-    for _ in range(3):
-        for ev in batch.step():
-            out[ev.request_id].append(ev.token_id)
-    for ev in batch.add([(1, embeds[1], reqs[1].params)]):  # joins mid-flight
-        out[1].append(ev.token_id)
-    while batch.active:
-        for ev in batch.step():
-            out[ev.request_id].append(ev.token_id)
-            if ev.finished and batch.free_rows() and not out[2]:
-                for e2 in batch.add([(2, embeds[2], reqs[2].params)]):  # reuses a freed row
-                    out[2].append(e2.token_id)
+    out = _run_continuous(batch, embeds, [r.params for r in reqs])  # 1 joins mid-flight, 2 reuses a freed row
     for i, r in enumerate(reqs):
         alone = engine.generate([r])[0].token_ids
         got = [t for t in out[i] if t != tok.eos_id]
