@@ -20,8 +20,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
     ("decode.py", ["--check"], "| batch | path | TTFT ms |"),
     ("train_step.py", [], "| preset | batch | attention | step ms |"),
     ("encoder.py", [], "| mode | batch | images/s |"),
-    ("pages.py", [], "| pages x tokens |"),
-    ("pages.py", ["--ngram"], "| pages x tokens |"),
+    ("pages.py", ["--ngram"], "| pages x tokens |"),  # with the default n-gram blocker
     ("glyph_step.py", ["--variants", "eager"], "| towers | batch | views/step |"),
 ])
 def test_benchmark_quick_run_prints_its_table(script, args, header, tmp_path):
