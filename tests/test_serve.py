@@ -105,6 +105,45 @@ def test_decode_loop_matches_engine_and_joins_running_batch(tiny_checkpoint):
     assert stats["joined_running_batch"] >= 1
 
 
+def test_decode_loop_cancel_frees_the_row_for_the_next_request(tiny_checkpoint):
+    """A request cancelled mid-generation (client gone) sends nothing more, and its row, the only
+    one, goes to the waiting request, which decodes exactly as alone."""
+    from model.engine import Engine, GenerationRequest, SamplingParams
+    from model.processor import ImageProcessor
+    from model.vlm import ImageViews
+    from model.weights import load_checkpoint
+    from serve.decode_loop import DecodeLoop
+
+    model, tok, _ = load_checkpoint(tiny_checkpoint)
+    engine = Engine(model, tok)
+    proc = ImageProcessor.from_mode("tiny")
+    views = [ImageViews.from_processed(proc.process(png_bytes(seed=i))) for i in range(2)]
+    endless = SamplingParams(max_new_tokens=200, ngram_size=0, stop_ids=frozenset({-1}))  # only a cancel ends it
+    short = SamplingParams(max_new_tokens=8, ngram_size=0)
+    alone = engine.generate([GenerationRequest(TASK_PROMPTS["free"], [views[1]], params=short)])[0].token_ids
+    vision = engine.encode_images(views)
+
+    async def run():
+        loop = DecodeLoop(model, tok.eos_id, capacity=1, max_len=512)
+        first = loop.submit(engine.prompt_embeds(TASK_PROMPTS["describe"], [vision[0]])[0], endless)
+        second = loop.submit(engine.prompt_embeds(TASK_PROMPTS["free"], [vision[1]])[0], short)
+        got_first = [await first.queue.get() for _ in range(3)]
+        queued = first.queue.qsize()  # dispatched before the cancel, not read yet
+        loop.cancel(first)
+        got_second = []
+        while not got_second or not got_second[-1].finished:
+            got_second.append(await asyncio.wait_for(second.queue.get(), 60))
+        stats = loop.snapshot()
+        leftover = first.queue.qsize() - queued
+        await loop.close()
+        return got_first, got_second, stats, leftover
+
+    got_first, got_second, stats, leftover = asyncio.run(run())
+    assert not any(ev.finished for ev in got_first) and leftover <= 1  # at most the step running at the cancel
+    assert [ev.token_id for ev in got_second if ev.token_id != tok.eos_id] == alone
+    assert stats["cancelled"] == 1 and stats["finished"] == 1 and stats["active"] == 0 and stats["max_active"] == 1
+
+
 def test_sniffing_and_parsing():
     from serve.errors import APIError
     from serve.images import decode_base64_image, sniff_image_type
