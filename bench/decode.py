@@ -32,6 +32,15 @@ def kv_bytes_per_position(model) -> int:
     return g.n_layer * 2 * g.n_kv_head * g.head_dim * torch.finfo(model.gpt.lm_head.weight.dtype).bits // 8
 
 
+def decode_all(b: DecodeBatch, ps: list[torch.Tensor], params: SamplingParams) -> dict[int, list[int]]:
+    """Every prompt's tokens, decoded in ``b`` to the end."""
+    toks = {i: [ev.token_id] for i, ev in enumerate(b.add([(i, p, params) for i, p in enumerate(ps)]))}
+    while b.active:
+        for ev in b.step():
+            toks[ev.request_id].append(ev.token_id)
+    return toks
+
+
 def check(model, device, dtype, eos: int) -> list[str]:
     """Fast path vs eager path on the same prompts: one step's logits, then greedy agreement."""
     width = model.config.gpt.n_embd
@@ -39,12 +48,7 @@ def check(model, device, dtype, eos: int) -> list[str]:
     params = SamplingParams(max_new_tokens=64, ngram_size=0, stop_ids=frozenset({-1}))
     out = {}
     for fast in (False, True):
-        b = DecodeBatch(model, 4, 200, eos, device, dtype, fast=fast)
-        toks = {i: [ev.token_id] for i, ev in enumerate(b.add([(i, p, params) for i, p in enumerate(ps)]))}
-        while b.active:
-            for ev in b.step():
-                toks[ev.request_id].append(ev.token_id)
-        out[fast] = toks
+        out[fast] = decode_all(DecodeBatch(model, 4, 200, eos, device, dtype, fast=fast), ps, params)
     fb = DecodeBatch(model, 4, 200, eos, device, dtype, fast=True)
     first_tokens = torch.tensor([ev.token_id for ev in fb.add([(i, p, params) for i, p in enumerate(ps)])],
                                 device=device)
@@ -102,12 +106,8 @@ def check_ngram(model, device, dtype, eos: int, new: int = 160) -> str:
     for mode in ("graph", "host", "off"):
         params, graph_ngram = ngram_setup(mode)
         params.max_new_tokens = new
-        b = DecodeBatch(model, 4, 256, eos, device, dtype, fast=True, graph_ngram=graph_ngram)
-        toks = {i: [ev.token_id] for i, ev in enumerate(b.add([(i, p, params) for i, p in enumerate(ps)]))}
-        while b.active:
-            for ev in b.step():
-                toks[ev.request_id].append(ev.token_id)
-        out[mode] = toks
+        out[mode] = decode_all(DecodeBatch(model, 4, 256, eos, device, dtype, fast=True, graph_ngram=graph_ngram),
+                               ps, params)
     changed = sum(out["graph"][i] != out["off"][i] for i in range(4))
     note = (f"n-gram blocker (30-grams, window 90) in the decode graph vs between steps, 4 rows x {new} tokens: "
             f"{'identical' if out['graph'] == out['host'] else 'DIFFERENT'}; the blocker changed {changed} of 4 rows")
@@ -269,6 +269,15 @@ def profile_parts(b: DecodeBatch, model) -> dict:
                 gemm_tbs=dec.weight_bytes() / t_gemm / 1e12, graph_step_ms=t_step * 1e3)
 
 
+def filled_batch(model, device, dtype, batch: int, prefix: int, new: int, eos: int) -> DecodeBatch:
+    """The cache run_batch builds, every row holding a prompt that never stops (graph replays to time)."""
+    params = SamplingParams(max_new_tokens=10 ** 6, ngram_size=0, stop_ids=frozenset({-1}))
+    b = DecodeBatch(model, batch, prefix + new + 32, eos, device, dtype, fast=True)
+    ps = prompts(batch, prefix, model.config.gpt.n_embd, device, dtype, seed=batch)
+    b.add([(i, p, params) for i, p in enumerate(ps)])
+    return b
+
+
 @torch.inference_mode()
 def timeline(model, device, dtype, batch: int, prefix: int, new: int, eos: int, steps: int = 5) -> tuple[list[list[object]], dict]:
     """Where one graph replay's time goes, kernel by kernel (torch profiler on the replays).
@@ -281,11 +290,7 @@ def timeline(model, device, dtype, batch: int, prefix: int, new: int, eos: int, 
 
     if device.type != "cuda":
         raise SystemExit("--timeline profiles CUDA graph replays: it needs a CUDA device")
-    width = model.config.gpt.n_embd
-    params = SamplingParams(max_new_tokens=10 ** 6, ngram_size=0, stop_ids=frozenset({-1}))
-    b = DecodeBatch(model, batch, prefix + new + 32, eos, device, dtype, fast=True)  # the cache run_batch builds
-    b.add([(i, p, params) for i, p in enumerate(prompts(batch, prefix, width, device, dtype, seed=batch))])
-    dec = b.decoder
+    dec = filled_batch(model, device, dtype, batch, prefix, new, eos).decoder
     for _ in range(3):
         dec.step()
     sync(device)
@@ -401,14 +406,9 @@ def tune_in_step(model, device, dtype, prefix: int, new: int, eos: int, rounds: 
 
     if device.type != "cuda":
         raise SystemExit("--tune-in-step times CUDA graph replays: it needs a CUDA device")
-    width = model.config.gpt.n_embd
-    params = SamplingParams(max_new_tokens=10 ** 6, ngram_size=0, stop_ids=frozenset({-1}))
-    prompt = prompts(1, prefix, width, device, dtype, seed=1)
 
     def step_ms() -> float:
-        b = DecodeBatch(model, 1, prefix + new + 32, eos, device, dtype, fast=True)
-        b.add([(0, prompt[0], params)])
-        dec, best = b.decoder, float("inf")
+        dec, best = filled_batch(model, device, dtype, 1, prefix, new, eos).decoder, float("inf")
         for _ in range(3):
             dec.step()
         for _ in range(3):
