@@ -279,7 +279,8 @@ def filled_batch(model, device, dtype, batch: int, prefix: int, new: int, eos: i
 
 
 @torch.inference_mode()
-def timeline(model, device, dtype, batch: int, prefix: int, new: int, eos: int, steps: int = 5) -> tuple[list[list[object]], dict]:
+def timeline(model, device, dtype, batch: int, prefix: int, new: int, eos: int,
+             steps: int = 5) -> tuple[list[list[object]], dict]:
     """Where one graph replay's time goes, kernel by kernel (torch profiler on the replays).
 
     Under programmatic dependent launch a kernel starts before the one ahead of it ends, so its

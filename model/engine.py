@@ -301,15 +301,15 @@ class DecodeBatch:
         dec.tokens[slots] = tokens
         events = [self._record(slot, t) for slot, t in zip(slot_list, tokens.tolist())]
         if dec.ngram is not None:  # the graph's blocker: on for these rows, its history the first token
-            in_graph = [slot in self.rows and self._in_graph_ngram(self.rows[slot].params) for slot in slot_list]
+            in_graph = [slot in self.rows and self._in_graph_ngram(p) for slot, (_, _, p) in zip(slot_list, prompts)]
             dec.ngram_rows[slots] = torch.tensor(in_graph, device=self.device)
             dec.history[slots] = -1
             dec.history[slots, -1] = tokens
             dec.ngram_whitelist[slots] = False
             vocab = dec.ngram_whitelist.shape[1]
-            for slot, (_, _, p) in zip(slot_list, prompts):
+            for slot, (_, _, p), on in zip(slot_list, prompts, in_graph):
                 ids = sorted(t for t in p.whitelist_ids if 0 <= t < vocab)  # others can never be generated
-                if ids and self._in_graph_ngram(p):
+                if on and ids:
                     dec.ngram_whitelist[slot, ids] = True
         started = [s for s in slot_list if s in self.rows]
         if started:
@@ -375,10 +375,10 @@ class DecodeBatch:
 
     def _step_fast(self) -> list[TokenEvent]:
         """One graph replay per step. When no row needs the host's choice (greedy rows, with no
-        n-gram blocker or the graph's own), up to AHEAD steps are queued before this one's tokens are handled on the host, so the GPU does
-        not wait for Python: rows that finish now are computed up to AHEAD more times and ignored
-        (a row past the cache's end computes at position 0, see GraphedDecoder), and rows added
-        in between join at the next step launched."""
+        n-gram blocker or the graph's own), up to AHEAD steps are queued before this one's tokens
+        are handled on the host, so the GPU does not wait for Python: rows that finish now are
+        computed up to AHEAD more times and ignored (a row past the cache's end computes at
+        position 0, see GraphedDecoder), and rows added in between join at the next step launched."""
         while self._inflight and not any(self.rows.get(s) is r for s, r in self._inflight[0].snapshot):
             self._inflight.popleft()  # launched for rows that have all finished since
         if not self._inflight:
