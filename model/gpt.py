@@ -485,6 +485,14 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
+    def _last_to_arrive(COUNTER, n):
+        """Whether this program is the last of ``n`` to reach this point (after storing its partial):
+        a ticket from an atomic counter. The last one merges the partials and resets the counter
+        to 0 for the next launch."""
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        return tl.atomic_add(COUNTER, 1, sem="acq_rel") == n - 1
+
+    @triton.jit
     def _rotate_norm(src, c, s, i, eps, HALF: tl.constexpr):
         """RoPE (rotate-half) then RMSNorm of one head vector at ``src``, as two fp32 halves."""
         x1 = tl.load(src + i).to(tl.float32)
@@ -668,9 +676,7 @@ if triton is not None:
         tl.store(LOUT + o, l_i)
         tl.store(AOUT + o * D + i, acc1)
         tl.store(AOUT + o * D + HALF + i, acc2)
-        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
-        ticket = tl.atomic_add(COUNT + b * H + h, 1, sem="acq_rel")
-        if ticket == n_split - 1:
+        if _last_to_arrive(COUNT + b * H + h, n_split):
             out = _merge_splits(MOUT, LOUT, AOUT, (b * H + h) * n_split, n_split, D, NSPLIT_P2)
             tl.store(OUT + b * s_o_b + h * D + tl.arange(0, D), out.to(OUT.dtype.element_ty))
             tl.atomic_xchg(COUNT + b * H + h, 0)
@@ -708,9 +714,7 @@ if triton is not None:
         m = tl.max(x, 0)
         tl.store(PMAX + b * n_chunks + ch, m)
         tl.store(PIDX + b * n_chunks + ch, tl.min(tl.where(x == m, i, V), 0))
-        tl.debug_barrier()  # the partial is written before the ticket is taken
-        ticket = tl.atomic_add(COUNT + b, 1, sem="acq_rel")
-        if ticket == n_chunks - 1:
+        if _last_to_arrive(COUNT + b, n_chunks):
             c = tl.arange(0, NCHUNK_P2)
             ok = c < n_chunks
             pm = tl.load(PMAX + b * n_chunks + c, mask=ok, other=-float("inf"), cache_modifier=".cg")
