@@ -32,8 +32,9 @@ from pipeline.optim import build_optimizer
 IMAGE_ID = 3
 
 
-def make_batch(cfg, rows: int, seq_len: int, rng: np.random.Generator, response: int = 1000):
-    """``rows`` packed rows: per row two A4 pages (+ prompt + response) and a text sample filling up."""
+def make_batch(cfg, rows: int, seq_len: int, rng: np.random.Generator, response: int = 1000, text_pieces: int = 1):
+    """``rows`` packed rows: per row two A4 pages (+ prompt + response) and ``text_pieces`` text
+    samples filling up."""
     vocab = cfg.gpt.vocab_size
     page_views = a4_page(rng)
 
@@ -54,8 +55,10 @@ def make_batch(cfg, rows: int, seq_len: int, rng: np.random.Generator, response:
             mask = np.concatenate([np.zeros(len(prompt)), np.ones(len(resp))]).astype(np.uint8)
             samples.append(Sample(s_ids, mask, [page_views], "page"))
             used += len(s_ids)
-        text = max(16, seq_len - used - int(rng.integers(0, 40)))
-        samples.append(Sample(ids(text), np.ones(text, dtype=np.uint8), [], "text"))
+        text = max(16 * text_pieces, seq_len - used - int(rng.integers(0, 40)))
+        for i in range(text_pieces):
+            n = text // text_pieces + (text % text_pieces if i == 0 else 0)
+            samples.append(Sample(ids(n), np.ones(n, dtype=np.uint8), [], "text"))
     groups = list(pack_sequences(samples, seq_len))
     if len(groups) != rows:
         raise RuntimeError(f"packing made {len(groups)} rows, wanted {rows}")
@@ -94,9 +97,8 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
     model = build_model(preset, device, seed=args.seed, image_token_id=IMAGE_ID)  # fp32 master weights
     if compile_chunk is not None:
         model.compile_vision(compile_chunk)  # chunks of views (0: one call per view size, dynamic count)
-    if compile_gpt:  # an experiment: each transformer block compiled on its own (norms, RoPE, relu^2 fused)
-        for block in model.gpt.transformer.h:
-            block.forward = torch.compile(block.forward)
+    if compile_gpt:  # each transformer block compiled on its own (TrainConfig.compile_gpt)
+        model.gpt.compile_blocks()
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)  # bypassed, as in the trainer
     model.train()
     opt = build_optimizer(model, "adamw", lr=1e-4)  # fused on CUDA
@@ -105,7 +107,11 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
     batch = batch.to(device, index_on_host=True)  # as the trainer moves it
     autocast = autocast_for(device)
     step = training_step(model, batch, opt, device)
+    if args.vary_layout:  # the trainer's case: every step packs differently (segment count and lengths)
+        step = varying_layout_step(model, rows, seq_len, rng, opt, device, warmup + steps)
+    graphs = _compiled_graphs()
     losses = [step() for _ in range(warmup)]
+    graphs_warmup = _compiled_graphs() - graphs
     phases = breakdown(model, batch, opt, params, autocast, device) if args.breakdown else {}
     if args.profile and device.type == "cuda":
         from encoder import top_kernels
@@ -118,6 +124,7 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
         losses.append(step())
     sync(device)
     step_s = (time.perf_counter() - t0) / steps
+    graphs_timed = _compiled_graphs() - graphs - graphs_warmup
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"non-finite loss: {losses}")
     cfg = model.config
@@ -130,7 +137,28 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
     del model, opt, batch
     return dict(preset=preset, rows=rows, seq=seq_len, tokens=tokens, pages=pages, step_s=step_s,
                 tok_s=tokens / step_s, flops=vision + gpt, vision_flops=vision, gpt_flops=gpt,
-                achieved=(vision + gpt) / step_s, peak_gib=mem, loss=losses[-1], **phases)
+                achieved=(vision + gpt) / step_s, peak_gib=mem, loss=losses[-1], graphs_warmup=graphs_warmup,
+                graphs_timed=graphs_timed, **phases)
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has built so far in this process (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def varying_layout_step(model, rows: int, seq_len: int, rng: np.random.Generator, opt, device, n: int):
+    """A step function that trains on a different packed batch each call (``n`` of them, made up
+    front): responses of 200-1000 tokens and 1-3 text samples a row, so the segment count and
+    the longest segment change from step to step, as they do in the trainer."""
+    steps = []
+    for _ in range(n):
+        batch, _ = make_batch(model.config, rows, seq_len, rng, response=int(rng.integers(200, 1001)),
+                              text_pieces=int(rng.integers(1, 4)))
+        steps.append(training_step(model, batch.to(device, index_on_host=True), opt, device))
+    calls = iter(steps)
+    return lambda: next(calls)()
 
 
 def breakdown(model, batch, opt, params, autocast, device) -> dict:
@@ -231,6 +259,9 @@ def main() -> None:
                    help="presets also timed with the vision towers compiled in static chunks of views")
     p.add_argument("--compile-gpt", default="", metavar="PRESETS",
                    help="presets also timed with the vision towers (dynamic view count) and each GPT block compiled")
+    p.add_argument("--vary-layout", action="store_true",
+                   help="a differently packed batch every step (as in the trainer) instead of one repeated; the "
+                        "FLOPs and tokens/s are still those of the first batch's layout")
     p.add_argument("--compile-chunk", type=int, default=0,
                    help="views per compiled vision chunk (0: one call per view size, the view count dynamic)")
     args = p.parse_args()
@@ -269,7 +300,7 @@ def main() -> None:
                 if not is_oom(exc):
                     raise
                 print(f"{name} with {n_rows} rows: out of memory", flush=True)
-                rows.append([name, f"{n_rows} x {args.seq}", label, "OOM"] + [""] * 7)
+                rows.append([name, f"{n_rows} x {args.seq}", label, "OOM"] + [""] * 8)
                 n_rows //= 2
         if r is None:
             continue
@@ -280,20 +311,23 @@ def main() -> None:
         rows.append([name, f"{n_rows} x {args.seq}", label,
                      f"{r['step_s'] * 1e3:.0f}", f"{r['tok_s']:,.0f}", f"{r['pages'] / r['step_s']:.1f}",
                      f"{r['flops'] / 1e12:.1f} ({100 * r['vision_flops'] / r['flops']:.0f}% vision)",
-                     f"{r['achieved'] / 1e12:.0f}", mfu, mfu_measured, f"{r['peak_gib']:.1f}"])
+                     f"{r['achieved'] / 1e12:.0f}", mfu, mfu_measured, f"{r['peak_gib']:.1f}",
+                     f"{r['graphs_warmup']} / {r['graphs_timed']}"])
         if "vision_ms" in r:
             notes.append(f"{name} ({label}), parts run alone: vision towers fwd+bwd {r['vision_ms']:.0f} ms "
                          f"({r['vision_flops'] / r['vision_ms'] / 1e9:.0f} TFLOP/s; SAM alone {r['sam_ms']:.0f} ms), "
                          f"GPT fwd+bwd {r['gpt_ms']:.0f} ms ({r['gpt_flops'] / r['gpt_ms'] / 1e9:.0f} TFLOP/s), "
                          f"clip + optimizer {r['optimizer_ms']:.0f} ms; step {r['step_s'] * 1e3:.0f} ms")
     notes += [f"packed rows: 2 A4 Gundam pages (903 slots + 8 prompt + 1000 response tokens each) + a text sample; "
-              f"fp32 weights, bf16 autocast, fused AdamW, grad clipping; {args.steps} timed steps after {args.warmup}",
+              f"fp32 weights, bf16 autocast, fused AdamW, grad clipping; {args.steps} timed steps after {args.warmup}"
+              + ("; a differently packed batch every step (responses 200-1000 tokens, 1-3 text samples a row; "
+                 "FLOPs counted on the first)" if args.vary_layout else "; the same batch every step"),
               f"MFU against the datasheet dense bf16 peak ({peak / 1e12:.0f} TFLOP/s)" if peak else "MFU: no datasheet peak",
               f"'of measured' against the measured 8192^3 bf16 matmul rate ({measured / 1e12:.0f} TFLOP/s)",
               "dense mask = the same step with the packed-segment fast path switched off (SDPA with a [B,1,T,T] mask)"]
     table = Table("Stage-1 training step (bench/train_step.py)",
                   ["preset", "batch", "attention", "step ms", "tokens/s", "pages/s", "TFLOP/step", "TFLOP/s",
-                   "MFU", "of measured", "peak GiB"], rows, notes)
+                   "MFU", "of measured", "peak GiB", "graphs compiled (warm-up / timed)"], rows, notes)
     report(table, device, args, {"runs": raw, "datasheet_peak": peak, "matmul_peak": measured})
 
 

@@ -363,6 +363,27 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
 
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``torch.compile`` each transformer block's forward for training (no KV cache).
+
+        The norms, RoPE, ReLU^2 and residual adds fuse with their neighbours, so a block keeps
+        fewer activations for backward: on an H200 the full preset's stage-1 step went 327 ->
+        293 ms with the vision towers compiled too (bench/train_step.py --compile-gpt). Calls
+        with a KV cache (generation) keep the eager forward: they index the cache in place
+        and would only add graphs to compile.
+        """
+        for block in self.transformer.h:
+            if getattr(block.forward, "_nano_compiled", False):
+                continue
+            eager, compiled = block.forward, torch.compile(block.forward, backend=backend)
+
+            def forward(x, cos, sin, plan, cache, positions, cache_rows=None, _eager=eager, _compiled=compiled):
+                fn = _eager if cache is not None else _compiled
+                return fn(x, cos, sin, plan, cache, positions, cache_rows)
+
+            forward._nano_compiled = True
+            block.forward = forward
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -20,7 +20,7 @@ from model.config import processor_config
 from model.vlm import ImageViews
 from model.weights import load_checkpoint
 from pipeline.synth import SynthConfig, generate, read_manifest, text_records
-from pipeline.train import load_train_config, run_stage
+from pipeline.train import TrainConfig, load_train_config, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -173,3 +173,9 @@ def test_worker_crash_resumes_from_last_checkpoint(workspace, stage2):
     assert steps.count(3) == 2 and steps.count(2) == 1 and max(steps) == 8, steps
     waits = client.get_metric_history(result.run_id, "data_wait_s")
     assert len(waits) == len(steps) and all(m.value >= 0 for m in waits)
+
+
+def test_compile_and_compile_gpt_together_are_refused():
+    with pytest.raises(ValueError, match="compile already compiles the whole model"):
+        TrainConfig(data="x", compile=True, compile_gpt=True)
+    assert TrainConfig(data="x", compile_gpt=True, compile_vision=True).compile_gpt
