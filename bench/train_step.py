@@ -119,12 +119,13 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
         print(f"--- top kernels of one {preset} training step", flush=True)
         print(top_kernels(step, device, n=25), flush=True)
     sync(device)
+    graphs = _compiled_graphs()
     t0 = time.perf_counter()
     for _ in range(steps):
         losses.append(step())
     sync(device)
     step_s = (time.perf_counter() - t0) / steps
-    graphs_timed = _compiled_graphs() - graphs - graphs_warmup
+    graphs_timed = _compiled_graphs() - graphs
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"non-finite loss: {losses}")
     cfg = model.config

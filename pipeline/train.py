@@ -704,10 +704,11 @@ def _datasets(cfg: TrainConfig):
     else:
         vision = ds.filter(expr=has_image).materialize()
         text = ds.filter(expr=(col("n_image_tokens") == 0) | col("n_image_tokens").is_null()).materialize()
-        n_vision, n_text = mixture_counts(vision.count(), text.count(), cfg.text_ratio)
+        text_rows = text.count()
+        n_vision, n_text = mixture_counts(vision.count(), text_rows, cfg.text_ratio)
         parts = [vision] if n_vision else []
         if n_text:
-            repeats = -(-n_text // max(1, text.count()))
+            repeats = -(-n_text // max(1, text_rows))
             texts = text.union(*([text] * (repeats - 1))) if repeats > 1 else text
             parts.append(texts.limit(n_text))
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

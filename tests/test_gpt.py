@@ -176,4 +176,3 @@ def test_skinny_linear_reference_epilogues_and_errors():
     assert torch.allclose(logits, 3.0 * torch.tanh(x @ w.T / 3.0)) and logits.abs().max() < 3.0
     with pytest.raises(ValueError, match="unknown epilogue"):
         skinny_linear_ref(x, w, epilogue="gelu")
-
