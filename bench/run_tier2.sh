@@ -3,7 +3,8 @@
 # evaluation on held-out pages). Run in the repo root on the device with .gpu and .fonts carried:
 #   bash bench/run_tier2.sh [jobs/speedrun.py flags...]      # e.g. --stage1-time-limit 350
 #   CONFIG=jobs/configs/speedrun_tier2_glyphs.yaml bash bench/run_tier2.sh ...
-# Writes speedrun.log, eval_summary.json and the MLflow file store under $OUT. A stage stopped
+# Writes speedrun.log, eval_summary.json (+ eval.tgz, its predictions) and the MLflow file store
+# (mlruns.tgz: extract it for bench/tier2_summary.py) under $OUT. A stage stopped
 # at its time limit resumes when the same command runs again on the still-warm machine; the MLflow
 # store is kept under artifacts/ between calls ($OUT starts empty each call), so the resumed stage
 # logs into the same run.
@@ -18,7 +19,10 @@ if [ -z "${MLFLOW_TRACKING_URI:-}" ]; then  # the bundle's MLflow has no SQLAlch
   rm -rf "$OUT/mlruns"
   [ -d "$KEEP" ] && cp -r "$KEEP" "$OUT/mlruns"
   export MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file://$OUT/mlruns
-  trap 'rm -rf "$KEEP"; [ -d "$OUT/mlruns" ] && cp -r "$OUT/mlruns" "$KEEP"' EXIT
+  # kept for a resumed call; sent back as one archive (the store's folders are nested deeper than
+  # the device returns)
+  trap 'rm -rf "$KEEP"; if [ -d "$OUT/mlruns" ]; then cp -r "$OUT/mlruns" "$KEEP";
+        tar czf "$OUT/mlruns.tgz" -C "$OUT" mlruns && rm -rf "$OUT/mlruns"; fi' EXIT
 fi
 python -c "from pipeline.synth import font_dir; d = font_dir(); assert d, 'no fonts: set NDOCR_FONT_DIR'; print('fonts', d)" || exit 2
 touch "$OUT/.started"
@@ -29,6 +33,7 @@ status=$?
 root=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1])).get('out', 'artifacts'))" "$CONFIG")
 if [ -n "$(find "$root/eval/summary.json" -newer "$OUT/.started" 2>/dev/null)" ]; then
   cp "$root/eval/summary.json" "$OUT/eval_summary.json"
+  tar czf "$OUT/eval.tgz" -C "$root" eval  # the predictions behind it (examples for RESULTS.md)
 fi
 rm -f "$OUT/.started"
 grep -E "stage1 step|^==>|^\||finished in|^  [a-z]|Error" "$OUT/speedrun.log" | grep -v " INFO \|WARNING" | awk '!seen[$0]++' | tail -150
