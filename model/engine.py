@@ -25,7 +25,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 
 from model.gpt import GraphedDecoder, KVCache
-from model.ngram import banned_ngram_tokens, block_ngrams
+from model.ngram import banned_ngram_tokens, block_ngrams, shift_in
 from model.vlm import ImageViews, NanoDeepseekOCR
 
 
@@ -252,8 +252,7 @@ class DecodeBatch:
         if not keep:
             return
         rows = torch.tensor([slots[i] for i in keep], device=self.device)
-        hist = self.history[rows]
-        self.history[rows] = torch.cat([hist[:, 1:], tokens[torch.tensor(keep, device=self.device)][:, None]], 1)
+        self.history[rows] = shift_in(self.history[rows], tokens[torch.tensor(keep, device=self.device)])
 
     # --------------------------------------------------------------- public
     @torch.inference_mode()

@@ -56,7 +56,11 @@ def block_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int, whitelist:
     return scatter(1, follow.clamp(min=0), src.masked_fill_(match, float("-inf")), "amin")
 
 
+def shift_in(history: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``history`` [r, W] with ``tokens`` [r] appended at the right end (the oldest drops out)."""
+    return torch.cat([history[:, 1:], tokens[:, None]], 1)
+
+
 def push_tokens(history: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> None:
-    """Shift ``tokens`` [r] into the right end of ``history`` [r, W] in place, for ``rows`` [r] (boolean)."""
-    shifted = torch.cat([history[:, 1:], tokens[:, None]], 1)
-    history.copy_(torch.where(rows[:, None], shifted, history))
+    """:func:`shift_in` in place, for ``rows`` [r] (boolean) only: static shapes, for a decode graph."""
+    history.copy_(torch.where(rows[:, None], shift_in(history, tokens), history))
