@@ -278,7 +278,8 @@ def profile_parts(b: DecodeBatch, model) -> dict:
 
 def filled_batch(model, device, dtype, batch: int, prefix: int, new: int, eos: int) -> DecodeBatch:
     """The cache run_batch builds, every row holding a prompt that never stops (graph replays to time)."""
-    params = SamplingParams(max_new_tokens=10 ** 6, ngram_size=0, stop_ids=frozenset({-1}))
+    params, _ = ngram_setup("off")
+    params.max_new_tokens = 10 ** 6
     b = DecodeBatch(model, batch, prefix + new + 32, eos, device, dtype, fast=True)
     ps = prompts(batch, prefix, model.config.gpt.n_embd, device, dtype, seed=batch)
     b.add([(i, p, params) for i, p in enumerate(ps)])
