@@ -1143,20 +1143,17 @@ class GraphedDecoder:
 
     def _capture_with_fallbacks(self) -> None:
         """Capture with the fastest kernels that work here: Triton with programmatic dependent
-        launch, Triton without it, then the torch ops, and last without the n-gram blocker (the
-        engine then blocks on the host): a build problem must not stop decoding."""
+        launch, Triton without it, then the torch ops. The variant with the n-gram blocker is
+        captured after, on its own, and left out if it fails (the engine then blocks on the host):
+        a build problem must not stop decoding, and the blocker's must not cost the kernels."""
         while True:
             try:
-                return self._capture()
+                self._capture(ngram=False)
+                break
             except Exception as exc:
                 self.graphs = {}
                 if not self.kernels.use_triton:
-                    if self.ngram is None:
-                        raise
-                    warnings.warn(f"decode graph with the n-gram blocker failed ({type(exc).__name__}: {exc}); "
-                                  "capturing without it")
-                    self.ngram = None
-                    continue
+                    raise
                 if self.kernels.pdl:
                     warnings.warn(f"decode kernels with programmatic dependent launch failed "
                                   f"({type(exc).__name__}: {exc}); capturing without it")
@@ -1164,24 +1161,33 @@ class GraphedDecoder:
                 else:
                     warnings.warn(f"Triton decode kernels failed ({type(exc).__name__}: {exc}); using torch ops")
                     self.kernels, self.scratch, self.greedy_scratch = DecodeKernels(False), None, None
+        if self.ngram is None:
+            return
+        try:
+            self._capture(ngram=True)
+        except Exception as exc:
+            self.graphs.pop(True, None)
+            warnings.warn(f"decode graph with the n-gram blocker failed ({type(exc).__name__}: {exc}); "
+                          "the engine blocks on the host instead")
+            self.ngram = None
 
     @torch.no_grad()
-    def _capture(self) -> None:
+    def _capture(self, ngram: bool) -> None:
+        """One graph: with or without the blocker (the second shares the first's memory pool, as
+        only one of them runs at a time)."""
         if self.active.any():
             raise RuntimeError("GraphedDecoder captures with every row idle")
-        variants = (False, True) if self.ngram is not None else (False,)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
-            for ngram in variants * 2:
+            for _ in range(2):
                 self._forward(ngram)
         torch.cuda.current_stream().wait_stream(side)
-        for ngram in variants:  # one memory pool: only one of them runs at a time
-            graph = torch.cuda.CUDAGraph()
-            pool = self.graphs[False].pool() if self.graphs else None
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(ngram)
-            self.graphs[ngram] = graph
+        graph = torch.cuda.CUDAGraph()
+        pool = self.graphs[False].pool() if self.graphs else None
+        with torch.cuda.graph(graph, pool=pool):
+            self._forward(ngram)
+        self.graphs[ngram] = graph
         self.tokens.zero_()
 
     @torch.inference_mode()

@@ -160,6 +160,68 @@ def test_decoder_step_matches_eager_decode_in_both_matmul_layouts(use_triton):
             assert torch.allclose(cache.v[:, rows, :, :length], eager_cache.v[:, rows, :, :length], atol=1e-5)
 
 
+def _capture_order(use_triton: bool, fail: set, ngram=(3, 8)):
+    """A GraphedDecoder whose CUDA-graph capture is replaced by a record of what was captured with
+    which kernels (CUDA graphs need a GPU): ``fail`` holds the (use_triton, pdl, ngram) captures that
+    raise. Returns the decoder and the captures tried."""
+    from model.gpt import GraphedDecoder
+
+    tried = []
+
+    class Graph:
+        def __init__(self) -> None:
+            self.replays = 0
+
+        def replay(self) -> None:
+            self.replays += 1
+
+    class RecordingDecoder(GraphedDecoder):
+        def _capture(self, ngram: bool) -> None:
+            key = (self.kernels.use_triton, self.kernels.pdl, ngram)
+            tried.append(key)
+            if key in fail:
+                raise RuntimeError(f"capture {key} failed")
+            self.graphs[ngram] = Graph()
+
+    model = _tiny_gpt()
+    dec = RecordingDecoder(model, KVCache(model.config, batch_size=2, max_len=16), use_graph=True,
+                           use_triton=use_triton, ngram=ngram)
+    return dec, tried
+
+
+def test_graphed_decoder_capture_leaves_out_only_a_failing_ngram_blocker():
+    with pytest.warns(UserWarning, match="n-gram blocker failed"):
+        dec, tried = _capture_order(False, fail={(False, False, True)})
+    assert tried == [(False, False, False), (False, False, True)]
+    assert dec.ngram is None and list(dec.graphs) == [False]
+    dec.ngram_on = True  # the engine asks for the blocker: the graph without it runs
+    dec.step()
+    assert dec.graphs[False].replays == 1
+
+    dec, tried = _capture_order(False, fail=set())
+    assert tried == [(False, False, False), (False, False, True)] and dec.ngram == (3, 8)
+    dec, tried = _capture_order(False, fail=set(), ngram=None)
+    assert tried == [(False, False, False)] and list(dec.graphs) == [False]
+    with pytest.raises(RuntimeError, match="capture"):  # nothing left to fall back to
+        _capture_order(False, fail={(False, False, False)})
+
+
+def test_graphed_decoder_capture_keeps_the_triton_kernels_when_only_the_blocker_fails():
+    import model.gpt as gpt_module
+
+    if gpt_module.triton is None:
+        pytest.skip("Triton is not installed")
+    with pytest.warns(UserWarning, match="n-gram blocker failed"):
+        dec, tried = _capture_order(True, fail={(True, False, True)})
+    assert tried == [(True, False, False), (True, False, True)]
+    assert dec.kernels.use_triton and dec.ngram is None and list(dec.graphs) == [False]
+    # failing kernels fall back to the torch ops, which then capture the blocker too
+    with pytest.warns(UserWarning, match="Triton decode kernels failed"):
+        dec, tried = _capture_order(True, fail={(True, False, False)})
+    assert tried == [(True, False, False), (False, False, False), (False, False, True)]
+    assert not dec.kernels.use_triton and dec.ngram == (3, 8) and sorted(dec.graphs) == [False, True]
+
+
 def test_skinny_linear_reference_epilogues_and_errors():
     from model.gpt import rms_norm, skinny_linear_ref
 
