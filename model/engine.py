@@ -306,10 +306,10 @@ class DecodeBatch:
             dec.history[slots, -1] = tokens
             dec.ngram_whitelist[slots] = False
             vocab = dec.ngram_whitelist.shape[1]
-            for slot, (_, _, p), on in zip(slot_list, prompts, in_graph):
-                ids = sorted(t for t in p.whitelist_ids if 0 <= t < vocab)  # others can never be generated
-                if on and ids:
-                    dec.ngram_whitelist[slot, ids] = True
+            pairs = [(slot, t) for slot, (_, _, p), on in zip(slot_list, prompts, in_graph) if on
+                     for t in p.whitelist_ids if 0 <= t < vocab]  # others can never be generated
+            if pairs:  # one indexed write for every joining row
+                dec.ngram_whitelist[tuple(torch.tensor(pairs, device=self.device).T)] = True
         started = [s for s in slot_list if s in self.rows]
         if started:
             dec.active[torch.tensor(started, device=self.device)] = True
