@@ -15,6 +15,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Without a GPU the Triton decode kernels run in Triton's interpreter (tests/test_decode_kernels.py).
+# Triton reads this when a kernel is defined, so before anything imports model.gpt.
+if "TRITON_INTERPRET" not in os.environ and _no_cuda():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 SAMPLE_TEXT = [
     "Convert the document to markdown.", "Free OCR.", "Describe this image in detail.",
     "The quick brown fox jumps over the lazy dog. 0123456789",
