@@ -161,7 +161,14 @@ def preprocess(cfg: SpeedrunConfig) -> dict:
 
 
 def train(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None, uri: str):
-    from pipeline.train import load_train_config, run_stage
+    from pipeline.train import run_stage
+
+    return run_stage(stage_config(cfg, stage, parent_run_id, uri))
+
+
+def stage_config(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None = None, uri: str | None = None):
+    """The stage's TrainConfig: its YAML under the speedrun's paths, sizes and stream."""
+    from pipeline.train import load_train_config
 
     config_path = cfg.stage1_config if stage == 1 else cfg.stage2_config
     overrides: dict[str, Any] = dict(
@@ -180,7 +187,7 @@ def train(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None, uri: str):
                               "crops_per_page": cfg.stream_crops_per_page}
     train_cfg = load_train_config(str(REPO_ROOT / config_path), stage=stage, **overrides)
     train_cfg.export_dir = str(stage_dir(cfg, stage))
-    return run_stage(train_cfg)
+    return train_cfg
 
 
 def stage_dir(cfg: SpeedrunConfig, stage: int) -> Path:

@@ -63,12 +63,7 @@ def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ra
 def test_glyph_recipe_configs_load(name):
     import speedrun
 
-    from pipeline.train import load_train_config
-
-    run = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"))
-    stage1 = load_train_config(str(REPO / run.stage1_config),
-                               synth={"profile": run.synth_profile, "mode": run.mode, "tasks": run.stream_tasks,
-                                      "crops_per_page": run.stream_crops_per_page})
+    stage1 = speedrun.stage_config(speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml")), 1)
     assert stage1.glyph_loss > 0 and stage1.slot_centering and stage1.synth.tasks["line"] == 0.5
     assert stage1.synth.crops_per_page > 1
 
