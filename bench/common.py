@@ -225,10 +225,12 @@ def autocast_for(device: torch.device):
 
 
 def training_step(model: NanoDeepseekOCR, batch, opt, device: torch.device,
-                  extra_loss: Callable[[], torch.Tensor] | None = None) -> Callable[[], float]:
+                  extra_loss: Callable[[], torch.Tensor] | None = None,
+                  read: bool = True) -> Callable[[], float | torch.Tensor]:
     """The trainer's step (``pipeline/train.py``) on a packed batch moved as the trainer moves it: the
     mean next-token loss (+ ``extra_loss()``, evaluated inside autocast after the forward),
-    backward, clipping at 1.0, the optimizer, and the trainer's one host read per step."""
+    backward, clipping at 1.0 and the optimizer. It returns the loss read on the host (a wait for
+    the device), or with ``read=False`` left on the device, as the trainer does between reports."""
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = autocast_for(device)
     n_targets = max(1, batch.n_target_tokens)
@@ -243,7 +245,7 @@ def training_step(model: NanoDeepseekOCR, batch, opt, device: torch.device,
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss.detach()) if read else loss.detach()
 
     return step
 

@@ -8,6 +8,7 @@ Compiling costs time once per view size (reported), then every step is cheaper; 
 after how many steps it pays off.
 
     python bench/glyph_step.py                         # small preset, small mode, on CUDA
+    python bench/glyph_step.py --variants eager/read1,eager/read10   # the loss read every step or every 10th
     python bench/glyph_step.py --quick --device cpu    # tiny sizes: the code path
 """
 
@@ -47,7 +48,7 @@ def line_batch(cfg, mode: str, rows: int, seq_len: int, response: int, rng: np.r
     return collate(groups, seq_len)
 
 
-def run(args, device: torch.device, compiled: bool) -> dict:
+def run(args, device: torch.device, compiled: bool, read_every: int) -> dict:
     rng = np.random.default_rng(args.seed)
     model = build_model(args.preset, device, seed=args.seed, image_token_id=IMAGE_ID)
     model.config.slot_centering = True
@@ -61,21 +62,32 @@ def run(args, device: torch.device, compiled: bool) -> dict:
     opt = build_optimizer(model, "muon", lr=1e-3, muon_lr=0.02, encoder_lr_scale=0.5)
     batch = line_batch(model.config, args.mode, args.rows, args.seq, args.response, rng)
     batch = batch.to(device, index_on_host=True)  # as the trainer moves it
-    step = training_step(model, batch, opt, device, extra_loss=lambda: heads.loss(batch.glyphs)[0])
+    step = training_step(model, batch, opt, device, extra_loss=lambda: heads.loss(batch.glyphs)[0], read=False)
+
+    def steps(n: int) -> list[float]:
+        """``n`` steps; the loss read on the host (a wait for the device) every ``read_every``-th and
+        the last, as the trainer reports every ``log_every`` steps and at the end."""
+        read = []
+        for i in range(n):
+            loss = step()
+            if (i + 1) % read_every == 0 or i == n - 1:
+                read.append(float(loss))
+        return read
+
     sync(device)
     t0 = time.perf_counter()
-    losses = [step() for _ in range(args.warmup)]  # the compile happens in the first
+    losses = steps(args.warmup)  # the compile happens in the first
     sync(device)
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    losses += [step() for _ in range(args.steps)]
+    losses += steps(args.steps)
     sync(device)
     step_s = (time.perf_counter() - t0) / args.steps
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"non-finite loss: {losses}")
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
-    return dict(compiled=compiled, views=len(batch.images), warm_s=warm_s, step_s=step_s, peak_gib=mem,
-                loss=losses[-1])
+    return dict(compiled=compiled, read_every=read_every, views=len(batch.images), warm_s=warm_s, step_s=step_s,
+                peak_gib=mem, loss=losses[-1])
 
 
 def main() -> None:
@@ -87,14 +99,18 @@ def main() -> None:
     p.add_argument("--response", type=int, default=12, help="target tokens per line crop")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default="eager,compiled")
+    p.add_argument("--variants", default="eager,compiled",
+                   help="towers (eager or compiled), each optionally /readN: the loss read every N steps (default 1)")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.quick:
         args.preset, args.mode, args.rows, args.seq, args.steps, args.warmup = "tiny", "tiny", 1, 1024, 1, 1
     results = []
     for variant in args.variants.split(","):
-        r = run(args, device, compiled=variant == "compiled")
+        towers, _, read = variant.partition("/read")
+        if towers not in ("eager", "compiled") or not (read == "" or read.isdigit() and int(read) >= 1):
+            raise SystemExit(f"variant {variant!r}: expected eager or compiled, optionally /readN")
+        r = run(args, device, compiled=towers == "compiled", read_every=int(read or 1))
         print(r, flush=True)
         results.append(r)
         if device.type == "cuda":
@@ -105,12 +121,13 @@ def main() -> None:
     for r in results:
         gain = base["step_s"] - r["step_s"]
         extra = r["warm_s"] - base["warm_s"]
-        pays = f"{extra / gain:.0f}" if r is not base and gain > 0 else ""
-        rows.append(["compile_vision" if r["compiled"] else "eager", f"{args.rows} x {args.seq}", r["views"],
+        pays = f"{extra / gain:.0f}" if r["compiled"] and not base["compiled"] and gain > 0 else ""
+        rows.append(["compile_vision" if r["compiled"] else "eager", r["read_every"], f"{args.rows} x {args.seq}",
+                     r["views"],
                      f"{r['warm_s']:.1f}", f"{r['step_s'] * 1e3:.0f}", f"{r['views'] / r['step_s']:.0f}",
                      f"{base['step_s'] / r['step_s']:.2f}x", pays, f"{r['peak_gib']:.1f}"])
     table = Table("Glyph-loss training step (bench/glyph_step.py)",
-                  ["towers", "batch", "views/step", f"first {args.warmup} steps s", "step ms", "views/s",
+                  ["towers", "loss read every (steps)", "batch", "views/step", f"first {args.warmup} steps s", "step ms", "views/s",
                    "speed-up", "steps to pay off the compile", "peak GiB"], rows,
                   [f"{args.preset} preset, {args.mode} mode, line crops ({args.response} target tokens each) packed "
                    f"into rows, glyph heads on; bf16 autocast, Muon + AdamW, clipping; {args.steps} timed steps "

@@ -30,12 +30,13 @@ import torch
 from model.config import MODES, VLMConfig, from_yaml, preset as model_preset
 from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, is_sharded, shard_model,
-                                  shard_optimizer_state, to_float, vision_on_every_rank)
+                                  shard_optimizer_state, vision_on_every_rank)
 from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS
 from pipeline.mixture import Sample, batches, mixture_counts
 from pipeline.optim import SCHEDULES, build_optimizer, lr_multiplier, set_lr
 from pipeline.prefetch import Prefetcher
 from pipeline.profiling import StepProfiler, phase
+from pipeline.step_meter import StepMeter
 from pipeline.synth_stream import SynthStreamConfig
 
 PENDING_RUN_FILE = "ndocr_pending_run.json"  # beside Ray's run state while a time-limited stage is unfinished
@@ -88,7 +89,7 @@ class TrainConfig:
     cache_data_mb: int = 2048  # keep a worker's shard in memory after the first epoch when it fits
     seed: int = 0
     max_failures: int = 0
-    log_every: int = 1
+    log_every: int = 10  # steps between reports (loss, throughput): the only steps that wait for the GPU
     compile: bool = False
     compile_vision: bool = False  # torch.compile SAM + CLIP (view count dynamic): minutes to compile, faster steps
     compile_gpt: bool = False  # torch.compile each GPT block (GPT.compile_blocks): fused norms/RoPE/ReLU^2, less memory
@@ -99,7 +100,9 @@ class TrainConfig:
     register_model: str | None = None  # a model-registry name (stage 2 default: nano-deepseek-ocr)
     export_dir: str | None = None  # where the final checkpoint is copied (default <out>/<run>/final)
     inject_failure_at_step: int | None = None  # testing: rank 0 dies once at this step
-    time_limit_s: float | None = None  # stop with a checkpoint after this long; the same run resumes
+    # stop with a checkpoint after this long; the same run resumes. Several workers check the clock
+    # together when they report (every log_every steps), one worker every step
+    time_limit_s: float | None = None
     profile_at: int | None = None  # torch.profiler over steps [profile_at, +profile_steps) on rank 0 (MLflow profile/)
     profile_steps: int = 5
 
@@ -119,8 +122,8 @@ class TrainConfig:
             raise ValueError("stage 2 starts from a stage-1 checkpoint: set init_from (or resume_from)")
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.log_every < 1:
+            raise ValueError("steps, batch_size, grad_accum and log_every must be >= 1")
         if self.profile_at is not None and not (0 <= self.profile_at and 1 <= self.profile_steps
                                                 and self.profile_at + self.profile_steps <= self.steps):
             raise ValueError(f"profile_at {self.profile_at} with profile_steps {self.profile_steps}: the profiled "
@@ -515,7 +518,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         first_sample = None
         metrics: dict[str, float] = {}
         step = start_step
-        t_last = t_start = time.perf_counter()
+        meter = StepMeter(world)
+        t_start = time.perf_counter()
         while step < cfg.steps:
             if cfg.inject_failure_at_step == step and rank == 0:
                 marker = Path(loop_config["fault_marker"])
@@ -535,7 +539,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if first_sample is None:
                 first_sample = micro[0]
             n_targets = max(1, sum(b.n_target_tokens for b in micro))
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)  # stays on the device until a step reports
             glyph_sums: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(micro):
                 with phase("to_device"):  # ids stay on the host: the forward reads counts there without a sync
@@ -560,8 +564,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                             glyph_sums[k] = glyph_sums.get(k, 0.0) + v / len(micro)
                 with phase("backward"):
                     total.backward()
-                with phase("loss_read"):  # the host waits here for the device to catch up
-                    loss_sum += float(loss.detach())
+                loss_sum += loss.detach().float()
             with phase("optimizer"):
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -580,35 +583,29 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     shutil.rmtree(profiled, ignore_errors=True)
                 tracker.log(profiler.summary.metrics(), step + 1)
             step += 1
-            now = time.perf_counter()
-            tokens = sum(b.input_ids.numel() for b in micro) * world
-            elapsed = max(now - t_last, 1e-9)
-            tok_per_s = tokens / elapsed
-            t_last = now
-            # recipes whose samples differ in length compare by samples seen, not tokens
-            # (this rank's count x world: the ranks' counts differ a little, and summing them would sync)
-            samples_per_s = sum(b.n_samples for b in micro) * world / elapsed
-            metrics = {"loss": loss_sum / n_targets, "lr": lr, "grad_norm": to_float(grad_norm),
-                       "tokens_per_s": tok_per_s, "samples_per_s": samples_per_s, "data_wait_s": data_wait,
-                       "step": step,
-                       **{k: float(v) for k, v in glyph_sums.items()}}
-            if peak:
-                metrics["mfu"] = flops_per_token * tok_per_s / (peak * world)
-            if device.type == "cuda":
-                metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            meter.add(sum(b.input_ids.numel() for b in micro), sum(b.n_samples for b in micro), data_wait)
+            checkpoint_due = step == cfg.steps or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            report_due = checkpoint_due or step % cfg.log_every == 0
+            # one GPU checks the clock every step; several agree on it (a collective) only when they report
+            out_of_time = (cfg.time_limit_s is not None and step < cfg.steps and (world == 1 or report_due)
+                           and any_rank(time.perf_counter() - t_start >= cfg.time_limit_s, device))
+            if report_due or out_of_time:  # the only host syncs of a step
+                metrics = {"lr": lr, "step": step,
+                           **meter.read({"loss": loss_sum / n_targets, "grad_norm": grad_norm, **glyph_sums})}
+                if peak:
+                    metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak * world)
+                if device.type == "cuda":
+                    metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if rank == 0:
                     print(f"stage{cfg.stage} step {step}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
-                          f"grad_norm {metrics['grad_norm']:.3f} tok/s {tok_per_s:.0f}", flush=True)
+                          f"grad_norm {metrics['grad_norm']:.3f} tok/s {metrics['tokens_per_s']:.0f}", flush=True)
                 tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
-            out_of_time = (cfg.time_limit_s is not None and step < cfg.steps
-                           and any_rank(now - t_start >= cfg.time_limit_s, device))  # all stop at one step
             if out_of_time:
                 metrics["stopped_at_time_limit"] = 1.0
                 if rank == 0:
                     print(f"time limit {cfg.time_limit_s:.0f} s reached at step {step}/{cfg.steps}: checkpointing; "
                           "run the same stage again to resume", flush=True)
-            if step == cfg.steps or out_of_time or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            if checkpoint_due or out_of_time:
                 directory = _save(cfg, model, optimizer, tokenizer, step, mode, rank)
                 checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
                 ray.train.report(metrics, checkpoint=checkpoint)
