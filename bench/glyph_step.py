@@ -123,12 +123,11 @@ def main() -> None:
         extra = r["warm_s"] - base["warm_s"]
         pays = f"{extra / gain:.0f}" if r["compiled"] and not base["compiled"] and gain > 0 else ""
         rows.append(["compile_vision" if r["compiled"] else "eager", r["read_every"], f"{args.rows} x {args.seq}",
-                     r["views"],
-                     f"{r['warm_s']:.1f}", f"{r['step_s'] * 1e3:.0f}", f"{r['views'] / r['step_s']:.0f}",
+                     r["views"], f"{r['warm_s']:.1f}", f"{r['step_s'] * 1e3:.0f}", f"{r['views'] / r['step_s']:.0f}",
                      f"{base['step_s'] / r['step_s']:.2f}x", pays, f"{r['peak_gib']:.1f}"])
     table = Table("Glyph-loss training step (bench/glyph_step.py)",
-                  ["towers", "loss read every (steps)", "batch", "views/step", f"first {args.warmup} steps s", "step ms", "views/s",
-                   "speed-up", "steps to pay off the compile", "peak GiB"], rows,
+                  ["towers", "loss read every (steps)", "batch", "views/step", f"first {args.warmup} steps s",
+                   "step ms", "views/s", "speed-up", "steps to pay off the compile", "peak GiB"], rows,
                   [f"{args.preset} preset, {args.mode} mode, line crops ({args.response} target tokens each) packed "
                    f"into rows, glyph heads on; bf16 autocast, Muon + AdamW, clipping; {args.steps} timed steps "
                    f"after {args.warmup}"])
