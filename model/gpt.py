@@ -1165,8 +1165,7 @@ class GraphedDecoder:
             return
         try:
             self._capture(ngram=True)
-        except Exception as exc:
-            self.graphs.pop(True, None)
+        except Exception as exc:  # _capture stores a graph only once it is captured
             warnings.warn(f"decode graph with the n-gram blocker failed ({type(exc).__name__}: {exc}); "
                           "the engine blocks on the host instead")
             self.ngram = None
