@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import yaml
 import ray
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import AutoscalingCluster
+
+from free_ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -323,11 +324,6 @@ def test_mlflow_server_accepts_the_tracking_uri_the_jobs_use() -> None:
 # --------------------------------------------------------------------------- #
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
 
 class LocalAutoscalingCluster(AutoscalingCluster):
     """An AutoscalingCluster whose config is built here and whose processes are its own.
@@ -346,7 +342,8 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         **config_kwargs: Any,
     ) -> None:
         self.node_ip = ray.util.get_node_ip_address()
-        self.gcs_port = _free_port()
+        # the head's GCS, dashboard, client server and dashboard agent: distinct, or Ray refuses to start
+        self.gcs_port, self._dashboard_port, self._client_port, self._agent_port = free_ports(4)
         self._process: Optional[subprocess.Popen] = None
         super().__init__(head_resources, worker_node_types, **config_kwargs)
         # Short (Unix socket paths), private, and the marker of this cluster's processes.
@@ -421,9 +418,9 @@ class LocalAutoscalingCluster(AutoscalingCluster):
             f"--num-gpus={resources.pop('GPU', 0)}",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-port={self._dashboard_port}",
+            f"--ray-client-server-port={self._client_port}",
+            f"--dashboard-agent-listen-port={self._agent_port}",
             "--disable-usage-stats",
         ]
         if resources:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from free_ports import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -55,7 +51,7 @@ def head(tmp_path_factory):
     tmp = Path("/tmp") / f"ndocr-head-{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     env = _env(tmp)
-    gcs, dash, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
+    gcs, dash, agent_http, agent_grpc, metrics = free_ports(5)
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+from free_ports import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO / "jobs"))  # after the repo root: jobs/serve.py must not shadow serve/
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ray_local, capsys, mlflow_uri):
@@ -29,7 +25,7 @@ def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ra
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "artifacts"
     args = ["--out", str(out), "--stage1-steps", "3", "--stage2-steps", "2", "--train-pages", "2",
-            "--serve-port", str(_free_port())]
+            "--serve-port", str(free_ports()[0])]
     try:
         assert speedrun.main(args) == 0
     finally:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline import storage
+from free_ports import free_ports
 
 BUCKET = "ndocr-test"
 
@@ -54,18 +54,13 @@ def test_local_file_helpers(tmp_path):
 # ------------------------------------------------------------------ S3 (moto server on loopback)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A moto S3 server on 127.0.0.1 with test credentials in the environment and one bucket."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    (port,) = free_ports()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
