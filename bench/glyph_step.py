@@ -1,4 +1,4 @@
-"""The tier-2 glyph recipe's training step, eager against ``compile_vision``: is compiling worth it?
+"""The tier-2 glyph recipe's training step, eager against ``compile_vision`` (+ ``compile_gpt``): worth it?
 
 The step is the trainer's with ``glyph_loss`` (``pipeline/train.py``): packed rows of line crops
 (one global view each, in a mode without tiles), bf16 autocast, the next-token loss plus the
@@ -48,15 +48,20 @@ def line_batch(cfg, mode: str, rows: int, seq_len: int, response: int, rng: np.r
     return collate(groups, seq_len)
 
 
-def run(args, device: torch.device, compiled: bool, read_every: int) -> dict:
+TOWERS = {"eager": "eager", "compiled": "compile_vision", "compiled_gpt": "compile_vision + compile_gpt"}
+
+
+def run(args, device: torch.device, towers: str, read_every: int) -> dict:
     rng = np.random.default_rng(args.seed)
     model = build_model(args.preset, device, seed=args.seed, image_token_id=IMAGE_ID)
     model.config.slot_centering = True
     heads = GlyphHeads(model.config).to(device)
     setattr(model, ATTRIBUTE, heads)
     heads.attach(model)  # before compiling, as the trainer does: the hooks are traced into the graphs
-    if compiled:
+    if towers != "eager":
         model.compile_vision(0)
+    if towers == "compiled_gpt":  # each GPT block too, as TrainConfig.compile_gpt does
+        model.gpt.compile_blocks()
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)
     model.train()
     opt = build_optimizer(model, "muon", lr=1e-3, muon_lr=0.02, encoder_lr_scale=0.5)
@@ -86,8 +91,8 @@ def run(args, device: torch.device, compiled: bool, read_every: int) -> dict:
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"non-finite loss: {losses}")
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
-    return dict(compiled=compiled, read_every=read_every, views=len(batch.images), warm_s=warm_s, step_s=step_s,
-                peak_gib=mem, loss=losses[-1])
+    return dict(towers=towers, compiled=towers != "eager", read_every=read_every, views=len(batch.images),
+                warm_s=warm_s, step_s=step_s, peak_gib=mem, loss=losses[-1], losses=losses)
 
 
 def main() -> None:
@@ -100,7 +105,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="eager,compiled",
-                   help="towers (eager or compiled), each optionally /readN: the loss read every N steps (default 1)")
+                   help="eager, compiled (compile_vision) or compiled_gpt (compile_vision + compile_gpt), each "
+                        "optionally /readN: the loss read every N steps (default 1)")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.quick:
@@ -108,9 +114,9 @@ def main() -> None:
     results = []
     for variant in args.variants.split(","):
         towers, _, read = variant.partition("/read")
-        if towers not in ("eager", "compiled") or not (read == "" or read.isdigit() and int(read) >= 1):
-            raise SystemExit(f"variant {variant!r}: expected eager or compiled, optionally /readN")
-        r = run(args, device, compiled=towers == "compiled", read_every=int(read or 1))
+        if towers not in TOWERS or not (read == "" or read.isdigit() and int(read) >= 1):
+            raise SystemExit(f"variant {variant!r}: expected one of {', '.join(TOWERS)}, optionally /readN")
+        r = run(args, device, towers=towers, read_every=int(read or 1))
         print(r, flush=True)
         results.append(r)
         if device.type == "cuda":
@@ -121,13 +127,13 @@ def main() -> None:
     for r in results:
         gain = base["step_s"] - r["step_s"]
         extra = r["warm_s"] - base["warm_s"]
-        pays = f"{extra / gain:.0f}" if r["compiled"] and not base["compiled"] and gain > 0 else ""
-        rows.append(["compile_vision" if r["compiled"] else "eager", r["read_every"], f"{args.rows} x {args.seq}",
+        pays = f"{extra / gain:.0f}" if r["compiled"] and not base["compiled"] and gain > 0 and extra > 0 else ""
+        rows.append([TOWERS[r["towers"]], r["read_every"], f"{args.rows} x {args.seq}",
                      r["views"], f"{r['warm_s']:.1f}", f"{r['step_s'] * 1e3:.0f}", f"{r['views'] / r['step_s']:.0f}",
-                     f"{base['step_s'] / r['step_s']:.2f}x", pays, f"{r['peak_gib']:.1f}"])
+                     f"{base['step_s'] / r['step_s']:.2f}x", pays, f"{r['peak_gib']:.1f}", f"{r['loss']:.3f}"])
     table = Table("Glyph-loss training step (bench/glyph_step.py)",
-                  ["towers", "loss read every (steps)", "batch", "views/step", f"first {args.warmup} steps s",
-                   "step ms", "views/s", "speed-up", "steps to pay off the compile", "peak GiB"], rows,
+                  ["compiled", "loss read every (steps)", "batch", "views/step", f"first {args.warmup} steps s",
+                   "step ms", "views/s", "speed-up", "steps to pay off the compile", "peak GiB", "loss, last step"], rows,
                   [f"{args.preset} preset, {args.mode} mode, line crops ({args.response} target tokens each) packed "
                    f"into rows, glyph heads on; bf16 autocast, Muon + AdamW, clipping; {args.steps} timed steps "
                    f"after {args.warmup}"])

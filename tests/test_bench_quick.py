@@ -21,7 +21,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
     ("train_step.py", [], "| preset | batch | attention | step ms |"),
     ("encoder.py", [], "| mode | batch | images/s |"),
     ("pages.py", ["--ngram"], "| pages x tokens |"),  # with the default n-gram blocker
-    ("glyph_step.py", ["--variants", "eager,eager/read2"], "| towers | loss read every (steps) | batch |"),
+    ("glyph_step.py", ["--variants", "eager,eager/read2"], "| compiled | loss read every (steps) | batch |"),
 ])
 def test_benchmark_quick_run_prints_its_table(script, args, header, tmp_path):
     raw = tmp_path / "raw.jsonl"
