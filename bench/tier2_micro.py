@@ -18,7 +18,9 @@ tells the encoder's share of the difficulty from the decoder's; ``oracle`` hands
 letter's identity in slot k directly (learned embeddings): how fast the decoder alone learns to
 copy. ``-center`` turns on :attr:`model.config.VLMConfig.slot_centering`; ``-aux`` adds a
 training-only loss (each slot the GPT reads predicts which letters lie in its 64 x 64 cell, a BCE
-per letter, as ``bench/tier2_probe.py``'s ``*-aux`` variants do on pages); ``-patch`` adds a finer
+per letter, as ``bench/tier2_probe.py``'s ``*-aux`` variants do on pages); ``-grid`` instead asks each
+slot for the letter under each of its 4 x 4 patches, in place (a balanced cross-entropy, as
+``glyph_cell: grid`` in the trainer; the order inside a cell as well as the set); ``-patch`` adds a finer
 one before the compressor: each 16 x 16 patch of SAM's neck names the letter whose centre lies in
 it, or none (a cross-entropy over 27 classes, letter patches and empty patches weighted equally).
 
@@ -49,17 +51,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.glyphs import CELL, PATCH  # noqa: E402
+from pipeline.glyph_loss import balanced_patch_loss  # noqa: E402
+from pipeline.glyphs import CELL, PATCH, patches_by_cell  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-FLAGS = ("center", "aux", "patch")
+FLAGS = ("center", "aux", "grid", "patch")
 PROMPT = "<image>\nFree OCR."
 LAYOUTS = ("grid", "line")
 ENCODERS = ("deep", "sam", "cnn", "oracle")
 
 
 def parse_variant(name: str) -> dict:
-    """``<layout>-<encoder>[-center][-aux][-patch]``, e.g. ``line-deep-center``."""
+    """``<layout>-<encoder>[-center][-aux|-grid][-patch]``, e.g. ``line-deep-center``."""
     parts = name.split("-")
     flags = parts[2:]
     if len(parts) < 2 or parts[0] not in LAYOUTS or parts[1] not in ENCODERS \
@@ -69,6 +72,10 @@ def parse_variant(name: str) -> dict:
                          + "".join(f"[-{f}]" for f in FLAGS))
     if "patch" in flags and parts[1] not in ("deep", "sam"):
         raise ValueError(f"variant {name!r}: -patch needs SAM's neck (encoder deep or sam)")
+    if "aux" in flags and "grid" in flags:
+        raise ValueError(f"variant {name!r}: -aux and -grid are two targets for the same slot head: pick one")
+    if "grid" in flags and parts[1] == "oracle":
+        raise ValueError(f"variant {name!r}: -grid trains the slots of an image encoder, not the oracle's")
     return {"name": name, "layout": parts[0], "encoder": parts[1], **{f: f in flags for f in FLAGS}}
 
 
@@ -174,6 +181,8 @@ def build(variant: dict, vocab_size: int, image_token_id: int, size: int, device
     if variant["aux"]:
         model.aux_head = nn.Linear(width, len(LETTERS))  # each slot: which letters lie in its cell
         nn.init.constant_(model.aux_head.bias, aux_bias)
+    if variant["grid"]:  # each slot: which letter (0 = none) lies under each of its 4 x 4 patches
+        model.aux_head = nn.Linear(width, (CELL // PATCH) ** 2 * (len(LETTERS) + 1))
     if variant["patch"]:  # each neck position: which letter's centre lies in its patch (0 = none)
         model.patch_head = nn.Conv2d(cfg.sam.neck_dim, len(LETTERS) + 1, 1)
         model.neck_out = []
@@ -185,7 +194,8 @@ def build(variant: dict, vocab_size: int, image_token_id: int, size: int, device
 
 
 def cell_logits(model: nn.Module, vision: list[torch.Tensor], size: int) -> torch.Tensor:
-    """[images, cells, 26] aux-head logits of the global view's slots (the newline column dropped)."""
+    """[images, cells, 26] aux-head logits of the global view's slots (the newline column dropped);
+    [images, cells, 16 * 27] for a ``-grid`` head."""
     from model.vlm import global_view_slots
 
     return model.aux_head(torch.stack([global_view_slots(v, size // CELL) for v in vision]).float())
@@ -253,9 +263,9 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
     probe = None if oracle else letter_probe(args.size, args.font_px)
     data = iter(torch.utils.data.DataLoader(
         Strings(tokenizer_json, variant["layout"], args.size, args.font_px, args.batch_size, 0),
-        batch_size=None, num_workers=args.workers, prefetch_factor=4))
+        batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None))
     start, ema, aux_ema, below_one, curve = time.perf_counter(), None, None, None, []
-    patch_ema = patch_wrong = None
+    patch_ema = patch_wrong = grid_wrong = None
     for step in range(args.steps):
         ids, masks, images, texts, cells, patches = next(data)
         samples = [Sample(i, m, [ImageViews.from_arrays(img, None)]) for i, m, img in zip(ids, masks, images)]
@@ -274,6 +284,15 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
                 aux = torch.nn.functional.binary_cross_entropy_with_logits(
                     cell_logits(model, vision, args.size), torch.as_tensor(cells, device=device).float())
                 total = loss + aux
+            if variant["grid"]:
+                in_place = torch.as_tensor(patches_by_cell(np.asarray(patches), args.size), device=device)
+                aux, wrong_t = balanced_patch_loss(
+                    cell_logits(model, vision, args.size).unflatten(-1, (in_place.shape[-1], len(LETTERS) + 1)),
+                    in_place)
+                total = loss + aux
+                wrong = float(wrong_t)
+                grid_wrong = wrong if grid_wrong is None else 0.95 * grid_wrong + 0.05 * wrong
+            if variant["aux"] or variant["grid"]:
                 aux_value = float(aux.detach())
                 aux_ema = aux_value if aux_ema is None else 0.95 * aux_ema + 0.05 * aux_value
             if variant["patch"]:
@@ -296,6 +315,7 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
             print(f"[{variant['name']}] step {step} loss(ema) {ema:.3f} "
                   f"{'' if aux_ema is None else f'aux {aux_ema:.3f} '}"
                   f"{'' if patch_ema is None else f'patch {patch_ema:.3f} (wrong {patch_wrong:.3f}) '}"
+                  f"{'' if grid_wrong is None else f'slot patches wrong {grid_wrong:.3f} '}"
                   f"letter similarity {similarity} "
                   f"{time.perf_counter() - start:.0f}s", flush=True)
     seconds = time.perf_counter() - start
@@ -337,6 +357,7 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
             "final_loss": round(ema, 4), "final_aux_loss": None if aux_ema is None else round(aux_ema, 4),
             "final_patch_loss": None if patch_ema is None else round(patch_ema, 4),
             "final_patch_wrong": None if patch_wrong is None else round(patch_wrong, 4),
+            "final_grid_wrong": None if grid_wrong is None else round(grid_wrong, 4),
             "steps_to_loss_below_1": below_one, "cer": round(float(np.mean(scores)), 4), "curve": curve}
 
 
@@ -360,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readout", choices=("gpt", "linear"), default="gpt",
                         help="linear: train the encoder with the -aux loss alone, no GPT (can it learn glyphs?); "
                              "the CER column is then the share of letter cells the aux head gets wrong")
-    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+                        help="image-drawing processes (0: draw in the training process)")
     parser.add_argument("--out", default=os.environ.get("OUT", "artifacts/tier2_micro"))
     args = parser.parse_args(argv)
     if args.size % CELL or args.size < CELL:
@@ -388,13 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n### Tier-2 micro probe — {dev}, {args.steps} steps x {args.batch_size} images of {args.size} px, "
           f"letters at {args.font_px} px, {args.readout} readout\n")
     print("| variant | layout | encoder | slot centering | steps to loss < 1 | final loss | final aux loss "
-          "| patches wrong | CER | train s |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+          "| patches wrong | slot patches wrong (-grid) | CER | train s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['name']} | {r['layout']} | {r['encoder']} | {'on' if r['center'] else 'off'} | "
               f"{r['steps_to_loss_below_1'] if r['steps_to_loss_below_1'] is not None else 'never'} | "
               f"{r['final_loss']:.3f} | {'-' if r['final_aux_loss'] is None else format(r['final_aux_loss'], '.3f')} | "
               f"{'-' if r['final_patch_wrong'] is None else format(r['final_patch_wrong'], '.3f')} | "
+              f"{'-' if r['final_grid_wrong'] is None else format(r['final_grid_wrong'], '.3f')} | "
               f"{r['cer']:.3f} | {r['seconds']:.0f} |")
     return 0
 

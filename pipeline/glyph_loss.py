@@ -5,8 +5,11 @@ direction before the decoder reads anything, and pages never leave the language-
 (``bench/RESULTS.md``, Tier 2 sessions 6-8). Two heads give the encoder a direct signal:
 
 - a **cell** head on each global-view slot (after the projector, centred as the model centres
-  them) predicts which characters lie in its 64 px cell: a BCE per class, its bias started at
-  the prior's log-odds (from 0 it spends hundreds of steps walking there);
+  them). By default (``cell_target="bag"``) it predicts which characters lie in its 64 px cell:
+  a BCE per class, its bias started at the prior's log-odds (from 0 it spends hundreds of steps
+  walking there). ``"grid"`` asks for the character under each of the cell's 4 x 4 patches, in
+  place: a balanced cross-entropy like the patch head's. A reader needs the order as well as the
+  set, and this head's error says how much of it survives the compressor;
 - a **patch** head on each 16 px position of SAM's neck (before the compressor) names the
   character centred there or none: a cross-entropy in which glyph patches and empty patches
   weigh the same. This one is what made random-init lines read in ``bench/tier2_micro.py``.
@@ -26,9 +29,11 @@ from torch import nn
 
 from model.config import VLMConfig
 from model.vlm import center_slots
-from pipeline.glyphs import N_CLASSES, PATCH, cell_targets, patch_targets
+from pipeline.glyphs import CELL, N_CLASSES, PATCH, cell_grid_targets, cell_targets, patch_targets
 
 PRIOR_LOGIT = -4.0  # a character class in a cell of a page: a few percent (bench/RESULTS.md, session 7)
+CELL_TARGETS = ("bag", "grid")  # what the cell head asks of a slot: its characters, or each of its patches' one
+CELL_PATCHES = (CELL // PATCH) ** 2  # 16 patches of SAM's neck in one slot cell
 ATTRIBUTE = "glyph_heads"  # the heads' submodule name on the model while it trains
 STATE_FILE = "glyph_heads.safetensors"  # beside a checkpoint's model.safetensors
 
@@ -36,10 +41,16 @@ STATE_FILE = "glyph_heads.safetensors"  # beside a checkpoint's model.safetensor
 class GlyphHeads(nn.Module):
     """The cell and patch heads, and the hooks that collect what they read."""
 
-    def __init__(self, config: VLMConfig) -> None:
+    def __init__(self, config: VLMConfig, cell_target: str = "bag") -> None:
         super().__init__()
-        self.cell = nn.Linear(config.gpt.n_embd, N_CLASSES)
-        nn.init.constant_(self.cell.bias, PRIOR_LOGIT)
+        if cell_target not in CELL_TARGETS:
+            raise ValueError(f"cell_target must be one of {CELL_TARGETS}, got {cell_target!r}")
+        self.cell_target = cell_target
+        if cell_target == "bag":
+            self.cell = nn.Linear(config.gpt.n_embd, N_CLASSES)
+            nn.init.constant_(self.cell.bias, PRIOR_LOGIT)
+        else:  # one class (or none) for each of the cell's patches
+            self.cell = nn.Linear(config.gpt.n_embd, CELL_PATCHES * (N_CLASSES + 1))
         self.patch = nn.Conv2d(config.sam.neck_dim, N_CLASSES + 1, 1)
         self.centering = config.slot_centering
         self._neck: list[torch.Tensor] = []
@@ -67,7 +78,7 @@ class GlyphHeads(nn.Module):
         self._slots.clear()
 
     def loss(self, glyphs: Sequence[np.ndarray | None]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(cell BCE + patch CE, detached parts) for the views of the last forward pass, one global
+        """(cell loss + patch CE, detached parts) for the views of the last forward pass, one global
         view per image in ``glyphs``' order; images without glyphs add nothing."""
         neck, slots = torch.cat(self._neck), torch.cat(self._slots)
         self._neck.clear()
@@ -82,15 +93,22 @@ class GlyphHeads(nn.Module):
         view_size = neck.shape[-1] * PATCH
         device = neck.device
         index = _to_device(np.asarray(keep), device)
-        cells = _to_device(np.stack([cell_targets(glyphs[i], view_size) for i in keep]), device)
         patches = _to_device(np.stack([patch_targets(glyphs[i], view_size) for i in keep]), device)
         grid = slots.index_select(0, index).float()
         grid = center_slots(grid) if self.centering else grid
-        cell_loss = nn.functional.binary_cross_entropy_with_logits(self.cell(grid), cells.float())
+        parts = {}
+        if self.cell_target == "bag":
+            cells = _to_device(np.stack([cell_targets(glyphs[i], view_size) for i in keep]), device)
+            cell_loss = nn.functional.binary_cross_entropy_with_logits(self.cell(grid), cells.float())
+        else:
+            in_place = _to_device(np.stack([cell_grid_targets(glyphs[i], view_size) for i in keep]), device)
+            logits = self.cell(grid).unflatten(-1, (CELL_PATCHES, N_CLASSES + 1))  # [n, cells, 16, C+1]
+            cell_loss, cell_wrong = balanced_patch_loss(logits, in_place)
+            parts["glyph_cell_error"] = cell_wrong.detach()
         logits = self.patch(neck.index_select(0, index).float()).flatten(2).transpose(1, 2)  # [n, patches, C+1]
         patch_loss, wrong = balanced_patch_loss(logits, patches)
         return cell_loss + patch_loss, {"glyph_cell_loss": cell_loss.detach(), "glyph_patch_loss": patch_loss.detach(),
-                                        "glyph_patch_error": wrong.detach()}
+                                        "glyph_patch_error": wrong.detach(), **parts}
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -97,6 +97,23 @@ def patch_targets(glyphs: np.ndarray, view_size: int) -> np.ndarray:
     return out
 
 
+def cell_grid_targets(glyphs: np.ndarray, view_size: int) -> np.ndarray:
+    """[g*g, 16] int64: for each 64 px slot cell (row-major), its 4 x 4 patches' classes in place
+    (row-major inside the cell; :func:`patch_targets`' values). Unlike :func:`cell_targets`' bag
+    of characters, this says where in the cell each character lies, which reading needs."""
+    return patches_by_cell(patch_targets(glyphs, view_size), view_size)
+
+
+def patches_by_cell(patches: np.ndarray, view_size: int) -> np.ndarray:
+    """[..., g*g, 16]: [..., p*p] row-major per-patch values regrouped by the 64 px slot cell
+    they lie in (cells row-major, each cell's 4 x 4 patches row-major)."""
+    g, side = view_size // CELL, CELL // PATCH
+    lead = patches.shape[:-1]
+    grid = patches.reshape(*lead, g, side, g, side)
+    grid = np.moveaxis(grid, -3, -2)  # [..., g, g, side, side]
+    return np.ascontiguousarray(grid).reshape(*lead, g * g, side * side)
+
+
 def _columns(glyphs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(class, x, top, bottom) of an [n, 4] glyph array, the geometry in float64 (Python's floats)."""
     g = np.asarray(glyphs, dtype=np.float64).reshape(-1, 4)

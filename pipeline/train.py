@@ -31,7 +31,7 @@ from model.config import MODES, VLMConfig, from_yaml, preset as model_preset
 from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, is_sharded, shard_model,
                                   shard_optimizer_state, vision_on_every_rank)
-from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS
+from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS, CELL_TARGETS
 from pipeline.mixture import Sample, batches, mixture_counts
 from pipeline.optim import SCHEDULES, build_optimizer, lr_multiplier, set_lr
 from pipeline.prefetch import Prefetcher
@@ -95,6 +95,7 @@ class TrainConfig:
     compile_gpt: bool = False  # torch.compile each GPT block (GPT.compile_blocks): fused norms/RoPE/ReLU^2, less memory
     slot_centering: bool = False  # new models only: VLMConfig.slot_centering (encoders from random init)
     glyph_loss: float = 0.0  # weight of the training-only glyph heads (pipeline.glyph_loss); synth stream only
+    glyph_cell: str = "bag"  # the slots' glyph target: "bag" (a cell's characters) or "grid" (each patch's, in place)
     torch_threads: int | None = None  # CPU workers: default this node's cores / local workers
     sample_prediction: bool = True
     register_model: str | None = None  # a model-registry name (stage 2 default: nano-deepseek-ocr)
@@ -146,6 +147,8 @@ class TrainConfig:
     def _check_glyph_loss(self) -> None:
         if self.glyph_loss < 0:
             raise ValueError(f"glyph_loss must be >= 0, got {self.glyph_loss}")
+        if self.glyph_cell not in CELL_TARGETS:
+            raise ValueError(f"glyph_cell must be one of {', '.join(CELL_TARGETS)}, got {self.glyph_cell!r}")
         if not self.glyph_loss:
             return
         if self.synth is None:
@@ -380,12 +383,17 @@ def _with_glyph_heads(cfg: TrainConfig, model: NanoDeepseekOCR, resume_dir: str 
 
     if not cfg.glyph_loss:
         return model
-    heads = GlyphHeads(model.config)
+    heads = GlyphHeads(model.config, cfg.glyph_cell)
     saved = Path(resume_dir) / STATE_FILE if resume_dir else None
     if saved is not None and saved.is_file():
         from safetensors.torch import load_file
 
-        heads.load_state_dict(load_file(str(saved)))
+        state = load_file(str(saved))
+        if state["cell.weight"].shape != heads.cell.weight.shape:
+            raise ValueError(f"{saved}: its cell head was trained for another glyph_cell target than "
+                             f"{cfg.glyph_cell!r} (weight {tuple(state['cell.weight'].shape)}, this one "
+                             f"{tuple(heads.cell.weight.shape)}): resume with the glyph_cell it was trained with")
+        heads.load_state_dict(state)
     elif saved is not None:
         warnings.warn(f"resuming from {resume_dir} without {STATE_FILE}: the glyph heads start afresh", stacklevel=2)
     setattr(model, GLYPH_HEADS, heads)

@@ -30,3 +30,20 @@ def test_benchmark_quick_run_prints_its_table(script, args, header, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert header in proc.stdout
     assert raw.read_text().strip()  # the raw numbers went to --json
+
+
+def test_tier2_micro_runs_its_slot_targets(tmp_path):
+    """bench/tier2_micro.py at toy size: the bag (-aux) and in-place (-grid) slot targets each train
+    and read, and a variant asking for both is refused."""
+    import json
+
+    proc = subprocess.run([sys.executable, "tier2_micro.py", "--variants", "line-deep-center-grid-patch,line-deep-aux",
+                           "--steps", "2", "--batch-size", "4", "--workers", "0", "--size", "128",
+                           "--out", str(tmp_path)], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "| slot patches wrong (-grid) | CER |" in proc.stdout
+    grid, bag = json.loads((tmp_path / "micro.json").read_text())
+    assert 0 <= grid["final_grid_wrong"] <= 1 and grid["final_aux_loss"] > 0 and bag["final_grid_wrong"] is None
+    refused = subprocess.run([sys.executable, "tier2_micro.py", "--variants", "line-deep-aux-grid", "--out",
+                              str(tmp_path)], cwd=BENCH, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "pick one" in refused.stderr
