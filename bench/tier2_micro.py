@@ -322,14 +322,19 @@ def run(variant: dict, args, tokenizer_json: str, device: torch.device) -> dict:
     model.eval()
     rng = random.Random("tier2-micro/eval")
     texts = [random_text(rng, variant["layout"], args.size) for _ in range(64)]
-    if linear:  # no reading: how many letter cells the aux head gets exactly right
+    if linear:  # no reading: how many letter cells (-grid: letter patches) the slot head gets right
         drawn = [draw(t, variant["layout"], args.size, args.font_px, rng) for t in texts]
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             vision = model.encode_images([ImageViews.from_arrays(d[0], None) for d in drawn])
-            guessed = (cell_logits(model, vision, args.size) > 0).cpu().numpy()
-        truth = np.stack([d[1] for d in drawn]).astype(bool)
-        occupied = truth.any(-1)
-        scores = [1.0 - float((guessed == truth).all(-1)[occupied].mean())]  # reported as the error
+            logits = cell_logits(model, vision, args.size).float()
+        if variant["grid"]:
+            truth = patches_by_cell(np.stack([d[2] for d in drawn]), args.size)
+            guessed = logits.unflatten(-1, (truth.shape[-1], len(LETTERS) + 1)).argmax(-1).cpu().numpy()
+            scores = [float((guessed != truth)[truth > 0].mean())]
+        else:
+            truth = np.stack([d[1] for d in drawn]).astype(bool)
+            occupied = truth.any(-1)
+            scores = [1.0 - float(((logits > 0).cpu().numpy() == truth).all(-1)[occupied].mean())]  # the error
     elif oracle:  # no images to read: greedy copy through the GPT alone
         scores = []
         with torch.no_grad():
@@ -379,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                              "in 16 cells x 26); from 0 it takes Adam hundreds of steps to get there once centering "
                              "has removed the slots' shared part")
     parser.add_argument("--readout", choices=("gpt", "linear"), default="gpt",
-                        help="linear: train the encoder with the -aux loss alone, no GPT (can it learn glyphs?); "
-                             "the CER column is then the share of letter cells the aux head gets wrong")
+                        help="linear: train the encoder with the slot head's loss alone, no GPT (can it learn "
+                             "glyphs?); the CER column is then the share of letter cells the -aux head gets wrong "
+                             "(-grid: of letter patches)")
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                         help="image-drawing processes (0: draw in the training process)")
     parser.add_argument("--out", default=os.environ.get("OUT", "artifacts/tier2_micro"))
@@ -391,8 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         variants = [parse_variant(v) for v in args.variants.split(",")]
     except ValueError as e:
         parser.error(str(e))
-    if args.readout == "linear" and not all(v["aux"] and v["encoder"] != "oracle" for v in variants):
-        parser.error("--readout linear trains through the -aux head: every variant needs -aux and an image encoder")
+    if args.readout == "linear" and not all((v["aux"] or v["grid"]) and v["encoder"] != "oracle" for v in variants):
+        parser.error("--readout linear trains through the slot head: every variant needs -aux or -grid and an "
+                     "image encoder")
     from model.tokenizer import Tokenizer
 
     out = Path(args.out)

@@ -94,15 +94,15 @@ class GlyphHeads(nn.Module):
         device = neck.device
         index = _to_device(np.asarray(keep), device)
         patches = _to_device(np.stack([patch_targets(glyphs[i], view_size) for i in keep]), device)
-        grid = slots.index_select(0, index).float()
-        grid = center_slots(grid) if self.centering else grid
+        slot_vectors = slots.index_select(0, index).float()
+        slot_vectors = center_slots(slot_vectors) if self.centering else slot_vectors
         parts = {}
         if self.cell_target == "bag":
             cells = _to_device(np.stack([cell_targets(glyphs[i], view_size) for i in keep]), device)
-            cell_loss = nn.functional.binary_cross_entropy_with_logits(self.cell(grid), cells.float())
+            cell_loss = nn.functional.binary_cross_entropy_with_logits(self.cell(slot_vectors), cells.float())
         else:
             in_place = _to_device(np.stack([cell_grid_targets(glyphs[i], view_size) for i in keep]), device)
-            logits = self.cell(grid).unflatten(-1, (CELL_PATCHES, N_CLASSES + 1))  # [n, cells, 16, C+1]
+            logits = self.cell(slot_vectors).unflatten(-1, (CELL_PATCHES, N_CLASSES + 1))  # [n, cells, 16, C+1]
             cell_loss, cell_wrong = balanced_patch_loss(logits, in_place)
             parts["glyph_cell_error"] = cell_wrong.detach()
         logits = self.patch(neck.index_select(0, index).float()).flatten(2).transpose(1, 2)  # [n, patches, C+1]

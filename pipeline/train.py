@@ -389,9 +389,10 @@ def _with_glyph_heads(cfg: TrainConfig, model: NanoDeepseekOCR, resume_dir: str 
         from safetensors.torch import load_file
 
         state = load_file(str(saved))
-        if state["cell.weight"].shape != heads.cell.weight.shape:
+        saved_cell = state.get("cell.weight")
+        if saved_cell is not None and saved_cell.shape != heads.cell.weight.shape:
             raise ValueError(f"{saved}: its cell head was trained for another glyph_cell target than "
-                             f"{cfg.glyph_cell!r} (weight {tuple(state['cell.weight'].shape)}, this one "
+                             f"{cfg.glyph_cell!r} (weight {tuple(saved_cell.shape)}, this one "
                              f"{tuple(heads.cell.weight.shape)}): resume with the glyph_cell it was trained with")
         heads.load_state_dict(state)
     elif saved is not None:
