@@ -29,7 +29,7 @@ from torch import nn
 
 from model.config import VLMConfig
 from model.vlm import center_slots
-from pipeline.glyphs import CELL, N_CLASSES, PATCH, cell_grid_targets, cell_targets, patch_targets
+from pipeline.glyphs import CELL, N_CLASSES, PATCH, cell_targets, patch_targets, patches_by_cell
 
 PRIOR_LOGIT = -4.0  # a character class in a cell of a page: a few percent (bench/RESULTS.md, session 7)
 CELL_TARGETS = ("bag", "grid")  # what the cell head asks of a slot: its characters, or each of its patches' one
@@ -93,7 +93,8 @@ class GlyphHeads(nn.Module):
         view_size = neck.shape[-1] * PATCH
         device = neck.device
         index = _to_device(np.asarray(keep), device)
-        patches = _to_device(np.stack([patch_targets(glyphs[i], view_size) for i in keep]), device)
+        patch_classes = np.stack([patch_targets(glyphs[i], view_size) for i in keep])
+        patches = _to_device(patch_classes, device)
         slot_vectors = slots.index_select(0, index).float()
         slot_vectors = center_slots(slot_vectors) if self.centering else slot_vectors
         parts = {}
@@ -101,7 +102,7 @@ class GlyphHeads(nn.Module):
             cells = _to_device(np.stack([cell_targets(glyphs[i], view_size) for i in keep]), device)
             cell_loss = nn.functional.binary_cross_entropy_with_logits(self.cell(slot_vectors), cells.float())
         else:
-            in_place = _to_device(np.stack([cell_grid_targets(glyphs[i], view_size) for i in keep]), device)
+            in_place = _to_device(patches_by_cell(patch_classes, view_size), device)  # the same classes by slot
             logits = self.cell(slot_vectors).unflatten(-1, (CELL_PATCHES, N_CLASSES + 1))  # [n, cells, 16, C+1]
             cell_loss, cell_wrong = balanced_patch_loss(logits, in_place)
             parts["glyph_cell_error"] = cell_wrong.detach()

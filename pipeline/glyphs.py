@@ -97,16 +97,11 @@ def patch_targets(glyphs: np.ndarray, view_size: int) -> np.ndarray:
     return out
 
 
-def cell_grid_targets(glyphs: np.ndarray, view_size: int) -> np.ndarray:
-    """[g*g, 16] int64: for each 64 px slot cell (row-major), its 4 x 4 patches' classes in place
-    (row-major inside the cell; :func:`patch_targets`' values). Unlike :func:`cell_targets`' bag
-    of characters, this says where in the cell each character lies, which reading needs."""
-    return patches_by_cell(patch_targets(glyphs, view_size), view_size)
-
-
 def patches_by_cell(patches: np.ndarray, view_size: int) -> np.ndarray:
-    """[..., g*g, 16]: [..., p*p] row-major per-patch values regrouped by the 64 px slot cell
-    they lie in (cells row-major, each cell's 4 x 4 patches row-major)."""
+    """[..., g*g, 16]: [..., p*p] row-major per-patch values (e.g. :func:`patch_targets`') regrouped
+    by the 64 px slot cell they lie in (cells row-major, each cell's 4 x 4 patches row-major): the
+    in-place target of a slot. Unlike :func:`cell_targets`' bag of characters, it says where in the
+    cell each character lies, which reading needs."""
     g, side = view_size // CELL, CELL // PATCH
     lead = patches.shape[:-1]
     grid = patches.reshape(*lead, g, side, g, side)

@@ -13,8 +13,8 @@ import torch
 from model.config import preset
 from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.glyph_loss import GlyphHeads, balanced_patch_loss, split_state
-from pipeline.glyphs import (CELL, N_CLASSES, PATCH, cell_grid_targets, cell_targets, char_class, crop_page,
-                             decode_glyphs, encode_glyphs, page_glyphs, patch_targets)
+from pipeline.glyphs import (CELL, N_CLASSES, PATCH, cell_targets, char_class, crop_page, decode_glyphs,
+                             encode_glyphs, page_glyphs, patch_targets, patches_by_cell)
 from pipeline.synth import SynthConfig, TextPiece, make_page, readable_pieces
 
 
@@ -79,11 +79,12 @@ def test_targets_match_their_definition_on_random_glyphs():
         glyphs = np.stack([rng.integers(0, N_CLASSES, n), x, top, top + height], 1).astype(np.float32)
         np.testing.assert_array_equal(cell_targets(glyphs, view), _cells_one_by_one(glyphs, view))
         np.testing.assert_array_equal(patch_targets(glyphs, view), _patches_one_by_one(glyphs, view))
-        np.testing.assert_array_equal(cell_grid_targets(glyphs, view), _grid_one_by_one(glyphs, view))
+        np.testing.assert_array_equal(patches_by_cell(patch_targets(glyphs, view), view),
+                                      _grid_one_by_one(glyphs, view))
 
 
 def _grid_one_by_one(glyphs: np.ndarray, view: int) -> np.ndarray:
-    """cell_grid_targets by its definition: slot cell (r, c)'s patch (i, j) is patch (4r + i, 4c + j)."""
+    """The in-place slot targets by their definition: slot cell (r, c)'s patch (i, j) is patch (4r + i, 4c + j)."""
     g, side, gp = view // CELL, CELL // PATCH, view // PATCH
     patches = _patches_one_by_one(glyphs, view)
     out = np.zeros((g * g, side * side), np.int64)
