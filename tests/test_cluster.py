@@ -324,7 +324,6 @@ def test_mlflow_server_accepts_the_tracking_uri_the_jobs_use() -> None:
 # --------------------------------------------------------------------------- #
 
 
-
 class LocalAutoscalingCluster(AutoscalingCluster):
     """An AutoscalingCluster whose config is built here and whose processes are its own.
 

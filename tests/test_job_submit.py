@@ -25,7 +25,6 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-
 def _env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}:{env.get('PATH', '')}",

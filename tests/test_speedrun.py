@@ -15,7 +15,6 @@ sys.path.append(str(REPO / "jobs"))  # after the repo root: jobs/serve.py must n
 pytestmark = pytest.mark.slow
 
 
-
 def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ray_local, capsys, mlflow_uri):
     import speedrun
     from mlflow import MlflowClient

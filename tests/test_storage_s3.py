@@ -54,7 +54,6 @@ def test_local_file_helpers(tmp_path):
 # ------------------------------------------------------------------ S3 (moto server on loopback)
 
 
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A moto S3 server on 127.0.0.1 with test credentials in the environment and one bucket."""
