@@ -20,9 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import tracking  # noqa: E402
+from pipeline.grad_norms import PARTS  # noqa: E402
 
 CURVES = ("loss", "glyph_cell_loss", "glyph_cell_error", "glyph_patch_loss", "glyph_patch_error", "lr", "grad_norm",
-          "tokens_per_s", "samples_per_s")
+          *(f"grad_norm_{part}" for part in PARTS), "tokens_per_s", "samples_per_s")
 RECIPE_PARAMS = ("train.preset", "mode", "train.steps", "train.batch_size", "train.seq_len", "train.optimizer",
                  "train.lr", "train.muon_lr", "train.encoder_lr_scale", "train.warmup_steps", "train.schedule",
                  "train.warmdown_frac", "train.min_lr_frac",
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}_run_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    tracking.plot_curves(comparison, f"{out}_curves.png", metrics=list(CURVES), tracking_uri=args.tracking_uri)
+    tracking.plot_curves(comparison, f"{out}_curves.png", metrics=list(CURVES), tracking_uri=args.tracking_uri,
+                         max_panels=len(CURVES))
     print(f"wrote {out}_run_summary.json and {out}_curves.png")
     return 0
 

@@ -32,6 +32,7 @@ from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, is_sharded, shard_model,
                                   shard_optimizer_state, vision_on_every_rank)
 from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS, CELL_TARGETS
+from pipeline.grad_norms import parameters_by_part, part_grad_norms
 from pipeline.mixture import Sample, batches, mixture_counts
 from pipeline.optim import SCHEDULES, build_optimizer, lr_multiplier, set_lr
 from pipeline.prefetch import Prefetcher
@@ -86,6 +87,9 @@ class TrainConfig:
     resume_from: str | None = None  # weights + optimizer + step
     text_ratio: float = 0.1  # stage 2 mixture
     shuffle: bool = True
+    # Ray Data hands blocks over as they finish, so with several CPUs the order (and the run) varies
+    # under one seed; True keeps it fixed (reproducible runs) at the cost of waiting for slow blocks
+    preserve_order: bool = False
     cache_data_mb: int = 2048  # keep a worker's shard in memory after the first epoch when it fits
     seed: int = 0
     max_failures: int = 0
@@ -495,6 +499,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         inner.gpt.compile_blocks()
     if cfg.compile:
         model = torch.compile(model)
+    grad_parts = parameters_by_part(inner)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.muon_lr,
                                 cfg.encoder_lr_scale)
     if optim_state is not None:
@@ -575,6 +580,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     total.backward()
                 loss_sum += loss.detach().float()
             with phase("optimizer"):
+                # by part, on the steps that will report (a time-limit stop may report without them)
+                part_norms = part_grad_norms(grad_parts) if _reports_at(cfg, step + 1) else {}
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 optimizer.step()
@@ -593,14 +600,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 tracker.log(profiler.summary.metrics(), step + 1)
             step += 1
             meter.add(sum(b.input_ids.numel() for b in micro), sum(b.n_samples for b in micro), data_wait)
-            checkpoint_due = step == cfg.steps or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-            report_due = checkpoint_due or step % cfg.log_every == 0
+            checkpoint_due = _checkpoints_at(cfg, step)
+            report_due = _reports_at(cfg, step)
             # one GPU checks the clock every step; several agree on it (a collective) only when they report
             out_of_time = (cfg.time_limit_s is not None and step < cfg.steps and (world == 1 or report_due)
                            and any_rank(time.perf_counter() - t_start >= cfg.time_limit_s, device))
             if report_due or out_of_time:  # the only host syncs of a step
                 metrics = {"lr": lr, "step": step,
-                           **meter.read({"loss": loss_sum / n_targets, "grad_norm": grad_norm, **glyph_sums})}
+                           **meter.read({"loss": loss_sum / n_targets, "grad_norm": grad_norm, **part_norms,
+                                             **glyph_sums})}
                 if peak:
                     metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak * world)
                 if device.type == "cuda":
@@ -635,6 +643,17 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         profiler.close()
         if isinstance(stream, Prefetcher):
             stream.close()
+
+
+def _checkpoints_at(cfg: TrainConfig, step: int) -> bool:
+    """Whether the step that ends at ``step`` (counted from 1) saves a checkpoint (the last does)."""
+    return step == cfg.steps or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+
+
+def _reports_at(cfg: TrainConfig, step: int) -> bool:
+    """Whether that step logs its metrics: every ``log_every`` and at each checkpoint (a stop at
+    the time limit reports as well, unforeseen)."""
+    return _checkpoints_at(cfg, step) or step % cfg.log_every == 0
 
 
 def _prompt_text(tokenizer, ids: torch.Tensor, targets: torch.Tensor) -> str:
@@ -723,6 +742,17 @@ def _datasets(cfg: TrainConfig):
     return ds
 
 
+def _data_config(cfg: TrainConfig):
+    """Ray Train's ingest options: its defaults, with the rows in a fixed order when asked."""
+    from ray.train import DataConfig
+
+    if not cfg.preserve_order:
+        return DataConfig()
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
 def _shard_stats(cfg: TrainConfig) -> dict:
     from pipeline import storage
 
@@ -797,6 +827,7 @@ def run_stage(cfg: TrainConfig) -> StageResult:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env=WORKER_RUNTIME_ENV),
         datasets={"train": _datasets(cfg)},
+        dataset_config=_data_config(cfg),
     )
     try:
         result = trainer.fit()

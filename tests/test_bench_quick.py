@@ -47,3 +47,36 @@ def test_tier2_micro_runs_its_slot_targets(tmp_path):
     refused = subprocess.run([sys.executable, "tier2_micro.py", "--variants", "line-deep-aux-grid", "--out",
                               str(tmp_path)], cwd=BENCH, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "pick one" in refused.stderr
+
+
+def test_tier2_summary_keeps_the_recipe_curves_and_evaluation(tmp_path, new_mlflow_store):
+    """bench/tier2_summary.py on a real MLflow store: the curves (grad-norm parts included), the
+    recipe with its notes, the evaluation and a baseline, and the PNG."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    uri = new_mlflow_store(tmp_path)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("t2")).info.run_id
+    client.log_param(run_id, "train.glyph_cell", "grid")
+    for step in (25, 50):
+        for key, value in {"loss": 3.0 / step, "grad_norm": 2.0, "grad_norm_gpt": 1.5, "glyph_cell_error": 0.1}.items():
+            client.log_metric(run_id, key, value, step=step)
+    client.set_terminated(run_id)
+    evals, baseline = tmp_path / "summary.json", tmp_path / "tess.json"
+    evals.write_text(json.dumps({"heldout": {"cer": 0.7, "free/cer": 0.72, "not_kept": 1.0}}))
+    baseline.write_text(json.dumps({"tesseract": {"cer": 0.03}}))
+    proc = subprocess.run([sys.executable, "tier2_summary.py", "--tracking-uri", uri, "--run-id", run_id,
+                           "--eval-summary", str(evals), "--baseline", str(baseline), "--device", "cpu",
+                           "--note", "steps=50 (one call)", "--out", str(tmp_path / "run")],
+                          cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "run_run_summary.json").read_text())
+    assert summary["recipe"] == {"train.glyph_cell": "grid", "steps": "50 (one call)"}
+    assert summary["curves"]["grad_norm_gpt"] == {"25": 1.5, "50": 1.5}
+    assert summary["curves"]["loss"] == {"25": 0.12, "50": 0.06}
+    assert summary["final"]["glyph_cell_error"] == 0.1
+    assert summary["eval"] == {"heldout": {"cer": 0.7, "free/cer": 0.72}}
+    assert summary["eval_tesseract_heldout"] == {"cer": 0.03}
+    assert (tmp_path / "run_curves.png").stat().st_size > 10_000

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from model.weights import load_checkpoint, load_optimizer_state
+from pipeline.grad_norms import parameters_by_part, part_grad_norms
 from pipeline.optim import build_optimizer
 from pipeline.train import run_stage
 import test_train
@@ -83,19 +84,24 @@ def _loss(model, batch) -> torch.Tensor:
     return loss / max(1, batch.n_target_tokens)
 
 
-def _plain_step(model, optimizer, batches) -> float:
-    """What data parallelism computes: the mean over ranks of each rank's per-token loss."""
+def _plain_step(model, optimizer, batches, parts: dict | None = None) -> float:
+    """What data parallelism computes: the mean over ranks of each rank's per-token loss.
+    ``parts``: filled with the pre-clip gradient norm of each model part."""
     sum(_loss(model, b) for b in batches).div(len(batches)).backward()
+    if parts is not None:
+        parts.update({k: float(v) for k, v in part_grad_norms(parameters_by_part(model)).items()})
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.5)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
 
 
-def _sharded_step(model, optimizer, batch) -> float:
+def _sharded_step(model, optimizer, batch, parts: dict | None = None) -> float:
     from pipeline.distributed import to_float, vision_on_every_rank
 
     _loss(model, vision_on_every_rank(batch, model, torch.device("cpu"))).backward()
+    if parts is not None:  # every rank: the sharded gradients' squares are summed over the ranks
+        parts.update({k: to_float(v) for k, v in part_grad_norms(parameters_by_part(model)).items()})
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.5)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -153,12 +159,14 @@ def _numerics_worker(rank: int, init_file: str, optimizer_name: str, stage: int,
         sharded_opt = optim(sharded)
         report: dict = {}
         # step 1
-        norm_plain = _plain_step(plain, plain_opt, [_batch(r, 0, images(r)) for r in range(WORLD)])
-        norm_sharded = _sharded_step(sharded, sharded_opt, _batch(rank, 0, images(rank)))
+        parts_plain, parts_sharded = {}, {}
+        norm_plain = _plain_step(plain, plain_opt, [_batch(r, 0, images(r)) for r in range(WORLD)], parts_plain)
+        norm_sharded = _sharded_step(sharded, sharded_opt, _batch(rank, 0, images(rank)), parts_sharded)
         state = full_model_state(sharded)
         full_optim = [full_optimizer_state(o.state_dict(), keep=rank == 0) for o in sharded_opt.optimizers]
         if rank == 0:
-            report["step1"] = {"norm": [norm_plain, norm_sharded], "weights": _max_diff(state, plain.state_dict()),
+            report["step1"] = {"norm": [norm_plain, norm_sharded], "parts": [parts_plain, parts_sharded],
+                               "weights": _max_diff(state, plain.state_dict()),
                                "optimizer": _optim_diff({"optimizers": full_optim}, plain_opt.state_dict())}
             report["sharded_params"] = sum(isinstance(p, torch.distributed.tensor.DTensor)
                                            for p in sharded.parameters())
@@ -191,6 +199,10 @@ def test_fsdp_step_matches_a_plain_step(tmp_path, optimizer_name, stage):
     step1 = report["step1"]
     assert math.isclose(*step1["norm"], rel_tol=1e-4), step1
     assert step1["norm"][0] > 0.5, "the test should exercise clipping"
+    plain_parts, sharded_parts = step1["parts"]  # the pre-clip norm of each part, gathered over the shards
+    assert plain_parts.keys() == sharded_parts.keys() and "grad_norm_gpt" in plain_parts, step1
+    assert all(math.isclose(plain_parts[k], sharded_parts[k], rel_tol=1e-4) for k in plain_parts), step1
+    assert math.isclose(math.hypot(*sharded_parts.values()), step1["norm"][1], rel_tol=1e-4), step1
     # a first Adam step is lr * g / (|g| + eps): entries with |g| near eps amplify rounding, so
     # allow 2% of lr (1e-3); a wrong shard, scale or missing gradient shows up as ~lr
     assert step1["weights"] < 2e-5, report
@@ -216,7 +228,14 @@ def test_fsdp_workers_log_and_write_a_one_gpu_checkpoint(workspace, fsdp_run):
     losses = client.get_metric_history(fsdp_run.run_id, "loss")
     assert sorted(m.step for m in losses) == [1, 2, 3]
     assert all(math.isfinite(m.value) and m.value > 0 for m in losses), losses
-    assert all(math.isfinite(m.value) for m in client.get_metric_history(fsdp_run.run_id, "grad_norm"))
+    norms = {m.step: m.value for m in client.get_metric_history(fsdp_run.run_id, "grad_norm")}
+    assert sorted(norms) == [1, 2, 3] and all(math.isfinite(v) for v in norms.values()), norms
+    metrics = client.get_run(fsdp_run.run_id).data.metrics
+    parts = sorted(k for k in metrics if k.startswith("grad_norm_"))  # pre-clip, by part, summed over shards
+    assert parts == [f"grad_norm_{p}" for p in ("clip", "compressor", "gpt", "projector", "sam")], parts
+    by_step = [{m.step: m.value for m in client.get_metric_history(fsdp_run.run_id, k)} for k in parts]
+    for step, total in norms.items():
+        assert math.isclose(math.hypot(*(p[step] for p in by_step)), total, rel_tol=1e-3), (step, total, by_step)
     assert "samples/sample_prediction.png" in {a.path for a in client.list_artifacts(fsdp_run.run_id, "samples")}
 
     # the one-GPU layout: full weights that load strictly, full-shaped plain optimizer tensors

@@ -1,0 +1,75 @@
+"""Pre-clip gradient norms by model part: where a grad-norm spike comes from.
+
+The trainer logs one ``grad_norm``, the norm that clipping sees. A spike of 1e9 in it (tier-2
+session 16) says a step was clipped hard, not which part of the model sent it: SAM, the 16x
+compressor, CLIP, the projector, the GPT or the glyph heads. On the steps that report, the
+trainer adds ``grad_norm_<part>`` for each part, computed before clipping and kept on the device
+until the report reads it. (Not ``grad_norm/<part>``: MLflow's file store keeps a metric in a file
+of its name, and ``grad_norm`` cannot be a file and a folder at once.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS
+
+PARTS = ("sam", "compressor", "clip", "projector", "gpt", GLYPH_HEADS)
+# (parameter-name prefix, part): the first prefix that matches names the part
+PART_PREFIXES = (
+    ("sam_model.net_2.", "compressor"), ("sam_model.net_3.", "compressor"), ("sam_model.", "sam"),
+    ("vision_model.", "clip"), ("projector.", "projector"), ("image_newline", "projector"),
+    ("view_seperator", "projector"), ("gpt.", "gpt"), (GLYPH_HEADS + ".", GLYPH_HEADS),
+)
+
+
+def part_of(name: str) -> str:
+    """The part of the model a parameter belongs to, by its name in the unwrapped model."""
+    for prefix, part in PART_PREFIXES:
+        if name.startswith(prefix):
+            return part
+    return "other"
+
+
+def parameters_by_part(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The trainable parameters of ``model`` (unwrapped: no DDP ``module.`` prefix) by part."""
+    parts: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            parts.setdefault(part_of(name), []).append(p)
+    return parts
+
+
+def _is_shard(grad: torch.Tensor) -> bool:
+    return hasattr(grad, "to_local")  # a DTensor: FSDP2 keeps this rank's slice of the gradient
+
+
+def part_grad_norms(parts: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """``{"grad_norm_<part>": norm}`` of the current gradients, as device tensors (no host sync).
+
+    Sharded (FSDP2) gradients add their squares over the ranks, a collective that every rank
+    reaches at the same step since all hold the same kinds of gradients. Parts without
+    gradients are left out.
+    """
+    names, shard_sq, plain_sq = [], [], []
+    for part, params in sorted(parts.items()):
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            continue
+        names.append(part)
+        zero = torch.zeros((), device=_local(grads[0]).device)
+        shard_sq.append(sum((_local(g).detach().float().square().sum() for g in grads if _is_shard(g)), zero))
+        plain_sq.append(sum((g.detach().float().square().sum() for g in grads if not _is_shard(g)), zero))
+    if not names:
+        return {}
+    sharded = torch.stack(shard_sq)
+    if any(_is_shard(p.grad) for params in parts.values() for p in params if p.grad is not None):
+        torch.distributed.all_reduce(sharded)
+    norms = (sharded + torch.stack(plain_sq)).sqrt()
+    return {f"grad_norm_{part}": norms[i] for i, part in enumerate(names)}
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a sharded gradient, or the gradient itself."""
+    return grad.to_local() if _is_shard(grad) else grad
