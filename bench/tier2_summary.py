@@ -23,7 +23,7 @@ from pipeline import tracking  # noqa: E402
 from pipeline.grad_norms import PARTS  # noqa: E402
 
 CURVES = ("loss", "glyph_cell_loss", "glyph_cell_error", "glyph_patch_loss", "glyph_patch_error", "lr", "grad_norm",
-          *(f"grad_norm_{part}" for part in PARTS), "tokens_per_s", "samples_per_s")
+          "grad_norm_max", *(f"grad_norm_{part}" for part in PARTS), "tokens_per_s", "samples_per_s")
 RECIPE_PARAMS = ("train.preset", "mode", "train.steps", "train.batch_size", "train.seq_len", "train.optimizer",
                  "train.lr", "train.muon_lr", "train.encoder_lr_scale", "train.warmup_steps", "train.schedule",
                  "train.warmdown_frac", "train.min_lr_frac",

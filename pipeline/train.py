@@ -533,6 +533,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         metrics: dict[str, float] = {}
         step = start_step
         meter = StepMeter(world)
+        grad_norm_max = None  # the largest pre-clip norm since the last report: how often a step spikes
         t_start = time.perf_counter()
         while step < cfg.steps:
             if cfg.inject_failure_at_step == step and rank == 0:
@@ -586,6 +587,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                grad_norm_max = grad_norm if grad_norm_max is None else torch.maximum(grad_norm_max, grad_norm)
             try:
                 profiled = profiler.after(step)
             except Exception as exc:  # a profile must never fail a run
@@ -607,8 +609,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                            and any_rank(time.perf_counter() - t_start >= cfg.time_limit_s, device))
             if report_due or out_of_time:  # the only host syncs of a step
                 metrics = {"lr": lr, "step": step,
-                           **meter.read({"loss": loss_sum / n_targets, "grad_norm": grad_norm, **part_norms,
-                                             **glyph_sums})}
+                           **meter.read({"loss": loss_sum / n_targets, "grad_norm": grad_norm,
+                                         "grad_norm_max": grad_norm_max, **part_norms, **glyph_sums})}
+                grad_norm_max = None
                 if peak:
                     metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak * world)
                 if device.type == "cuda":
