@@ -29,8 +29,8 @@ import torch
 
 from model.config import MODES, VLMConfig, from_yaml, preset as model_preset
 from model.vlm import ImageViews, NanoDeepseekOCR
-from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, is_sharded, shard_model,
-                                  shard_optimizer_state, vision_on_every_rank)
+from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, full_value, is_sharded,
+                                  shard_model, shard_optimizer_state, vision_on_every_rank)
 from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS, CELL_TARGETS
 from pipeline.grad_norms import parameters_by_part, part_grad_norms
 from pipeline.mixture import Sample, batches, mixture_counts
@@ -587,7 +587,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                grad_norm_max = grad_norm if grad_norm_max is None else torch.maximum(grad_norm_max, grad_norm)
+                norm = full_value(grad_norm)  # FSDP2: a DTensor, made whole on the device (no host sync)
+                grad_norm_max = norm if grad_norm_max is None else torch.maximum(grad_norm_max, norm)
             try:
                 profiled = profiler.after(step)
             except Exception as exc:  # a profile must never fail a run
