@@ -135,7 +135,8 @@ class _Rendered(torch.utils.data.IterableDataset):
                     continue
                 views = ImageViews.from_processed(p)
                 size = p.global_view.shape[0]
-                glyphs = sample_glyphs(page, piece, rec["task"], size) if self.aux or self.glyphs else None
+                glyphs = (sample_glyphs(page, piece, rec["task"], size, self.stream.crop_scale)
+                          if self.aux or self.glyphs else None)
                 if self.aux:
                     views.aux = torch.as_tensor(cell_targets(glyphs, size))
                 yield Sample(np.asarray(ids), np.asarray(mask), [views], rec["task"],

@@ -62,6 +62,7 @@ class SpeedrunConfig:
     stream_pages: int = 0  # > 0: stage 1 trains on this many pages rendered on the fly (Ray Data)
     stream_tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
     stream_crops_per_page: int = 1  # line/word pages give up to this many crops (bench/stream.py: fewer CPUs needed)
+    stream_crop_scale: str = "crop"  # "page": line/word crops at the page's text size (SynthStreamConfig.crop_scale)
     stages: list[int] = field(default_factory=lambda: [1, 2])  # [1]: stop after stage 1
     serve_port: int = 8000
     demo_task: str = "markdown"
@@ -184,7 +185,7 @@ def stage_config(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None = No
     if stage == 1 and cfg.stream_pages:
         overrides["synth"] = {"profile": cfg.synth_profile, "pages": cfg.stream_pages, "seed": cfg.seed + 100,
                               "mode": cfg.mode, "tasks": dict(cfg.stream_tasks),
-                              "crops_per_page": cfg.stream_crops_per_page}
+                              "crops_per_page": cfg.stream_crops_per_page, "crop_scale": cfg.stream_crop_scale}
     train_cfg = load_train_config(str(REPO_ROOT / config_path), stage=stage, **overrides)
     train_cfg.export_dir = str(stage_dir(cfg, stage))
     return train_cfg
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds: stage 1 checkpoints and the speedrun stops; run it again to resume")
     parser.add_argument("--stage1-set", dest="stage1_settings", action="append", default=[], metavar="KEY=VALUE",
                         help="a stage-1 TrainConfig field, VALUE read as YAML (repeatable): --stage1-set profile_at=100")
+    parser.add_argument("--stream-crop-scale", dest="stream_crop_scale", choices=["crop", "page"],
+                        help="stage 1 on the stream: line/word crops resized to the view (crop) or at the page's "
+                             "text size (page)")
     parser.add_argument("--train-pages", dest="train_pages", type=int)
     parser.add_argument("--heldout-pages", dest="heldout_pages", type=int)
     parser.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate at most this many records per split")
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                       stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                       stage1_time_limit_s=args.stage1_time_limit_s,
                       train_pages=args.train_pages, heldout_pages=args.heldout_pages, eval_limit=args.eval_limit,
-                      serve_port=args.serve_port)
+                      serve_port=args.serve_port, stream_crop_scale=args.stream_crop_scale)
     cfg.stage1_overrides.update(parse_settings(args.stage1_settings))
     cfg.out = str(Path(cfg.out).resolve())  # Ray workers and actors do not share our working directory
     cfg.root.mkdir(parents=True, exist_ok=True)

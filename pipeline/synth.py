@@ -1012,6 +1012,22 @@ def piece_crop(image: Image.Image, piece: TextPiece) -> Image.Image:
     return image.crop(piece_crop_box(image.size, piece))
 
 
+def piece_on_page(image: Image.Image, piece: TextPiece) -> Image.Image:
+    """The crop of one line or word left where it was on an otherwise empty page of the same size.
+
+    Why: a crop is resized to the view like a page, so its text comes out larger than the page's
+    (in ``reading`` pages ~1.7x at the median, up to ~5x); on the page-sized canvas it keeps the
+    page's size and place, and what a line teaches applies to pages. The canvas takes the paper's
+    colour from the page's top rows (the median: degradation noise does not tint it).
+    """
+    box = piece_crop_box(image.size, piece)
+    top = np.asarray(image)[:4].reshape(-1, len(image.getbands()))
+    paper = tuple(int(v) for v in np.median(top, axis=0))
+    canvas = Image.new(image.mode, image.size, paper if len(paper) > 1 else paper[0])
+    canvas.paste(image.crop(box), box[:2])
+    return canvas
+
+
 def crop_record(page: SynthPage, task: str, k: int, text: str, image_rel: str, split: str) -> dict:
     """The manifest record of crop ``k`` (a line or word of ``page``): read with the free prompt."""
     return {"id": f"{page.page_id}-{task}{k:03d}", "image": image_rel, "prompt": PROMPT_FREE, "response": text,

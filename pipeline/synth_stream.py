@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 SPLIT = "train"  # the stream only ever draws training pages; held-out pages are files
+CROP_SCALES = ("crop", "page")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class SynthStreamConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # SynthConfig fields
     pages_per_task: int = 32  # pages one Ray task renders (a block of the stream)
     crops_per_page: int = 1  # line/word pages: up to this many crops each (rendering a page costs more than a crop)
+    # line/word crops: "crop" resized to the view (larger text than the page's), "page" left where
+    # they were on a page-sized canvas, at the page's text size (pipeline.synth.piece_on_page)
+    crop_scale: str = "crop"
 
     def __post_init__(self) -> None:
         from model.config import MODES
@@ -50,6 +54,8 @@ class SynthStreamConfig:
             raise ValueError(f"synth.pages_per_task must be >= 1, got {self.pages_per_task}")
         if self.crops_per_page < 1:
             raise ValueError(f"synth.crops_per_page must be >= 1, got {self.crops_per_page}")
+        if self.crop_scale not in CROP_SCALES:
+            raise ValueError(f"synth.crop_scale must be one of {', '.join(CROP_SCALES)}, got {self.crop_scale!r}")
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise ValueError(f"synth.tasks must weight some of {TASKS} (>= 0, some > 0), got {self.tasks}")
@@ -100,12 +106,12 @@ def _crop_pieces(page, task: str) -> list:
     return readable_pieces(page.lines if task == "line" else page.words) if task in ("line", "word") else []
 
 
-def _crop_sample(page, task: str, k: int, piece) -> tuple[Any, dict]:
-    """(image, record) of crop ``k`` of ``page``."""
-    from pipeline.synth import crop_record, piece_crop
+def _crop_sample(page, task: str, k: int, piece, crop_scale: str = "crop") -> tuple[Any, dict]:
+    """(image, record) of crop ``k`` of ``page``, alone or on its page-sized canvas (``crop_scale``)."""
+    from pipeline.synth import crop_record, piece_crop, piece_on_page
 
     record = crop_record(page, task, k, piece.text, f"stream/{page.page_id}-{task}{k:03d}.png", SPLIT)
-    return piece_crop(page.image, piece), record
+    return (piece_on_page if crop_scale == "page" else piece_crop)(page.image, piece), record
 
 
 def _page_sample(page, task: str) -> tuple[Any, dict]:
@@ -133,16 +139,17 @@ def _render(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, Any
     pieces = _crop_pieces(page, task)
     if pieces:
         k = rng.randrange(len(pieces))
-        return (page, pieces[k], *_crop_sample(page, task, k, pieces[k]))
+        return (page, pieces[k], *_crop_sample(page, task, k, pieces[k], stream.crop_scale))
     return (page, None, *_page_sample(page, task))
 
 
-def sample_glyphs(page, piece, task: str, view_size: int):
+def sample_glyphs(page, piece, task: str, view_size: int, crop_scale: str = "crop"):
     """The glyphs (:func:`pipeline.glyphs.page_glyphs`) of a stream sample's global view: of the
-    whole page, or of the crop of ``piece`` for a ``line``/``word`` sample."""
+    whole page, or of the crop of ``piece`` for a ``line``/``word`` sample as ``crop_scale`` shows it."""
     from pipeline.glyphs import crop_page, page_glyphs
 
-    return page_glyphs(page if piece is None else crop_page(page, task, piece), view_size)
+    shown = page if piece is None else crop_page(page, task, piece, on_page=crop_scale == "page")
+    return page_glyphs(shown, view_size)
 
 
 def render_crops(index: int, stream: SynthStreamConfig, synth=None,
@@ -165,7 +172,7 @@ def render_crop_pieces(index: int, stream: SynthStreamConfig, synth=None,
     ks = range(len(pieces))
     if limit is not None and limit < len(pieces):
         ks = sorted(rng.sample(ks, limit))
-    return page, [(pieces[k], *_crop_sample(page, task, k, pieces[k])) for k in ks]
+    return page, [(pieces[k], *_crop_sample(page, task, k, pieces[k], stream.crop_scale)) for k in ks]
 
 
 def _block_samples(indices: list[int], stream: SynthStreamConfig, synth) -> list[tuple[Any, Any, Any, dict]]:
@@ -206,7 +213,8 @@ def render_batch(batch: Mapping[str, np.ndarray], spec: _RenderSpec) -> pa.Table
         rows.append(shard_row(rec["id"], rec["task"], ids, mask, mode=p.mode, global_view=p.global_view,
                               tiles=p.tiles, spatial_crop=p.spatial_crop, n_image_tokens=p.n_image_tokens))
         if spec.glyphs:
-            glyphs.append(encode_glyphs(sample_glyphs(page, piece, rec["task"], p.global_view.shape[0])))
+            glyphs.append(encode_glyphs(sample_glyphs(page, piece, rec["task"], p.global_view.shape[0],
+                                                      spec.stream.crop_scale)))
     table = rows_to_table(rows)
     return table.append_column(GLYPHS_COLUMN, pa.array(glyphs, pa.binary())) if spec.glyphs else table
 

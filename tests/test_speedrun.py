@@ -62,6 +62,9 @@ def test_glyph_recipe_configs_load(name):
     assert stage1.glyph_loss > 0 and stage1.slot_centering and stage1.synth.tasks["line"] == 0.5
     assert stage1.synth.crops_per_page > 1
     assert stage1.glyph_cell == ("grid" if name.endswith("_grid") else "bag")
+    assert stage1.synth.crop_scale == "crop"
+    on_page = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"), stream_crop_scale="page")
+    assert speedrun.stage_config(on_page, 1).synth.crop_scale == "page"
 
 
 def test_line_crops_of_the_heldout_pages_are_evaluated_when_asked(tmp_path):

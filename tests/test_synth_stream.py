@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 from model.processor import ImageProcessor
 from model.tokenizer import Tokenizer
 from pipeline.synth import SynthConfig, load_corpus, make_page
-from pipeline.synth_stream import (SynthStreamConfig, render_crops, render_record, render_sample, stream_texts,
-                                   synth_dataset)
+from pipeline.synth_stream import (SynthStreamConfig, _render, render_crops, render_record, render_sample,
+                                   stream_texts, synth_dataset)
 from pipeline.train import PENDING_RUN_FILE, load_train_config, run_stage
 
 TINY_STREAM = dict(profile="reading", pages=48, seed=3, mode="tiny", pages_per_task=8,
@@ -70,6 +70,7 @@ def test_stretch_scales_pixels_not_relative_boxes():
     (dict(pages=0), "pages"),
     (dict(mode="huge"), "unknown mode"),
     (dict(profile="comic"), "unknown synth profile"),
+    (dict(crop_scale="view"), "synth.crop_scale"),
 ])
 def test_stream_config_errors_are_clear(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -88,6 +89,38 @@ def test_stream_crop_tasks_show_one_line_or_word_of_the_page():
         assert image.width < page.size[0] and image.height < page.size[1] // 4  # a crop, not the page
         tasks.add(rec["task"])
     assert tasks == {"line", "word"}
+
+
+def test_page_scale_crops_keep_the_pages_text_size_and_place():
+    """crop_scale "page": the line alone on a page-sized canvas, its glyphs where the page has them;
+    "crop" shows the same line larger in the view."""
+    from pipeline.glyphs import page_glyphs
+    from pipeline.synth import piece_crop_box
+    from pipeline.synth_stream import sample_glyphs
+
+    on_page = SynthStreamConfig(**{**TINY_STREAM, "tasks": {"line": 1.0}, "crop_scale": "page"})
+    cropped = SynthStreamConfig(**{**TINY_STREAM, "tasks": {"line": 1.0}})
+    ratios = []
+    for index in range(4):
+        page, piece, image, rec = _render(index, on_page)
+        assert image.size == page.size and rec["response"] == piece.text
+        x1, y1, x2, y2 = piece_crop_box(page.size, piece)
+        pixels, original = np.asarray(image), np.asarray(page.image)
+        assert np.array_equal(pixels[y1:y2, x1:x2], original[y1:y2, x1:x2])  # the line, where it was
+        outside = pixels.copy()
+        outside[y1:y2, x1:x2] = pixels[0, 0]
+        assert (outside == pixels[0, 0]).all()  # nothing else: one paper colour
+        assert abs(int(pixels[0, 0, 0]) - int(np.median(original[:4, :, 0]))) <= 1
+
+        view = 1024
+        shown = sample_glyphs(page, piece, "line", view, "page")
+        everywhere = {tuple(g) for g in page_glyphs(page, view).tolist()}
+        assert len(shown) and all(tuple(g) in everywhere for g in shown.tolist())  # the page's own glyph rows
+        _, same_piece, crop, _ = _render(index, cropped)
+        assert same_piece == piece and crop.size[0] < page.size[0]
+        larger = sample_glyphs(page, piece, "line", view, "crop")
+        ratios.append(float(np.median(larger[:, 3] - larger[:, 2]) / np.median(shown[:, 3] - shown[:, 2])))
+    assert min(ratios) >= 0.99 and max(ratios) > 1.3, ratios  # a line as wide as the page: the same size
 
 
 def test_render_crops_renders_a_page_once_for_all_its_crops():
@@ -143,12 +176,14 @@ def test_stream_rows_are_shard_rows(ray_local, tokenizer_file):
         assert list(r["input_ids"]) == list(ids) and list(r["loss_mask"]) == list(mask)
 
 
-def test_stream_rows_carry_glyphs_of_the_view_they_show(ray_local, tokenizer_file):
+@pytest.mark.parametrize("crop_scale", ["crop", "page"])
+def test_stream_rows_carry_glyphs_of_the_view_they_show(ray_local, tokenizer_file, crop_scale):
     from pipeline.glyphs import char_class
-    from pipeline.synth_stream import GLYPHS_COLUMN
+    from pipeline.synth_stream import GLYPHS_COLUMN, sample_glyphs
     from pipeline.train import row_to_sample
 
-    stream = SynthStreamConfig(**{**TINY_STREAM, "pages": 8, "tasks": {"free": 1.0, "line": 1.0}})
+    stream = SynthStreamConfig(**{**TINY_STREAM, "pages": 8, "tasks": {"free": 1.0, "line": 1.0},
+                                  "crop_scale": crop_scale})
     rows = synth_dataset(stream, tokenizer_file.read_text(), 1024, glyphs=True).take_all()
     assert len(rows) == 8
     assert GLYPHS_COLUMN not in synth_dataset(stream, tokenizer_file.read_text(), 1024).take(1)[0]
@@ -156,6 +191,9 @@ def test_stream_rows_carry_glyphs_of_the_view_they_show(ray_local, tokenizer_fil
     for i, row in enumerate(sorted(rows, key=lambda r: r["id"])):
         page, _, record = render_sample(i, stream)
         sample = row_to_sample(row)
+        if record["task"] == "line":  # the glyphs of the line as this crop_scale shows it
+            _, piece, _, _ = _render(i, stream)
+            assert np.allclose(sample.glyphs, sample_glyphs(page, piece, "line", 512, crop_scale), atol=0.01)
         tasks.add(record["task"])
         text = (record["response"].removeprefix("• ") if record["task"] == "line"  # a bullet is not a word
                 else "".join(w.text for w in page.words))
