@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS
 
@@ -41,10 +42,6 @@ def parameters_by_part(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return parts
 
 
-def _is_shard(grad: torch.Tensor) -> bool:
-    return hasattr(grad, "to_local")  # a DTensor: FSDP2 keeps this rank's slice of the gradient
-
-
 def part_grad_norms(parts: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
     """``{"grad_norm_<part>": norm}`` of the current gradients, as device tensors (no host sync).
 
@@ -52,24 +49,29 @@ def part_grad_norms(parts: dict[str, list[nn.Parameter]]) -> dict[str, torch.Ten
     reaches at the same step since all hold the same kinds of gradients. Parts without
     gradients are left out.
     """
-    names, shard_sq, plain_sq = [], [], []
+    names, shard_sq, whole_sq, any_shard = [], [], [], False
     for part, params in sorted(parts.items()):
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             continue
+        shards = [g.to_local() for g in grads if isinstance(g, DTensor)]  # this rank's slices
+        whole = [g for g in grads if not isinstance(g, DTensor)]
+        device = (shards or whole)[0].device
         names.append(part)
-        zero = torch.zeros((), device=_local(grads[0]).device)
-        shard_sq.append(sum((_local(g).detach().float().square().sum() for g in grads if _is_shard(g)), zero))
-        plain_sq.append(sum((g.detach().float().square().sum() for g in grads if not _is_shard(g)), zero))
+        shard_sq.append(_square_norm(shards, device))
+        whole_sq.append(_square_norm(whole, device))
+        any_shard = any_shard or bool(shards)
     if not names:
         return {}
     sharded = torch.stack(shard_sq)
-    if any(_is_shard(p.grad) for params in parts.values() for p in params if p.grad is not None):
+    if any_shard:
         torch.distributed.all_reduce(sharded)
-    norms = (sharded + torch.stack(plain_sq)).sqrt()
+    norms = (sharded + torch.stack(whole_sq)).sqrt()
     return {f"grad_norm_{part}": norms[i] for i, part in enumerate(names)}
 
 
-def _local(grad: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a sharded gradient, or the gradient itself."""
-    return grad.to_local() if _is_shard(grad) else grad
+def _square_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The squared 2-norm of ``tensors`` together (torch's foreach norm), 0 for none."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.nn.utils.get_total_norm(tensors).float().square()

@@ -587,8 +587,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                norm = full_value(grad_norm)  # FSDP2: a DTensor, made whole on the device (no host sync)
-                grad_norm_max = norm if grad_norm_max is None else torch.maximum(grad_norm_max, norm)
+                grad_norm = full_value(grad_norm)  # FSDP2: a DTensor, made whole on the device (no host sync)
+                grad_norm_max = grad_norm if grad_norm_max is None else torch.maximum(grad_norm_max, grad_norm)
             try:
                 profiled = profiler.after(step)
             except Exception as exc:  # a profile must never fail a run
