@@ -29,6 +29,7 @@ from _common import REPO_ROOT, init_ray, parse_settings
 
 CONFIGS = REPO_ROOT / "jobs" / "configs"
 HELDOUT_LINES = "heldout_lines"  # data/ folder of the held-out pages' line crops (eval_line_crops)
+HELDOUT_LINES_ON_PAGE = "heldout_lines_on_page"  # the same crops at page scale (stream_crop_scale: page)
 
 
 @dataclass
@@ -129,9 +130,9 @@ def make_data(cfg: SpeedrunConfig) -> None:
     data = cfg.root / "data"
     generate(data / "train", cfg.train_pages, synth, seed=cfg.seed, split="train")
     generate(data / "heldout", cfg.heldout_pages, synth, seed=cfg.seed + 1, split="heldout")
-    if cfg.eval_line_crops:  # the same held-out pages, cut into their lines
-        lines = SynthConfig.from_profile(cfg.synth_profile, tasks=("line",))
-        generate(data / HELDOUT_LINES, cfg.heldout_pages, lines, seed=cfg.seed + 1, split="heldout")
+    for split, crop_scale in line_crop_splits(cfg).items():  # the same held-out pages, cut into their lines
+        lines = SynthConfig.from_profile(cfg.synth_profile, tasks=("line",), crop_scale=crop_scale)
+        generate(data / split, cfg.heldout_pages, lines, seed=cfg.seed + 1, split="heldout")
     with open(data / "text.jsonl", "w") as f:
         for record in text_records(cfg.text_records, seed=cfg.seed):
             f.write(json.dumps(record) + "\n")
@@ -195,11 +196,22 @@ def stage_dir(cfg: SpeedrunConfig, stage: int) -> Path:
     return cfg.root / "runs" / f"stage{stage}-{cfg.preset}" / "final"
 
 
+def line_crop_splits(cfg: SpeedrunConfig) -> dict[str, str]:
+    """The held-out line-crop splits (``data/`` folders) and how each shows its crops: always alone
+    (comparable with earlier runs), and also at page scale when training shows crops so."""
+    if not cfg.eval_line_crops:
+        return {}
+    splits = {HELDOUT_LINES: "crop"}
+    if cfg.stream_crop_scale == "page":
+        splits[HELDOUT_LINES_ON_PAGE] = "page"
+    return splits
+
+
 def eval_splits(cfg: SpeedrunConfig) -> dict[str, int | None]:
     """The evaluated splits (folders under ``data/``) and how many records of each are read."""
-    splits = {"train": cfg.eval_limit, "heldout": cfg.eval_limit}
-    if cfg.eval_line_crops:
-        splits[HELDOUT_LINES] = cfg.eval_line_crops
+    splits: dict[str, int | None] = {"train": cfg.eval_limit, "heldout": cfg.eval_limit}
+    for split in line_crop_splits(cfg):
+        splits[split] = cfg.eval_line_crops
     return splits
 
 

@@ -105,6 +105,9 @@ class SynthConfig:
     tasks: tuple[str, ...] = ("markdown", "free")
     max_line_crops: int = 6  # per page, for task 'line'
     max_word_crops: int = 6  # per page, for task 'word'
+    # line/word crop files: "crop" (the piece alone; resized to the view its text is larger than the
+    # page's) or "page" (left where it was on an empty page-sized canvas, at the page's text size)
+    crop_scale: str = "crop"
     seed: int = 0
 
     @classmethod
@@ -204,12 +207,15 @@ class SynthConfig:
         unknown = [t for t in normalise_tasks(self.tasks) if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; choose from {TASKS}")
+        if self.crop_scale not in CROP_SCALES:
+            raise ValueError(f"crop_scale must be one of {', '.join(CROP_SCALES)}, got {self.crop_scale!r}")
         for fam in (*self.train_fonts, *self.heldout_fonts):
             if fam not in FONT_FAMILIES:
                 raise ValueError(f"unknown font family {fam!r}; choose from {sorted(FONT_FAMILIES)}")
 
 
 PROFILES = ("easy", "document", "reading")  # the SynthConfig constructors of that name
+CROP_SCALES = ("crop", "page")  # how a line/word crop is shown (SynthConfig.crop_scale)
 
 
 def normalise_tasks(tasks: Sequence[str] | str) -> tuple[str, ...]:
@@ -1090,10 +1096,11 @@ def generate(out_dir: str | os.PathLike, n_pages: int, config: SynthConfig | Non
             records = page_records(page, rel, tasks, split)
             crop_rng = random.Random(f"ndocr-crops/{split}/{seed}/{i}")
             if "line" in tasks:
-                records += _crop_records(page, out, "line", page.lines, cfg.max_line_crops, crop_rng, split)
+                records += _crop_records(page, out, "line", page.lines, cfg.max_line_crops, crop_rng, split,
+                                         cfg.crop_scale)
             if "word" in tasks:
                 records += _crop_records(page, out, "word", readable_pieces(page.words), cfg.max_word_crops,
-                                         crop_rng, split)
+                                         crop_rng, split, cfg.crop_scale)
             for r in records:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(manifest)
@@ -1101,12 +1108,13 @@ def generate(out_dir: str | os.PathLike, n_pages: int, config: SynthConfig | Non
 
 
 def _crop_records(page: SynthPage, out: Path, task: str, pieces: list[TextPiece], limit: int,
-                  rng: random.Random, split: str) -> list[dict]:
+                  rng: random.Random, split: str, crop_scale: str = "crop") -> list[dict]:
     chosen = sorted(rng.sample(range(len(pieces)), min(limit, len(pieces))))
+    show = piece_on_page if crop_scale == "page" else piece_crop
     records = []
     for k in chosen:
         rel = f"images/{page.page_id}-{task}{k:03d}.png"
-        save_png(piece_crop(page.image, pieces[k]), out / rel)
+        save_png(show(page.image, pieces[k]), out / rel)
         records.append(crop_record(page, task, k, pieces[k].text, rel, split))
     return records
 
@@ -1164,8 +1172,10 @@ def synth_main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=list(SPLITS), default="train")
     p.add_argument("--tasks", default=None, help=f"comma list from {','.join(TASKS)} (default: markdown,free)")
     p.add_argument("--text-records", type=int, default=0, help="also write this many text-only records to text.jsonl")
+    p.add_argument("--crop-scale", choices=CROP_SCALES, default="crop",
+                   help="line/word crops alone ('crop') or on an empty page-sized canvas at the page's text size")
     args = p.parse_args(argv)
-    overrides: dict[str, Any] = {"seed": args.seed}
+    overrides: dict[str, Any] = {"seed": args.seed, "crop_scale": args.crop_scale}
     if args.tasks:
         overrides["tasks"] = normalise_tasks(args.tasks)
     try:

@@ -25,7 +25,6 @@ import numpy as np
 import pyarrow as pa
 
 SPLIT = "train"  # the stream only ever draws training pages; held-out pages are files
-CROP_SCALES = ("crop", "page")
 
 
 @dataclass
@@ -46,7 +45,7 @@ class SynthStreamConfig:
 
     def __post_init__(self) -> None:
         from model.config import MODES
-        from pipeline.synth import TASKS
+        from pipeline.synth import CROP_SCALES, TASKS
 
         if self.pages < 1:
             raise ValueError(f"synth.pages must be >= 1, got {self.pages}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from free_ports import free_ports
 
@@ -82,3 +83,14 @@ def test_line_crops_of_the_heldout_pages_are_evaluated_when_asked(tmp_path):
     lines = list(read_manifest(tmp_path / "data" / speedrun.HELDOUT_LINES / "manifest.jsonl"))
     assert lines and {r["task"] for r in lines} == {"line"}
     assert {r["id"].rsplit("-", 1)[0] for r in lines} == pages  # the held-out pages, cut into their lines
+    assert not (tmp_path / "data" / speedrun.HELDOUT_LINES_ON_PAGE).exists()
+
+    cfg.stream_crop_scale = "page"  # trained on crops at page scale: read so too, and alone as before
+    assert speedrun.eval_splits(cfg) == {"train": None, "heldout": None, speedrun.HELDOUT_LINES: 3,
+                                         speedrun.HELDOUT_LINES_ON_PAGE: 3}
+    speedrun.make_data(cfg)
+    on_page = list(read_manifest(tmp_path / "data" / speedrun.HELDOUT_LINES_ON_PAGE / "manifest.jsonl"))
+    assert [(r["id"], r["response"]) for r in on_page] == [(r["id"], r["response"]) for r in lines]
+    page_size = Image.open(tmp_path / "data" / "heldout" / "images" / f"{on_page[0]['page']}.png").size
+    assert Image.open(on_page[0]["image"]).size == page_size
+    assert Image.open(lines[0]["image"]).size != page_size

@@ -214,6 +214,26 @@ def test_line_and_word_crops(doc_dir):
         assert _dark(img).sum() > 5
 
 
+def test_crop_files_at_page_scale_are_the_page_with_only_that_piece(tmp_path):
+    cfg = SynthConfig.document(tasks=("line",), noise_prob=0.0)
+    crop_dir, page_dir = generate(tmp_path / "crop", 2, cfg, seed=3).parent, tmp_path / "page"
+    generate(page_dir, 2, SynthConfig.document(tasks=("line",), noise_prob=0.0, crop_scale="page"), seed=3)
+    crops, on_page = _records(crop_dir), _records(page_dir)
+    assert [r["id"] for r in crops] == [r["id"] for r in on_page] and crops
+    for crop_rec, page_rec in zip(crops, on_page):
+        assert crop_rec["response"] == page_rec["response"]
+        page = Image.open(page_dir / f"images/{page_rec['page']}.png").convert("L")
+        shown = Image.open(page_dir / page_rec["image"]).convert("L")
+        crop = np.asarray(Image.open(crop_dir / crop_rec["image"]).convert("L"))
+        assert shown.size == page.size  # the page's size, so its text keeps the page's size in the view
+        ink = np.argwhere(np.asarray(shown) < 128)
+        (y1, x1), (y2, x2) = ink.min(0), ink.max(0) + 1
+        assert y2 - y1 <= crop.shape[0] and x2 - x1 <= crop.shape[1]  # only the piece's ink
+        assert np.array_equal(np.asarray(page)[y1:y2, x1:x2], np.asarray(shown)[y1:y2, x1:x2])  # where it was
+    with pytest.raises(ValueError, match="crop_scale"):
+        generate(tmp_path / "bad", 1, SynthConfig.document(crop_scale="zoom"))
+
+
 def test_ten_pages_are_fast(tmp_path):
     cfg = SynthConfig.document()
     make_page(0, cfg, seed=0)  # fonts and corpus loaded once
