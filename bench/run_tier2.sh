@@ -26,8 +26,13 @@ if [ -z "${MLFLOW_TRACKING_URI:-}" ]; then  # the bundle's MLflow has no SQLAlch
 fi
 python -c "from pipeline.synth import font_dir; d = font_dir(); assert d, 'no fonts: set NDOCR_FONT_DIR'; print('fonts', d)" || exit 2
 touch "$OUT/.started"
-python jobs/speedrun.py --config "$CONFIG" --no-serve "$@" > "$OUT/speedrun.log" 2>&1
+# the device ends a call at 600 s with no time for the archive below (session 17 lost a resumed
+# stage's MLflow record so): stop the job first; a stopped stage or evaluation resumes next call
+CALL_LIMIT_S=${CALL_LIMIT_S:-570}
+timeout -k 15 "$CALL_LIMIT_S" python jobs/speedrun.py --config "$CONFIG" --no-serve "$@" > "$OUT/speedrun.log" 2>&1
 status=$?
+[ $status -eq 124 ] && echo "==> stopped at CALL_LIMIT_S=$CALL_LIMIT_S s: run the same command again to go on"
+
 # this call's evaluation summary (if it got that far) travels back beside the log (tier2_summary.py
 # --eval-summary); the YAML's `out:` (a --out flag elsewhere is not followed)
 root=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1])).get('out', 'artifacts'))" "$CONFIG")

@@ -23,11 +23,13 @@ from pipeline import tracking  # noqa: E402
 from pipeline.grad_norms import PARTS  # noqa: E402
 
 CURVES = ("loss", "glyph_cell_loss", "glyph_cell_error", "glyph_patch_loss", "glyph_patch_error", "lr", "grad_norm",
-          "grad_norm_max", *(f"grad_norm_{part}" for part in PARTS), "tokens_per_s", "samples_per_s")
+          "grad_norm_max", *(f"grad_norm_{part}" for part in PARTS), *(f"weight_norm_{part}" for part in PARTS),
+          "skipped_steps", "slot_rms_mean", "slot_rms_min", "projector_input_absmax", "tokens_per_s", "samples_per_s")
 RECIPE_PARAMS = ("train.preset", "mode", "train.steps", "train.batch_size", "train.seq_len", "train.optimizer",
                  "train.lr", "train.muon_lr", "train.encoder_lr_scale", "train.warmup_steps", "train.schedule",
                  "train.warmdown_frac", "train.min_lr_frac",
-                 "train.step_milestones", "train.glyph_loss", "train.glyph_cell", "train.slot_centering", "train.synth.profile",
+                 "train.step_milestones", "train.glyph_loss", "train.glyph_cell", "train.slot_centering",
+                 "train.skip_spikes", "train.synth.profile", "train.synth.crop_scale",
                  "train.synth.tasks.line", "train.synth.tasks.free", "train.synth.tasks.markdown",
                  "train.synth.crops_per_page")
 EVAL_KEYS = ("cer", "free/cer", "markdown/cer", "plain_cer", "box_gt_iou70", "box_any_gt_iou70", "box_mean_iou",

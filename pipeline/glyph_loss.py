@@ -55,6 +55,7 @@ class GlyphHeads(nn.Module):
         self.centering = config.slot_centering
         self._neck: list[torch.Tensor] = []
         self._slots: list[torch.Tensor] = []
+        self._slot_inputs_absmax: list[torch.Tensor] = []
         self._hooks: list = []
 
     def attach(self, model: nn.Module) -> None:
@@ -66,9 +67,14 @@ class GlyphHeads(nn.Module):
                     store.append(output)
             return hook
 
+        def keep_slots(_module, inputs, output):
+            if torch.is_grad_enabled():
+                self._slots.append(output)
+                self._slot_inputs_absmax.append(inputs[0].detach().abs().amax())
+
         self.detach()
         self._hooks = [model.sam_model.neck.register_forward_hook(keep(self._neck)),
-                       model.projector.register_forward_hook(keep(self._slots))]
+                       model.projector.register_forward_hook(keep_slots)]
 
     def detach(self) -> None:
         for h in self._hooks:
@@ -76,20 +82,24 @@ class GlyphHeads(nn.Module):
         self._hooks = []
         self._neck.clear()
         self._slots.clear()
+        self._slot_inputs_absmax.clear()
 
     def loss(self, glyphs: Sequence[np.ndarray | None]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(cell loss + patch CE, detached parts) for the views of the last forward pass, one global
         view per image in ``glyphs``' order; images without glyphs add nothing."""
         neck, slots = torch.cat(self._neck), torch.cat(self._slots)
+        inputs_absmax = torch.stack(self._slot_inputs_absmax).amax()
         self._neck.clear()
         self._slots.clear()
+        self._slot_inputs_absmax.clear()
         if neck.shape[0] != len(glyphs):
             raise RuntimeError(f"the glyph loss needs one global view per image: the towers saw {neck.shape[0]} "
                                f"views for {len(glyphs)} images (a mode with tiles?)")
+        health = slot_health(slots.detach(), inputs_absmax, self.centering)
         keep = [i for i, g in enumerate(glyphs) if g is not None]
         if not keep:  # every parameter still takes part (DDP expects a gradient for each)
             zero = sum(p.sum() for p in self.parameters()) * 0.0
-            return zero, {}
+            return zero, health
         view_size = neck.shape[-1] * PATCH
         device = neck.device
         index = _to_device(np.asarray(keep), device)
@@ -109,7 +119,17 @@ class GlyphHeads(nn.Module):
         logits = self.patch(neck.index_select(0, index).float()).flatten(2).transpose(1, 2)  # [n, patches, C+1]
         patch_loss, wrong = balanced_patch_loss(logits, patches)
         return cell_loss + patch_loss, {"glyph_cell_loss": cell_loss.detach(), "glyph_patch_loss": patch_loss.detach(),
-                                        "glyph_patch_error": wrong.detach(), **parts}
+                                        "glyph_patch_error": wrong.detach(), **parts, **health}
+
+
+def slot_health(slots: torch.Tensor, inputs_absmax: torch.Tensor, centering: bool) -> dict[str, torch.Tensor]:
+    """Device scalars on what the decoder is handed (the spikes of sessions 16-17 come from the vision
+    side): the projector's largest input magnitude, and the mean and smallest RMS of the slots as the
+    GPT's first norm sees them (centred like the model centres them). A slot near zero RMS is
+    one that norm scales up most, in the forward pass and in its gradient."""
+    slots = slots.float()
+    rms = (center_slots(slots) if centering else slots).pow(2).mean(-1).sqrt()
+    return {"slot_rms_mean": rms.mean(), "slot_rms_min": rms.amin(), "projector_input_absmax": inputs_absmax.float()}
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -4,8 +4,9 @@ The trainer logs one ``grad_norm``, the norm that clipping sees. A spike of 1e9 
 session 16) says a step was clipped hard, not which part of the model sent it: SAM, the 16x
 compressor, CLIP, the projector, the GPT or the glyph heads. On the steps that report, the
 trainer adds ``grad_norm_<part>`` for each part, computed before clipping and kept on the device
-until the report reads it. (Not ``grad_norm/<part>``: MLflow's file store keeps a metric in a file
-of its name, and ``grad_norm`` cannot be a file and a folder at once.)
+until the report reads it, and ``weight_norm_<part>``, the norm of that part's weights. (Not
+``grad_norm/<part>``: MLflow's file store keeps a metric in a file of its name, and ``grad_norm``
+cannot be a file and a folder at once.)
 """
 
 from __future__ import annotations
@@ -49,13 +50,24 @@ def part_grad_norms(parts: dict[str, list[nn.Parameter]]) -> dict[str, torch.Ten
     reaches at the same step since all hold the same kinds of gradients. Parts without
     gradients are left out.
     """
+    return _part_norms({part: [p.grad for p in params if p.grad is not None] for part, params in parts.items()},
+                       "grad_norm_")
+
+
+def part_weight_norms(parts: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """``{"weight_norm_<part>": norm}`` of the parameters themselves (device tensors): a part whose
+    weights grow step after step is where activations, and the gradients that scale with
+    them, grow too (sharded parameters as in :func:`part_grad_norms`)."""
+    return _part_norms({part: [p.detach() for p in params] for part, params in parts.items()}, "weight_norm_")
+
+
+def _part_norms(tensors_by_part: dict[str, list[torch.Tensor]], prefix: str) -> dict[str, torch.Tensor]:
     names, shard_sq, whole_sq, any_shard = [], [], [], False
-    for part, params in sorted(parts.items()):
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
+    for part, tensors in sorted(tensors_by_part.items()):
+        if not tensors:
             continue
-        shards = [g.to_local() for g in grads if isinstance(g, DTensor)]  # this rank's slices
-        whole = [g for g in grads if not isinstance(g, DTensor)]
+        shards = [t.to_local() for t in tensors if isinstance(t, DTensor)]  # this rank's slices
+        whole = [t for t in tensors if not isinstance(t, DTensor)]
         device = (shards or whole)[0].device
         names.append(part)
         shard_sq.append(_square_norm(shards, device))
@@ -67,7 +79,7 @@ def part_grad_norms(parts: dict[str, list[nn.Parameter]]) -> dict[str, torch.Ten
     if any_shard:
         torch.distributed.all_reduce(sharded)
     norms = (sharded + torch.stack(whole_sq)).sqrt()
-    return {f"grad_norm_{part}": norms[i] for i, part in enumerate(names)}
+    return {f"{prefix}{part}": norms[i] for i, part in enumerate(names)}
 
 
 def _square_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -49,7 +49,9 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, keep: torch.Tensor | None = None):
+        """One update; ``keep`` (a 0-dim device tensor, 1 or 0) decides on the device whether it is
+        applied at all: 0 leaves the weights and the momentum as they were, with no host sync."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -62,11 +64,16 @@ class Muon(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             momentum = group["momentum"]
+            if keep is not None:  # a skipped step's gradient (maybe not finite) is the buffer itself: it stays
+                ok = keep.bool()
+                grads = [torch.where(ok, g, buf) for g, buf in zip(grads, bufs)]
             if any(isinstance(p, DTensor) for p in params):
                 for p, g, buf in zip(params, grads, bufs):
                     buf.lerp_(g, 1 - momentum)
                     update = g.lerp(buf, momentum) if group["nesterov"] else buf
-                    p.add_(_orthogonal_update(update, group["ns_steps"], p.dtype), alpha=-group["lr"] * _scale(p))
+                    orthogonal = _orthogonal_update(update, group["ns_steps"], p.dtype)
+                    p.add_(orthogonal if keep is None else torch.where(ok, orthogonal, 0.0),
+                           alpha=-group["lr"] * _scale(p))
                 continue
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
@@ -75,7 +82,8 @@ class Muon(torch.optim.Optimizer):
                 same_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(i)
             for (_, dtype, _), index in same_shape.items():
                 stacked = torch.stack([updates[i] for i in index])
-                orthogonal = orthogonalize(stacked, group["ns_steps"]).to(dtype).unbind(0)
+                orthogonal = orthogonalize(stacked, group["ns_steps"]).to(dtype)
+                orthogonal = (orthogonal if keep is None else torch.where(ok, orthogonal, 0.0)).unbind(0)
                 torch._foreach_add_([params[i] for i in index], orthogonal,
                                     alpha=-group["lr"] * _scale(params[index[0]]))
 
@@ -108,9 +116,25 @@ class CombinedOptimizer:
     def param_groups(self) -> list[dict]:
         return [g for o in self.optimizers for g in o.param_groups]
 
-    def step(self) -> None:
+    def step(self, skip: torch.Tensor | None = None) -> None:
+        """Step every optimizer; ``skip`` (a 0-dim float device tensor, 1.0 = skip) leaves weights
+        and states untouched when set, decided on the device (no host sync): fused AdamW reads it
+        as its ``found_inf``, Muon as ``keep = 1 - skip``."""
+        if skip is None:
+            for o in self.optimizers:
+                o.step()
+            return
         for o in self.optimizers:
-            o.step()
+            if isinstance(o, Muon):
+                o.step(keep=1.0 - skip)
+            elif isinstance(o, torch.optim.AdamW) and all(g.get("fused") for g in o.param_groups):
+                o.found_inf = skip  # what GradScaler hands a fused optimizer: the kernel leaves it all as it was
+                try:
+                    o.step()
+                finally:
+                    del o.found_inf
+            else:
+                raise ValueError(f"a step can be skipped on the device only with fused AdamW or Muon, not {o!r}")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
@@ -153,8 +177,11 @@ def _adamw_groups(params: list[tuple[str, nn.Parameter]], lr: float, weight_deca
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
                     betas: tuple[float, float] = (0.9, 0.95), muon_lr: float = 0.02,
-                    encoder_lr_scale: float = 1.0) -> CombinedOptimizer:
+                    encoder_lr_scale: float = 1.0, fused: bool | None = None) -> CombinedOptimizer:
     """The named optimizer over the trainable parameters; each group remembers its base lr.
+
+    ``fused`` AdamW (default: when every parameter is on CUDA) is what can skip a step on the
+    device (``CombinedOptimizer.step(skip=...)``); torch has it on the CPU too.
 
     ``encoder_lr_scale`` scales the lr of SAM + CLIP: randomly initialised encoders that move
     as fast as the decoder keep changing the features the decoder is learning to read.
@@ -162,7 +189,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
-    fused = all(p.is_cuda for _, p in params)
+    if fused is None:
+        fused = all(p.is_cuda for _, p in params)
     if name == "adamw":
         opts = [torch.optim.AdamW(_adamw_groups(params, lr, weight_decay, encoder_lr_scale), lr=lr,
                                   betas=betas, fused=fused)]

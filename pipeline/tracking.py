@@ -488,6 +488,15 @@ def metric_histories(comparison: Comparison, metrics: Sequence[str] | None = Non
     return out
 
 
+def spans_decades(values: Sequence[float], decades: float = 3.0) -> bool:
+    """Whether positive ``values`` span more than ``decades`` powers of ten (a panel then reads
+    better on a log axis); never for values with a zero or a negative."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite or min(finite) <= 0:
+        return False
+    return math.log10(max(finite) / min(finite)) > decades
+
+
 def plot_curves(comparison: Comparison, path: str | os.PathLike, metrics: Sequence[str] | None = None,
                 tracking_uri: str | None = None, max_panels: int = 12) -> Path:
     """A PNG grid of metric curves (one panel per metric, one line per run); single points as markers."""
@@ -511,6 +520,8 @@ def plot_curves(comparison: Comparison, path: str | os.PathLike, metrics: Sequen
                     continue
                 steps, values = zip(*pts)
                 ax.plot(steps, values, marker="o" if len(pts) < 3 else None, label=comparison.label(r))
+            if spans_decades([v for pts in hist[m].values() for _, v in pts]):
+                ax.set_yscale("log")  # a grad norm's spikes of 1e9 would flatten its usual 5-50 to zero
             ax.set_title(m, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)

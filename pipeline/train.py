@@ -32,11 +32,12 @@ from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, full_value, is_sharded,
                                   shard_model, shard_optimizer_state, vision_on_every_rank)
 from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS, CELL_TARGETS
-from pipeline.grad_norms import parameters_by_part, part_grad_norms
+from pipeline.grad_norms import parameters_by_part, part_grad_norms, part_weight_norms
 from pipeline.mixture import Sample, batches, mixture_counts
 from pipeline.optim import SCHEDULES, build_optimizer, lr_multiplier, set_lr
 from pipeline.prefetch import Prefetcher
 from pipeline.profiling import StepProfiler, phase
+from pipeline.spike_guard import SpikeGuard
 from pipeline.step_meter import StepMeter
 from pipeline.synth_stream import SynthStreamConfig
 
@@ -81,6 +82,9 @@ class TrainConfig:
     step_milestones: list[float] = field(default_factory=lambda: [0.6, 0.85])
     step_gamma: float = 0.3
     grad_clip: float = 1.0
+    # > 1: skip the step (weights and optimizer states untouched) whose pre-clip grad norm is over
+    # this many times the running mean of accepted steps', or not finite (pipeline.spike_guard); 0: off
+    skip_spikes: float = 0.0
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     init_from: str | None = None  # weights only (stage 2 starts from stage 1)
@@ -138,6 +142,9 @@ class TrainConfig:
         if self.compile and self.compile_gpt:
             raise ValueError("compile already compiles the whole model; compile_gpt compiles only the GPT blocks: "
                              "choose one")
+        if self.skip_spikes and self.skip_spikes <= 1:
+            raise ValueError(f"skip_spikes must be 0 (off) or > 1 (a multiple of the running grad norm), "
+                             f"got {self.skip_spikes}")
         if self.max_row_megapixels is not None and self.max_row_megapixels <= 0:
             raise ValueError(f"max_row_megapixels must be > 0, got {self.max_row_megapixels}")
         if self.run_name is None:
@@ -309,7 +316,8 @@ def _plain_copy(model: NanoDeepseekOCR, state: dict[str, torch.Tensor], device: 
     return copy
 
 
-def _save(cfg: TrainConfig, model, optimizer, tokenizer, step: int, mode: str | None, rank: int) -> str | None:
+def _save(cfg: TrainConfig, model, optimizer, tokenizer, step: int, mode: str | None, rank: int,
+          spike_guard: SpikeGuard | None = None) -> str | None:
     """Write a checkpoint on rank 0 and return its directory (None on other ranks).
 
     Every rank must call it: under FSDP2 gathering the state is a collective.
@@ -337,7 +345,8 @@ def _save(cfg: TrainConfig, model, optimizer, tokenizer, step: int, mode: str | 
             return state
 
     save_checkpoint(directory, _View(), tokenizer=tokenizer,
-                    optimizer_state={"optimizer": optim, "step": step},
+                    optimizer_state={"optimizer": optim, "step": step,
+                                     **({"spike_guard": spike_guard.state_dict()} if spike_guard else {})},
                     extra={"processor": {"mode": mode}, "step": step, "stage": cfg.stage,
                            "train": dataclasses.asdict(cfg)})
     return directory
@@ -500,8 +509,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if cfg.compile:
         model = torch.compile(model)
     grad_parts = parameters_by_part(inner)
+    # a skipped step is decided on the device: fused AdamW (CPU too) reads the decision there
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.muon_lr,
-                                cfg.encoder_lr_scale)
+                                cfg.encoder_lr_scale, fused=True if cfg.skip_spikes else None)
+    spike_guard = SpikeGuard(cfg.skip_spikes) if cfg.skip_spikes else None
+    if spike_guard and optim_state is not None and "spike_guard" in optim_state:  # a resumed run keeps its bar
+        spike_guard.load_state_dict(optim_state["spike_guard"], device)
     if optim_state is not None:
         _load_optimizer(optimizer, optim_state["optimizer"], fsdp)
         start_step = int(optim_state.get("step", start_step))
@@ -583,11 +596,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             with phase("optimizer"):
                 # by part, on the steps that will report (a time-limit stop may report without them)
                 part_norms = part_grad_norms(grad_parts) if _reports_at(cfg, step + 1) else {}
+                if part_norms:  # and the weights the step starts from
+                    part_norms.update(part_weight_norms(grad_parts))
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 grad_norm = full_value(grad_norm)  # FSDP2: a DTensor, made whole on the device (no host sync)
+                optimizer.step(skip=spike_guard.check(grad_norm) if spike_guard else None)
+                optimizer.zero_grad(set_to_none=True)
                 grad_norm_max = grad_norm if grad_norm_max is None else torch.maximum(grad_norm_max, grad_norm)
             try:
                 profiled = profiler.after(step)
@@ -611,7 +626,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if report_due or out_of_time:  # the only host syncs of a step
                 metrics = {"lr": lr, "step": step,
                            **meter.read({"loss": loss_sum / n_targets, "grad_norm": grad_norm,
-                                         "grad_norm_max": grad_norm_max, **part_norms, **glyph_sums})}
+                                         "grad_norm_max": grad_norm_max, **part_norms, **glyph_sums,
+                                         **({"skipped_steps": spike_guard.skipped} if spike_guard else {})})}
                 grad_norm_max = None
                 if peak:
                     metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak * world)
@@ -627,7 +643,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     print(f"time limit {cfg.time_limit_s:.0f} s reached at step {step}/{cfg.steps}: checkpointing; "
                           "run the same stage again to resume", flush=True)
             if checkpoint_due or out_of_time:
-                directory = _save(cfg, model, optimizer, tokenizer, step, mode, rank)
+                directory = _save(cfg, model, optimizer, tokenizer, step, mode, rank, spike_guard)
                 checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
                 ray.train.report(metrics, checkpoint=checkpoint)
                 if directory:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,11 @@ def test_tracking_uri_default_and_refusals(tmp_path, monkeypatch):
     assert tracking.flatten({"a": {"b": {"c": 1}}, "d": []}) == {"a.b.c": 1, "d": []}
     commit = tracking.git_commit()
     assert commit == "unknown" or len(commit) == 40
+
+
+def test_panels_that_span_decades_go_on_a_log_axis():
+    assert tracking.spans_decades([5.0, 30.0, 2e9])  # a grad norm with spikes
+    assert not tracking.spans_decades([0.5, 3.0, 40.0])
+    assert not tracking.spans_decades([0.0, 1.0, 1e6])  # a zero: not on a log axis
+    assert not tracking.spans_decades([-1.0, 1e6]) and not tracking.spans_decades([])
+    assert tracking.spans_decades([1.0, math.inf, 1e4]) and not tracking.spans_decades([math.nan, 1.0])

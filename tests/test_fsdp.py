@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from model.weights import load_checkpoint, load_optimizer_state
-from pipeline.grad_norms import parameters_by_part, part_grad_norms
+from pipeline.grad_norms import parameters_by_part, part_grad_norms, part_weight_norms
 from pipeline.optim import build_optimizer
 from pipeline.train import run_stage
 import test_train
@@ -89,21 +89,23 @@ def _plain_step(model, optimizer, batches, parts: dict | None = None) -> float:
     ``parts``: filled with the pre-clip gradient norm of each model part."""
     sum(_loss(model, b) for b in batches).div(len(batches)).backward()
     if parts is not None:
-        parts.update({k: float(v) for k, v in part_grad_norms(parameters_by_part(model)).items()})
+        by_part = parameters_by_part(model)
+        parts.update({k: float(v) for k, v in {**part_grad_norms(by_part), **part_weight_norms(by_part)}.items()})
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.5)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
 
 
-def _sharded_step(model, optimizer, batch, parts: dict | None = None) -> float:
+def _sharded_step(model, optimizer, batch, parts: dict | None = None, skip: torch.Tensor | None = None) -> float:
     from pipeline.distributed import to_float, vision_on_every_rank
 
     _loss(model, vision_on_every_rank(batch, model, torch.device("cpu"))).backward()
-    if parts is not None:  # every rank: the sharded gradients' squares are summed over the ranks
-        parts.update({k: to_float(v) for k, v in part_grad_norms(parameters_by_part(model)).items()})
+    if parts is not None:  # every rank: the sharded gradients' (weights') squares are summed over the ranks
+        by_part = parameters_by_part(model)
+        parts.update({k: to_float(v) for k, v in {**part_grad_norms(by_part), **part_weight_norms(by_part)}.items()})
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.5)
-    optimizer.step()
+    optimizer.step(skip=skip)
     optimizer.zero_grad(set_to_none=True)
     return to_float(norm)
 
@@ -151,7 +153,8 @@ def _numerics_worker(rank: int, init_file: str, optimizer_name: str, stage: int,
             return m
 
         def optim(m):
-            return build_optimizer(m, optimizer_name, lr=1e-3, weight_decay=0.1, muon_lr=0.02)
+            # fused AdamW: what a skipped step (TrainConfig.skip_spikes) needs
+            return build_optimizer(m, optimizer_name, lr=1e-3, weight_decay=0.1, muon_lr=0.02, fused=True)
 
         plain = build()
         plain_opt = optim(plain)
@@ -183,8 +186,15 @@ def _numerics_worker(rank: int, init_file: str, optimizer_name: str, stage: int,
         _plain_step(plain, plain_opt, [_batch(r, 1, True) for r in range(WORLD)])
         _sharded_step(resumed, resumed_opt, _batch(rank, 1, True))
         state = full_model_state(resumed)
+        optim_before = [full_optimizer_state(o.state_dict(), keep=rank == 0) for o in resumed_opt.optimizers]
+        # step 3, skipped on the device (a spike): sharded weights and states stay as they were
+        _sharded_step(resumed, resumed_opt, _batch(rank, 2, True), skip=torch.tensor(1.0))
+        state_after = full_model_state(resumed)
+        optim_after = [full_optimizer_state(o.state_dict(), keep=rank == 0) for o in resumed_opt.optimizers]
         if rank == 0:
             report["step2_weights"] = _max_diff(state, plain.state_dict())
+            report["skipped_weights"] = _max_diff(state_after, state)
+            report["skipped_optimizer"] = _optim_diff({"optimizers": optim_after}, {"optimizers": optim_before})
             Path(out).write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()
@@ -200,14 +210,16 @@ def test_fsdp_step_matches_a_plain_step(tmp_path, optimizer_name, stage):
     assert math.isclose(*step1["norm"], rel_tol=1e-4), step1
     assert step1["norm"][0] > 0.5, "the test should exercise clipping"
     plain_parts, sharded_parts = step1["parts"]  # the pre-clip norm of each part, gathered over the shards
-    assert plain_parts.keys() == sharded_parts.keys() and "grad_norm_gpt" in plain_parts, step1
+    assert plain_parts.keys() == sharded_parts.keys() and {"grad_norm_gpt", "weight_norm_gpt"} <= set(plain_parts)
     assert all(math.isclose(plain_parts[k], sharded_parts[k], rel_tol=1e-4) for k in plain_parts), step1
-    assert math.isclose(math.hypot(*sharded_parts.values()), step1["norm"][1], rel_tol=1e-4), step1
+    grads = [v for k, v in sharded_parts.items() if k.startswith("grad_norm_")]
+    assert math.isclose(math.hypot(*grads), step1["norm"][1], rel_tol=1e-4), step1
     # a first Adam step is lr * g / (|g| + eps): entries with |g| near eps amplify rounding, so
     # allow 2% of lr (1e-3); a wrong shard, scale or missing gradient shows up as ~lr
     assert step1["weights"] < 2e-5, report
     assert step1["optimizer"] < 1e-5, report
     assert report["step2_weights"] < 2e-5, report
+    assert report["skipped_weights"] == 0 and report["skipped_optimizer"] == 0, report
 
 
 def _run(ws, run_name: str, workers: int, strategy: str, steps: int, **kw):

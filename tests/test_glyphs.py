@@ -175,7 +175,7 @@ def test_glyph_heads_train_the_encoder_through_hooks(cell_target):
     for _ in range(12):
         model.encode_images(images)
         loss, parts = heads.loss(glyphs)
-        assert set(parts) == {"glyph_cell_loss", "glyph_patch_loss", "glyph_patch_error"} | (
+        assert set(parts) == {"glyph_cell_loss", "glyph_patch_loss", "glyph_patch_error", *HEALTH} | (
             {"glyph_cell_error"} if cell_target == "grid" else set())
         loss.backward()
         assert model.sam_model.neck[0].weight.grad.abs().sum() > 0  # the signal reaches SAM
@@ -192,7 +192,7 @@ def test_glyph_heads_train_the_encoder_through_hooks(cell_target):
         model.encode_images(images)
     model.encode_images(images[:2])
     loss, parts = heads.loss([None, None])  # images without glyphs: zero, yet every head parameter takes part
-    assert float(loss.detach()) == 0.0 and parts == {}
+    assert float(loss.detach()) == 0.0 and set(parts) == set(HEALTH)
     loss.backward()
     assert heads.cell.weight.grad is not None
     model.encode_images(images[:2])
@@ -203,6 +203,32 @@ def test_glyph_heads_train_the_encoder_through_hooks(cell_target):
     heads.detach()
     model.encode_images(images[:1])
     assert heads._neck == [] and heads._slots == []
+
+
+HEALTH = ("slot_rms_mean", "slot_rms_min", "projector_input_absmax")
+
+
+@pytest.mark.parametrize("centering", [False, True])
+def test_slot_health_reports_what_the_decoders_first_norm_is_handed(centering):
+    model = _tiny_model()
+    model.config.slot_centering = centering
+    heads = GlyphHeads(model.config)
+    heads.attach(model)
+    images = [ImageViews.from_arrays(_page(s)[0], None) for s in range(2)]
+    captured = []
+    hook = model.projector.register_forward_hook(lambda _m, inputs, out: captured.append((inputs[0], out)))
+    model.encode_images(images)
+    hook.remove()
+    _, parts = heads.loss([None, None])
+    features, slots = captured[0]
+    slots = slots.detach().float()
+    if centering:  # the GPT is handed each view's slots less their mean
+        slots = slots - slots.mean(dim=1, keepdim=True)
+    rms = slots.pow(2).mean(-1).sqrt()  # per slot: what rms_norm divides by
+    assert float(parts["slot_rms_min"]) == pytest.approx(float(rms.min()), rel=1e-5)
+    assert float(parts["slot_rms_mean"]) == pytest.approx(float(rms.mean()), rel=1e-5)
+    assert float(parts["projector_input_absmax"]) == float(features.abs().max())
+    assert float(parts["slot_rms_min"]) < float(parts["slot_rms_mean"])
 
 
 def test_glyph_heads_see_the_same_features_through_compiled_towers():

@@ -12,7 +12,7 @@ from model.config import preset
 from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.glyph_loss import ATTRIBUTE, GlyphHeads
 from pipeline.glyphs import char_class
-from pipeline.grad_norms import PARTS, parameters_by_part, part_grad_norms, part_of
+from pipeline.grad_norms import PARTS, parameters_by_part, part_grad_norms, part_of, part_weight_norms
 
 
 def _model_with_heads() -> NanoDeepseekOCR:
@@ -63,3 +63,12 @@ def test_frozen_parts_and_parts_without_gradients_are_left_out():
     assert part_grad_norms(parts) == {}  # no backward yet
     _backward(model)
     assert set(part_grad_norms(parts)) == {f"grad_norm_{p}" for p in ("clip", "projector", "gpt", "glyph_heads")}
+
+
+def test_weight_norms_by_part_are_the_norms_of_the_parts_weights():
+    model = _model_with_heads()
+    norms = part_weight_norms(parameters_by_part(model))  # no gradient needed
+    assert set(norms) == {f"weight_norm_{p}" for p in PARTS}, norms
+    for part in PARTS:
+        weights = torch.cat([p.detach().double().flatten() for n, p in model.named_parameters() if part_of(n) == part])
+        assert math.isclose(float(norms[f"weight_norm_{part}"]), float(weights.norm()), rel_tol=1e-5), part

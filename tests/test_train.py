@@ -99,6 +99,8 @@ def test_mlflow_records_params_metrics_and_artifacts(workspace, stage1):
     norms = {m.step: m.value for m in client.get_metric_history(result.run_id, "grad_norm")}
     for part in ("sam", "compressor", "clip", "projector", "gpt"):  # each reported step, by part too
         assert sorted(m.step for m in client.get_metric_history(result.run_id, f"grad_norm_{part}")) == sorted(norms)
+        weights = client.get_metric_history(result.run_id, f"weight_norm_{part}")
+        assert sorted(m.step for m in weights) == sorted(norms) and all(m.value > 0 for m in weights)
     window_max = {m.step: m.value for m in client.get_metric_history(result.run_id, "grad_norm_max")}
     assert window_max.keys() == norms.keys() and all(window_max[s] >= norms[s] for s in norms)
     assert any(window_max[s] > norms[s] for s in norms)  # a window of 10 steps: its largest is rarely the last
