@@ -128,12 +128,13 @@ def render_sample(index: int, stream: SynthStreamConfig, synth=None) -> tuple[An
     there: one line of text is read without having to find it on the page first). The page
     itself comes along for callers that need its boxes (the recipe probes' cell targets).
     """
-    page, _, image, record = _render(index, stream, synth)
+    page, _, image, record = render_piece_sample(index, stream, synth)
     return page, image, record
 
 
-def _render(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, Any, Any, dict]:
-    """(page, the cropped line or word or None, image, record) of stream page ``index``."""
+def render_piece_sample(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, Any, Any, dict]:
+    """(page, the cropped line or word or None, image, record) of stream page ``index``: what
+    :func:`render_sample` gives, with the piece a glyph target is computed from."""
     page, task, rng = _draw(index, stream, synth)
     pieces = _crop_pieces(page, task)
     if pieces:
@@ -179,7 +180,7 @@ def _block_samples(indices: list[int], stream: SynthStreamConfig, synth) -> list
     ``crops_per_page`` > 1 up to that many crops of each line/word page, shuffled across the
     block (seeded by its first page) so that one page's crops do not fill a packed row."""
     if stream.crops_per_page == 1:
-        return [_render(i, stream, synth) for i in indices]
+        return [render_piece_sample(i, stream, synth) for i in indices]
     out = []
     for i in indices:
         page, samples = render_crop_pieces(i, stream, synth, stream.crops_per_page)

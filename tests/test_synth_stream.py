@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 from model.processor import ImageProcessor
 from model.tokenizer import Tokenizer
 from pipeline.synth import SynthConfig, load_corpus, make_page
-from pipeline.synth_stream import (SynthStreamConfig, _render, render_crops, render_record, render_sample,
-                                   stream_texts, synth_dataset)
+from pipeline.synth_stream import (SynthStreamConfig, render_crops, render_piece_sample, render_record,
+                                   render_sample, stream_texts, synth_dataset)
 from pipeline.train import PENDING_RUN_FILE, load_train_config, run_stage
 
 TINY_STREAM = dict(profile="reading", pages=48, seed=3, mode="tiny", pages_per_task=8,
@@ -102,7 +102,7 @@ def test_page_scale_crops_keep_the_pages_text_size_and_place():
     cropped = SynthStreamConfig(**{**TINY_STREAM, "tasks": {"line": 1.0}})
     ratios = []
     for index in range(4):
-        page, piece, image, rec = _render(index, on_page)
+        page, piece, image, rec = render_piece_sample(index, on_page)
         assert image.size == page.size and rec["response"] == piece.text
         x1, y1, x2, y2 = piece_crop_box(page.size, piece)
         pixels, original = np.asarray(image), np.asarray(page.image)
@@ -116,7 +116,7 @@ def test_page_scale_crops_keep_the_pages_text_size_and_place():
         shown = sample_glyphs(page, piece, "line", view, "page")
         everywhere = {tuple(g) for g in page_glyphs(page, view).tolist()}
         assert len(shown) and all(tuple(g) in everywhere for g in shown.tolist())  # the page's own glyph rows
-        _, same_piece, crop, _ = _render(index, cropped)
+        _, same_piece, crop, _ = render_piece_sample(index, cropped)
         assert same_piece == piece and crop.size[0] < page.size[0]
         larger = sample_glyphs(page, piece, "line", view, "crop")
         ratios.append(float(np.median(larger[:, 3] - larger[:, 2]) / np.median(shown[:, 3] - shown[:, 2])))
@@ -192,7 +192,7 @@ def test_stream_rows_carry_glyphs_of_the_view_they_show(ray_local, tokenizer_fil
         page, _, record = render_sample(i, stream)
         sample = row_to_sample(row)
         if record["task"] == "line":  # the glyphs of the line as this crop_scale shows it
-            _, piece, _, _ = _render(i, stream)
+            _, piece, _, _ = render_piece_sample(i, stream)
             assert np.allclose(sample.glyphs, sample_glyphs(page, piece, "line", 512, crop_scale), atol=0.01)
         tasks.add(record["task"])
         text = (record["response"].removeprefix("• ") if record["task"] == "line"  # a bullet is not a word
