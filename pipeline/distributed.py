@@ -65,15 +65,15 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_value(value: torch.Tensor) -> torch.Tensor:
+def full_value(value: torch.Tensor | float) -> torch.Tensor | float:
     """A plain tensor from one that may be a DTensor (``clip_grad_norm_`` under FSDP2): a
-    collective for a DTensor, a device op with no host sync."""
+    collective for a DTensor, a device op with no host sync; anything else as it is."""
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def to_float(value: torch.Tensor | float) -> float:
     """A Python float from a scalar that may be a DTensor (``clip_grad_norm_`` under FSDP2)."""
-    return float(full_value(value)) if isinstance(value, torch.Tensor) else float(value)
+    return float(full_value(value))
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

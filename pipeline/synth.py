@@ -1034,6 +1034,12 @@ def piece_on_page(image: Image.Image, piece: TextPiece) -> Image.Image:
     return canvas
 
 
+def piece_image(image: Image.Image, piece: TextPiece, crop_scale: str = "crop") -> Image.Image:
+    """What a ``line``/``word`` sample shows of ``piece``: its crop alone, or on the page-sized canvas
+    with ``crop_scale="page"`` (the one place that reads :data:`CROP_SCALES`' meaning)."""
+    return piece_on_page(image, piece) if crop_scale == "page" else piece_crop(image, piece)
+
+
 def crop_record(page: SynthPage, task: str, k: int, text: str, image_rel: str, split: str) -> dict:
     """The manifest record of crop ``k`` (a line or word of ``page``): read with the free prompt."""
     return {"id": f"{page.page_id}-{task}{k:03d}", "image": image_rel, "prompt": PROMPT_FREE, "response": text,
@@ -1110,11 +1116,10 @@ def generate(out_dir: str | os.PathLike, n_pages: int, config: SynthConfig | Non
 def _crop_records(page: SynthPage, out: Path, task: str, pieces: list[TextPiece], limit: int,
                   rng: random.Random, split: str, crop_scale: str = "crop") -> list[dict]:
     chosen = sorted(rng.sample(range(len(pieces)), min(limit, len(pieces))))
-    show = piece_on_page if crop_scale == "page" else piece_crop
     records = []
     for k in chosen:
         rel = f"images/{page.page_id}-{task}{k:03d}.png"
-        save_png(show(page.image, pieces[k]), out / rel)
+        save_png(piece_image(page.image, pieces[k], crop_scale), out / rel)
         records.append(crop_record(page, task, k, pieces[k].text, rel, split))
     return records
 

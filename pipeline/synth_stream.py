@@ -107,10 +107,10 @@ def _crop_pieces(page, task: str) -> list:
 
 def _crop_sample(page, task: str, k: int, piece, crop_scale: str = "crop") -> tuple[Any, dict]:
     """(image, record) of crop ``k`` of ``page``, alone or on its page-sized canvas (``crop_scale``)."""
-    from pipeline.synth import crop_record, piece_crop, piece_on_page
+    from pipeline.synth import crop_record, piece_image
 
     record = crop_record(page, task, k, piece.text, f"stream/{page.page_id}-{task}{k:03d}.png", SPLIT)
-    return (piece_on_page if crop_scale == "page" else piece_crop)(page.image, piece), record
+    return piece_image(page.image, piece, crop_scale), record
 
 
 def _page_sample(page, task: str) -> tuple[Any, dict]:
