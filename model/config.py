@@ -95,6 +95,13 @@ class VLMConfig:
     # decoder takes longer to start reading (bench/tier2_micro.py: 136 against 371 steps with a
     # CNN stem). DeepSeek-OCR's weights were trained without it: imported checkpoints keep it off.
     slot_centering: bool = False
+    # Layer-normalise the projector's two inputs (CLIP's output and SAM's compressed features, each
+    # on its own channels, no learned scale) before the linear map. For encoders trained from random
+    # init: nothing in DeepSeek-OCR's network bounds CLIP's last residual stream, and the GPT's input
+    # RMSNorm hides its scale from the loss, so it can grow unchecked; in tier-2 runs it reached
+    # ~7,000 by step 775 and every later gradient burst (bench/RESULTS.md, session 18). Adds no
+    # weights; DeepSeek-OCR's checkpoints were trained without it and keep it off.
+    projector_input_norm: bool = False
 
     @property
     def projector_in(self) -> int:
@@ -133,6 +140,7 @@ class VLMConfig:
             preset=d.get("preset", "custom"),
             image_token_id=int(d.get("image_token_id", 0)),
             slot_centering=bool(d.get("slot_centering", False)),
+            projector_input_norm=bool(d.get("projector_input_norm", False)),
         )
         cfg.validate()
         return cfg

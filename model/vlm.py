@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model.clip import CLIPEncoder
 from model.config import VLMConfig
@@ -97,13 +98,23 @@ def global_view_slots(embeddings: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 class Projector(nn.Module):
-    """Linear map from [CLIP ; SAM] features to the GPT width (checkpoint key ``projector.layers``)."""
+    """Linear map from [CLIP ; SAM] features to the GPT width (checkpoint key ``projector.layers``).
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    ``input_split`` (CLIP's width) turns on :attr:`VLMConfig.projector_input_norm`: each of the two
+    inputs is layer-normalised on its own channels first (no weights, so the checkpoint keys stay).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, input_split: int | None = None) -> None:
         super().__init__()
+        if input_split is not None and not 0 < input_split < in_dim:
+            raise ValueError(f"input_split must be inside (0, {in_dim}), got {input_split}")
         self.layers = nn.Linear(in_dim, out_dim)
+        self.input_split = input_split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_split is not None:
+            c = self.input_split
+            x = torch.cat([F.layer_norm(x[..., :c], (c,)), F.layer_norm(x[..., c:], (x.shape[-1] - c,))], dim=-1)
         return self.layers(x)
 
 
@@ -116,7 +127,8 @@ class NanoDeepseekOCR(nn.Module):
         self.config = config
         self.sam_model = SAMEncoder(config.sam)
         self.vision_model = CLIPEncoder(config.clip)
-        self.projector = Projector(config.projector_in, config.gpt.n_embd)
+        self.projector = Projector(config.projector_in, config.gpt.n_embd,
+                                   config.clip.hidden_size if config.projector_input_norm else None)
         std = config.gpt.n_embd ** -0.5
         self.image_newline = nn.Parameter(torch.randn(config.gpt.n_embd) * std)
         self.view_seperator = nn.Parameter(torch.randn(config.gpt.n_embd) * std)

@@ -85,6 +85,7 @@ class TrainConfig:
     # > 1: skip the step (weights and optimizer states untouched) whose pre-clip grad norm is over
     # this many times the running mean of accepted steps', or not finite (pipeline.spike_guard); 0: off
     skip_spikes: float = 0.0
+    skip_spikes_patience: int = 100  # that many skipped steps in a row end the run with an error (diverged)
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     init_from: str | None = None  # weights only (stage 2 starts from stage 1)
@@ -102,6 +103,7 @@ class TrainConfig:
     compile_vision: bool = False  # torch.compile SAM + CLIP (view count dynamic): minutes to compile, faster steps
     compile_gpt: bool = False  # torch.compile each GPT block (GPT.compile_blocks): fused norms/RoPE/ReLU^2, less memory
     slot_centering: bool = False  # new models only: VLMConfig.slot_centering (encoders from random init)
+    projector_input_norm: bool = False  # new models only: VLMConfig.projector_input_norm (likewise)
     glyph_loss: float = 0.0  # weight of the training-only glyph heads (pipeline.glyph_loss); synth stream only
     glyph_cell: str = "bag"  # the slots' glyph target: "bag" (a cell's characters) or "grid" (each patch's, in place)
     torch_threads: int | None = None  # CPU workers: default this node's cores / local workers
@@ -145,6 +147,8 @@ class TrainConfig:
         if self.skip_spikes and self.skip_spikes <= 1:
             raise ValueError(f"skip_spikes must be 0 (off) or > 1 (a multiple of the running grad norm), "
                              f"got {self.skip_spikes}")
+        if self.skip_spikes_patience < 1:
+            raise ValueError(f"skip_spikes_patience must be >= 1, got {self.skip_spikes_patience}")
         if self.max_row_megapixels is not None and self.max_row_megapixels <= 0:
             raise ValueError(f"max_row_megapixels must be > 0, got {self.max_row_megapixels}")
         if self.run_name is None:
@@ -253,6 +257,7 @@ def _build_model(cfg: TrainConfig, tokenizer) -> NanoDeepseekOCR:
     config.gpt.sequence_len = max(config.gpt.sequence_len, cfg.seq_len)
     config.image_token_id = tokenizer.token_id("<image>")
     config.slot_centering = cfg.slot_centering
+    config.projector_input_norm = cfg.projector_input_norm
     torch.manual_seed(cfg.seed)
     model = NanoDeepseekOCR(config)
     model.init_weights()
@@ -415,16 +420,18 @@ def _with_glyph_heads(cfg: TrainConfig, model: NanoDeepseekOCR, resume_dir: str 
 
 
 def warn_config_ignored(cfg: TrainConfig, loaded: VLMConfig, source: Any) -> None:
-    """Warn when the run's config asks for slot centering and a loaded checkpoint was trained without it.
+    """Warn when the run's config asks for slot centering or the projector's input norm and a loaded
+    checkpoint was trained without it.
 
-    ``slot_centering`` is part of the network the weights were trained as, so a checkpoint keeps
-    its own: a YAML's ``slot_centering: true`` over such a checkpoint (DeepSeek-OCR's weights, say)
-    would otherwise be ignored in silence. A config left at the default (false) over a centred
-    checkpoint is the normal stage-2 case and says nothing.
+    Both are part of the network the weights were trained as, so a checkpoint keeps its own: a
+    YAML's ``slot_centering: true`` over such a checkpoint (DeepSeek-OCR's weights, say) would
+    otherwise be ignored in silence. A config left at the default (false) over a checkpoint that
+    has one is the normal stage-2 case and says nothing.
     """
-    if cfg.slot_centering and not loaded.slot_centering:
-        warnings.warn(f"the config sets slot_centering: true, but checkpoint {source} was trained without it "
-                      f"and keeps it off", stacklevel=2)
+    for name in ("slot_centering", "projector_input_norm"):
+        if getattr(cfg, name) and not getattr(loaded, name):
+            warnings.warn(f"the config sets {name}: true, but checkpoint {source} was trained without it "
+                          f"and keeps it off", stacklevel=2)
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -637,6 +644,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     print(f"stage{cfg.stage} step {step}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
                           f"grad_norm {metrics['grad_norm']:.3f} tok/s {metrics['tokens_per_s']:.0f}", flush=True)
                 tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+                if spike_guard:  # every rank holds the same all-reduced norms, so all stop together
+                    spike_guard.raise_if_stuck(cfg.skip_spikes_patience, step)
             if out_of_time:
                 metrics["stopped_at_time_limit"] = 1.0
                 if rank == 0:

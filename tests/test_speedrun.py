@@ -55,14 +55,16 @@ def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ra
         assert f"==> {step}" in again and "skipped" in again.split(f"==> {step}")[1].splitlines()[0], step
 
 
-@pytest.mark.parametrize("name", ["speedrun_tier2_glyphs", "speedrun_tier2_glyphs_base", "speedrun_tier2_glyphs_grid"])
+@pytest.mark.parametrize("name", ["speedrun_tier2_glyphs", "speedrun_tier2_glyphs_base", "speedrun_tier2_glyphs_grid",
+                                  "speedrun_tier2_glyphs_norm"])
 def test_glyph_recipe_configs_load(name):
     import speedrun
 
     stage1 = speedrun.stage_config(speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml")), 1)
     assert stage1.glyph_loss > 0 and stage1.slot_centering and stage1.synth.tasks["line"] == 0.5
     assert stage1.synth.crops_per_page > 1
-    assert stage1.glyph_cell == ("grid" if name.endswith("_grid") else "bag")
+    assert stage1.glyph_cell == ("grid" if name.endswith(("_grid", "_norm")) else "bag")
+    assert stage1.projector_input_norm == name.endswith("_norm") == (stage1.skip_spikes == 100)
     assert stage1.synth.crop_scale == "crop"
     on_page = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"), stream_crop_scale="page")
     assert speedrun.stage_config(on_page, 1).synth.crop_scale == "page"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.optim import build_optimizer
-from pipeline.spike_guard import SpikeGuard
+from pipeline.spike_guard import SpikeGuard, TrainingDiverged
 
 
 def _decisions(guard: SpikeGuard, norms: list[float]) -> list[float]:
@@ -33,6 +33,34 @@ def test_guard_starts_at_the_first_finite_norm():
     guard = SpikeGuard(3.0)
     assert _decisions(guard, [math.inf, 1e6, 2e6, 7e6]) == [1, 0, 0, 1]
     assert SpikeGuard(3.0).state_dict() == {}
+
+
+def test_a_long_run_of_skips_is_an_error_and_an_accepted_step_resets_the_count():
+    """A guard that skips every step has frozen the run: after ``patience`` skips in a row the
+    loop's report raises instead of going on in silence; the count survives a checkpoint."""
+    guard = SpikeGuard(10.0)
+    guard.raise_if_stuck(1, step=0)  # nothing seen yet
+    _decisions(guard, [5.0, 1e9, 1e9, 5.0, 1e9, math.nan])
+    assert float(guard.in_a_row) == 2 and float(guard.skipped) == 4
+    guard.raise_if_stuck(3, step=6)
+    resumed = SpikeGuard(10.0)
+    resumed.load_state_dict(guard.state_dict(), torch.device("cpu"))
+    _decisions(resumed, [math.inf])
+    with pytest.raises(TrainingDiverged, match=r"training diverged: the last 3 steps \(to step 7\) were all skipped"):
+        resumed.raise_if_stuck(3, step=7)
+    _decisions(resumed, [6.0])
+    assert float(resumed.in_a_row) == 0
+    resumed.raise_if_stuck(1, step=8)
+    old = {k: v for k, v in guard.state_dict().items() if k != "in_a_row"}  # a checkpoint from before the count
+    resumed.load_state_dict(old, torch.device("cpu"))
+    assert float(resumed.in_a_row) == 0
+
+
+def test_patience_must_be_at_least_one():
+    from pipeline.train import TrainConfig
+
+    with pytest.raises(ValueError, match="skip_spikes_patience must be >= 1"):
+        TrainConfig(skip_spikes=100.0, skip_spikes_patience=0)
 
 
 @pytest.mark.parametrize("factor", [1.0, 0.5])

@@ -229,13 +229,14 @@ def test_stage1_on_stream_with_glyph_loss_stops_at_time_limit_and_resumes(ray_lo
     base = dict(stage=1, preset="tiny", synth=dict(TINY_STREAM), tokenizer=str(tokenizer_file),
                 out=str(tmp_path / "runs"), run_name="glyphs", tracking_uri=mlflow_uri, experiment="test-glyphs",
                 seq_len=1024, batch_size=2, steps=3, warmup_steps=1, log_every=1, sample_prediction=False,
-                glyph_loss=1.0, slot_centering=True, num_workers=2, skip_spikes=100.0)
+                glyph_loss=1.0, slot_centering=True, projector_input_norm=True, num_workers=2,
+                skip_spikes=100.0)
     first = run_stage(load_train_config(None, **base, time_limit_s=0.0))  # stops at step 1 with a checkpoint
     assert not first.complete
     assert first.metrics["step"] == 1 and first.metrics["stopped_at_time_limit"] == 1.0
     assert (Path(first.checkpoint_dir) / STATE_FILE).is_file()
     guard = load_optimizer_state(first.checkpoint_dir)["spike_guard"]  # the resumed run keeps its bar
-    assert guard["seen"] and guard["reference"] > 0 and guard["skipped"] == 0
+    assert guard["seen"] and guard["reference"] > 0 and guard["skipped"] == 0 and guard["in_a_row"] == 0
     pending = tmp_path / "runs" / "glyphs" / PENDING_RUN_FILE
     assert pending.is_file()
     assert not (tmp_path / "runs" / "glyphs" / "final").exists()
@@ -257,7 +258,7 @@ def test_stage1_on_stream_with_glyph_loss_stops_at_time_limit_and_resumes(ray_lo
     with safe_open(str(final / STATE_FILE), "pt") as f:
         assert {"cell.weight", "cell.bias", "patch.weight", "patch.bias"} <= set(f.keys())
     model, _, _ = load_checkpoint(str(final), with_tokenizer=False)  # the plain model loads strictly
-    assert not hasattr(model, "glyph_heads") and model.config.slot_centering
+    assert not hasattr(model, "glyph_heads") and model.config.slot_centering and model.config.projector_input_norm
     for name in ("glyph_cell_loss", "glyph_patch_loss", "glyph_patch_error", "slot_rms_mean", "slot_rms_min",
                  "projector_input_absmax", "skipped_steps"):
         history = client.get_metric_history(second.run_id, name)

@@ -112,6 +112,33 @@ def test_slot_centering_shifts_each_view_to_a_zero_mean():
         .slot_centering is False  # checkpoints from before the option load as trained
 
 
+def test_projector_input_norm_bounds_the_projector_input_and_adds_no_weights():
+    """VLMConfig.projector_input_norm: CLIP's and SAM's channels are each layer-normalised before
+    the projector, so the slots no longer follow the encoders' scale; the checkpoint keys stay,
+    the option survives config.json, and it is off by default."""
+    from model.config import VLMConfig
+    from model.vlm import Projector
+
+    plain = _model()
+    assert plain.config.projector_input_norm is False
+    config = VLMConfig.from_dict(plain.config.to_dict())
+    config.projector_input_norm = True
+    normed = NanoDeepseekOCR(config)
+    assert normed.state_dict().keys() == plain.state_dict().keys()
+    normed.load_state_dict(plain.state_dict())  # a plain checkpoint loads into it, strictly
+    c = config.clip.hidden_size
+    x = torch.randn(2, 5, config.projector_in)
+    scaled = torch.cat([x[..., :c] * 1000.0 + 3.0, x[..., c:] * 0.2 - 2.0], dim=-1)  # each part on its own scale
+    with torch.no_grad():
+        assert torch.allclose(normed.projector(x), normed.projector(scaled), atol=1e-3)
+        assert not torch.allclose(plain.projector(x), plain.projector(scaled), atol=1e-3)
+    assert VLMConfig.from_dict(config.to_dict()).projector_input_norm is True
+    assert VLMConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "projector_input_norm"}) \
+        .projector_input_norm is False  # checkpoints from before the option load as trained
+    with pytest.raises(ValueError, match="input_split must be inside"):
+        Projector(8, 4, input_split=8)
+
+
 def test_slot_mismatch_is_a_clear_error():
     m = _model()
     ids = torch.tensor([[1] + [5] * 10 + [2]])
@@ -178,6 +205,8 @@ def test_asking_for_slot_centering_over_a_checkpoint_without_it_is_warned_about(
         warn_config_ignored(TrainConfig(slot_centering=False), plain, "ckpt/x")  # agrees
         warn_config_ignored(TrainConfig(stage=2, init_from="ckpt/x"), centred, "ckpt/x")  # stage 2 on defaults
         warn_config_ignored(TrainConfig(slot_centering=True), centred, "ckpt/x")
+    with pytest.warns(UserWarning, match="projector_input_norm: true, but checkpoint ckpt/y was trained without"):
+        warn_config_ignored(TrainConfig(projector_input_norm=True), centred, "ckpt/y")
 
 
 def test_global_view_slots_reads_the_global_grid_back_with_or_without_tiles():
