@@ -7,7 +7,7 @@
 # (mlruns.tgz: extract it for bench/tier2_summary.py) under $OUT. A stage stopped
 # at its time limit resumes when the same command runs again on the still-warm machine; the MLflow
 # store is kept under artifacts/ between calls ($OUT starts empty each call), so the resumed stage
-# logs into the same run.
+# logs into the same run; an evaluation cut off by CALL_LIMIT_S goes on from the splits it finished.
 set -uo pipefail
 source .gpu/env.sh
 export NDOCR_FONT_DIR=${NDOCR_FONT_DIR:-$PWD/.fonts}

@@ -29,7 +29,8 @@ RECIPE_PARAMS = ("train.preset", "mode", "train.steps", "train.batch_size", "tra
                  "train.lr", "train.muon_lr", "train.encoder_lr_scale", "train.warmup_steps", "train.schedule",
                  "train.warmdown_frac", "train.min_lr_frac",
                  "train.step_milestones", "train.glyph_loss", "train.glyph_cell", "train.slot_centering",
-                 "train.projector_input_norm", "train.skip_spikes", "train.skip_spikes_patience", "train.synth.profile", "train.synth.crop_scale",
+                 "train.projector_input_norm", "train.skip_spikes", "train.skip_spikes_patience",
+                 "train.synth.profile", "train.synth.crop_scale",
                  "train.synth.tasks.line", "train.synth.tasks.free", "train.synth.tasks.markdown",
                  "train.synth.crops_per_page")
 EVAL_KEYS = ("cer", "free/cer", "markdown/cer", "plain_cer", "box_gt_iou70", "box_any_gt_iou70", "box_mean_iou",

@@ -4,7 +4,8 @@ synthetic pages -> tokenizer -> Ray Data shards -> stage 1 -> stage 2 -> evaluat
 MLflow comparison of the stages -> Ray Serve -> real HTTP OCR requests (one training page,
 one held-out page) whose markdown and boxes land in ``artifacts/demo/``.
 
-Each stage is skipped when its output exists (re-running resumes); ``--force`` redoes all.
+Each stage is skipped when its output exists (re-running resumes; an evaluation stopped part-way
+keeps the splits it finished on the same checkpoint); ``--force`` redoes all.
 
     python jobs/speedrun.py                                      # tiny, CPU, local Ray
     python jobs/speedrun.py --preset small --use-gpu             # one GPU
@@ -215,21 +216,45 @@ def eval_splits(cfg: SpeedrunConfig) -> dict[str, int | None]:
     return splits
 
 
-def evaluate(cfg: SpeedrunConfig, parent_run_id: str | None, uri: str) -> dict:
+SPLIT_RECORD = "speedrun_split.json"  # eval/<split>/: one split's results and what they were measured on
+
+
+def split_key(cfg: SpeedrunConfig, split: str, limit: int | None) -> dict:
+    """What one split's evaluation depends on: the final checkpoint's weights file (path, size and
+    modification time, so a retrained stage never reuses an old reading) and the reading settings."""
+    weights = stage_dir(cfg, cfg.final_stage) / "model.safetensors"
+    stat = weights.stat()
+    return {"weights": str(weights.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "limit": limit,
+            "max_new_tokens": cfg.eval_max_new_tokens, "baseline": cfg.eval_baseline if split != "train" else None}
+
+
+def evaluate(cfg: SpeedrunConfig, parent_run_id: str | None, uri: str, force: bool = False) -> dict:
+    """Evaluate each split, reusing a split finished earlier on the same checkpoint and settings:
+    an evaluation stopped part-way (a device call's time limit) goes on from the next split."""
     from pipeline.evaluate import EvalConfig, evaluate as run_eval
 
     results = {}
     for split, limit in eval_splits(cfg).items():
+        record_path = cfg.root / "eval" / split / SPLIT_RECORD
+        key = split_key(cfg, split, limit)
+        record = json.loads(record_path.read_text()) if record_path.is_file() and not force else None
+        if record and record["key"] == key:
+            results.update(record["results"])
+            print(f"{split}: evaluated earlier on this checkpoint ({record_path.parent}), reused:\n{record['table']}",
+                  flush=True)
+            continue
         report = run_eval(EvalConfig(
             data=str(cfg.root / "data" / split / "manifest.jsonl"), checkpoint=str(stage_dir(cfg, cfg.final_stage)),
             max_new_tokens=cfg.eval_max_new_tokens, use_gpu=cfg.use_gpu, experiment=cfg.experiment,
             run_name=f"eval-{split}", parent_run_id=parent_run_id, tracking_uri=uri, limit=limit,
             batch_size=cfg.eval_batch_size,
             baseline=cfg.eval_baseline if split != "train" else None, out_dir=str(cfg.root / "eval" / split)))
-        results[split] = report.results["model"].metrics
+        split_results = {split: report.results["model"].metrics}
         for system, result in report.results.items():
             if system != "model":
-                results[f"{split}-{system}"] = result.metrics
+                split_results[f"{split}-{system}"] = result.metrics
+        results.update(split_results)
+        record_path.write_text(json.dumps({"key": key, "results": split_results, "table": report.table()}, indent=2))
         print(f"{split}:\n{report.table()}", flush=True)
     (cfg.root / "eval" / "summary.json").write_text(json.dumps(results, indent=2))
     return results
@@ -359,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                       "run the same command again (without --force) to resume it", flush=True)
                 return 0
     metrics = steps.run("evaluation (Ray Data actors)", lambda: (cfg.root / "eval" / "summary.json").is_file(),
-                        lambda: evaluate(cfg, parent, uri))
+                        lambda: evaluate(cfg, parent, uri, force=steps.force))
     if metrics is None:
         metrics = json.loads((cfg.root / "eval" / "summary.json").read_text())
     run_ids = [state[f"stage{s}_run_id"] for s in cfg.stages]

@@ -54,6 +54,32 @@ def test_speedrun_minimal_budget_writes_every_artifact(tmp_path, monkeypatch, ra
     for step in ("synthetic data", "tokenizer", "preprocess", "stage 1", "stage 2", "evaluation"):
         assert f"==> {step}" in again and "skipped" in again.split(f"==> {step}")[1].splitlines()[0], step
 
+    # an evaluation stopped before its summary goes on from the splits it finished (here: all of them)
+    summary = json.loads((out / "eval/summary.json").read_text())
+    (out / "eval/summary.json").unlink()
+    assert speedrun.main(args + ["--no-serve"]) == 0
+    resumed = capsys.readouterr().out
+    assert "==> evaluation (Ray Data actors)\n" in resumed
+    for split in ("train", "heldout"):
+        assert f"{split}: evaluated earlier on this checkpoint" in resumed, split
+    assert json.loads((out / "eval/summary.json").read_text()) == summary
+
+
+def test_a_split_is_evaluated_again_when_the_checkpoint_changes(tmp_path):
+    import os
+
+    import speedrun
+
+    cfg = speedrun.load_config(None, out=str(tmp_path))
+    weights = speedrun.stage_dir(cfg, cfg.final_stage) / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    key = speedrun.split_key(cfg, "heldout", 10)
+    assert speedrun.split_key(cfg, "heldout", 10) == key
+    assert speedrun.split_key(cfg, "heldout", 20) != key  # another number of records
+    os.utime(weights, ns=(1, 1))  # a retrained stage writes the weights again
+    assert speedrun.split_key(cfg, "heldout", 10) != key
+
 
 @pytest.mark.parametrize("name", ["speedrun_tier2_glyphs", "speedrun_tier2_glyphs_base", "speedrun_tier2_glyphs_grid",
                                   "speedrun_tier2_glyphs_norm"])
