@@ -243,19 +243,19 @@ def evaluate(cfg: SpeedrunConfig, parent_run_id: str | None, uri: str, force: bo
             print(f"{split}: evaluated earlier on this checkpoint ({record_path.parent}), reused:\n{record['table']}",
                   flush=True)
             continue
-        report = run_eval(EvalConfig(
+        report = run_eval(EvalConfig(  # read with the settings the key records
             data=str(cfg.root / "data" / split / "manifest.jsonl"), checkpoint=str(stage_dir(cfg, cfg.final_stage)),
-            max_new_tokens=cfg.eval_max_new_tokens, use_gpu=cfg.use_gpu, experiment=cfg.experiment,
-            run_name=f"eval-{split}", parent_run_id=parent_run_id, tracking_uri=uri, limit=limit,
-            batch_size=cfg.eval_batch_size,
-            baseline=cfg.eval_baseline if split != "train" else None, out_dir=str(cfg.root / "eval" / split)))
+            max_new_tokens=key["max_new_tokens"], use_gpu=cfg.use_gpu, experiment=cfg.experiment,
+            run_name=f"eval-{split}", parent_run_id=parent_run_id, tracking_uri=uri, limit=key["limit"],
+            batch_size=cfg.eval_batch_size, baseline=key["baseline"], out_dir=str(cfg.root / "eval" / split)))
         split_results = {split: report.results["model"].metrics}
         for system, result in report.results.items():
             if system != "model":
                 split_results[f"{split}-{system}"] = result.metrics
         results.update(split_results)
-        record_path.write_text(json.dumps({"key": key, "results": split_results, "table": report.table()}, indent=2))
-        print(f"{split}:\n{report.table()}", flush=True)
+        table = report.table()
+        record_path.write_text(json.dumps({"key": key, "results": split_results, "table": table}, indent=2))
+        print(f"{split}:\n{table}", flush=True)
     (cfg.root / "eval" / "summary.json").write_text(json.dumps(results, indent=2))
     return results
 
