@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from model.clip import CLIPEncoder, resize_clip_pos
 from model.config import preset
-from model.sam import SAMEncoder, get_rel_pos, resize_abs_pos
+from model.sam import SAMEncoder, decomposed_rel_pos_bias, get_rel_pos, rel_pos_flash_attention, resize_abs_pos
 from model.weights import CheckpointError, LoadReport, load_into
 
 
@@ -119,6 +119,29 @@ def test_rel_pos_lookup_and_interpolation():
     longer = get_rel_pos(6, 6, table)  # needs 11 rows: interpolated linearly
     assert longer.shape == (6, 6, 2)
     assert longer[0, 0, 0] > longer[0, 5, 0] and longer[5, 0, 0] > longer[0, 0, 0]
+
+
+def test_rel_pos_fold_matches_the_bias_path():
+    """SAM's CUDA path folds the decomposed relative positions into wider dot products
+    ([scale*q, Rh(q), Rw(q)] . [k, onehot(kh), onehot(kw)]); on a non-square grid it must give the
+    bias path's attention and gradients. Run here in fp32 on the CPU (the bf16 check on a GPU is
+    bench/sam_attention.py)."""
+    torch.manual_seed(0)
+    h, w, d = 4, 6, 8
+    inputs = [torch.randn(2, 3, h * w, d) for _ in range(3)] + [torch.randn(2 * h - 1, d) * 0.5,
+                                                                 torch.randn(2 * w - 1, d) * 0.5]
+    results = []
+    for fold in (False, True):
+        q, k, v, rph, rpw = (x.clone().requires_grad_(True) for x in inputs)
+        if fold:
+            out = rel_pos_flash_attention(q, k, v, rph, rpw, (h, w))
+        else:
+            bias = decomposed_rel_pos_bias(q, rph, rpw, (h, w), (h, w))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            assert (F.scaled_dot_product_attention(q, k, v) - out).abs().max() > 0.1  # the positions matter here
+        results.append([out, *torch.autograd.grad(out.square().sum(), [q, k, v, rph, rpw])])
+    for name, ref, got in zip(["out", "q", "k", "v", "rel_pos_h", "rel_pos_w"], *results):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_clip_pixel_path_shapes(tiny):

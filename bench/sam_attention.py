@@ -1,0 +1,166 @@
+"""SAM's relative-position attention alone: the ways it can run, timed and checked.
+
+SAM adds decomposed relative positions (MViTv2) to every score. The paths:
+- ``bias``: the [b, heads, N, N] additive bias materialised and passed to SDPA (``model.sam``'s
+  CPU path);
+- ``fold``: the bias folded into wider dot products so one flash call runs it (head dim d + h + w;
+  ``model.sam``'s CUDA path), also held to one SDPA kernel family (``fold-cudnn``, ``-flash``,
+  ``-efficient``);
+- ``flex``: FlexAttention adding the two small per-query tables inside the kernel (head dim d);
+- ``none``: plain flash attention without relative positions, the floor none of them can beat:
+  what a fused relative-position kernel could get back.
+
+Shapes are one training step's worth of the bench's batch (``train_step.py``: 4 Gundam pages =
+4 global views at 1024 px and 24 tiles at 640 px), for the global blocks and the 14x14 window
+blocks. Each path is checked against the fp32 bias path (output and every input's gradient) and
+timed forward and forward + backward.
+
+    python bench/sam_attention.py
+    python bench/sam_attention.py --quick   # small shapes, still CUDA (FlexAttention has no CPU backward)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common import Table, base_parser, median, report, timed
+
+from model.sam import decomposed_rel_pos_bias, get_rel_pos, rel_pos_flash_attention
+
+HEADS, HEAD_DIM = 12, 64  # SAM ViT-B
+# (name, grid side, batch): one bench step's global blocks at 1024 / 640 px and window blocks
+SHAPES = [("global 1024 px", 64, 4), ("global 640 px", 40, 24), ("windows 1024 px", 14, 100),
+          ("windows 640 px", 14, 216)]
+QUICK_SHAPES = [("global 16x16", 16, 2), ("windows 14x14", 14, 4)]
+
+
+_FLEX = []
+
+
+def rel_pos_flex_attention(q, k, v, rel_pos_h, rel_pos_w, size):
+    """The relative positions as a FlexAttention score modification: the kernel reads the two small
+    per-query tables [b, heads, N, h] and [b, heads, N, w] and adds Rh[q, k // w] + Rw[q, k % w] to
+    each score, so QK^T and PV stay at head dim d (the fold widens them to d + h + w). Measured
+    here, not in the product: on an H100 it is 3-7x slower than the fold (bench/RESULTS.md)."""
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX.append(torch.compile(flex_attention))
+    b, n, _, d = q.shape
+    h, w = size
+    rq = q.reshape(b, n, h, w, d)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, get_rel_pos(h, h, rel_pos_h).to(q.dtype)).reshape(b, n, h * w, h)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, get_rel_pos(w, w, rel_pos_w).to(q.dtype)).reshape(b, n, h * w, w)
+
+    def add_rel_pos(score, batch, head, q_idx, kv_idx):
+        return score + bias_h[batch, head, q_idx, kv_idx // w] + bias_w[batch, head, q_idx, kv_idx % w]
+
+    return _FLEX[0](q, k, v, score_mod=add_rel_pos)
+
+
+def bias_path(q, k, v, rph, rpw, size):
+    bias = decomposed_rel_pos_bias(q, rph, rpw, size, size)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+
+
+def no_rel_pos(q, k, v, rph, rpw, size):
+    return F.scaled_dot_product_attention(q, k, v) + 0 * (rph.sum() + rpw.sum())  # the tables get (zero) grads
+
+
+def with_backend(fn, backend):
+    """``fn`` with SDPA held to one kernel family (the fold's wide head: cuDNN's or flash's backward)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def run(*args):
+        with sdpa_kernel([backend]):
+            return fn(*args)
+
+    return run
+
+
+def paths() -> dict:
+    from torch.nn.attention import SDPBackend
+
+    return {"bias": bias_path, "fold": rel_pos_flash_attention, "flex": rel_pos_flex_attention, "none": no_rel_pos,
+            "fold-cudnn": with_backend(rel_pos_flash_attention, SDPBackend.CUDNN_ATTENTION),
+            "fold-flash": with_backend(rel_pos_flash_attention, SDPBackend.FLASH_ATTENTION),
+            "fold-efficient": with_backend(rel_pos_flash_attention, SDPBackend.EFFICIENT_ATTENTION)}
+
+
+def inputs(side: int, batch: int, device, dtype, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n = side * side
+
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_(True)
+
+    # rel-pos tables at a trained scale (SAM's are ~0.1-1), so the bias matters in the check
+    return [t(batch, HEADS, n, HEAD_DIM), t(batch, HEADS, n, HEAD_DIM), t(batch, HEADS, n, HEAD_DIM),
+            t(2 * side - 1, HEAD_DIM, scale=0.5), t(2 * side - 1, HEAD_DIM, scale=0.5)]
+
+
+def run_path(fn, xs, size, backward: bool):
+    out = fn(*xs, size)
+    if not backward:
+        return out, None
+    grads = torch.autograd.grad(out.float().square().mean(), xs)
+    return out, grads
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def main() -> None:
+    p = base_parser(__doc__)
+    p.add_argument("--paths", default="bias,fold,fold-cudnn,fold-flash,fold-efficient,flex,none")
+    p.add_argument("--repeat", type=int, default=10)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        raise SystemExit("sam_attention.py needs CUDA: the fold and flex paths are CUDA paths")
+    chosen = [x for x in args.paths.split(",") if x]
+    rows, raw = [], []
+    for label, side, batch in QUICK_SHAPES if args.quick else SHAPES:
+        size = (side, side)
+        xs = inputs(side, batch, device, torch.bfloat16, args.seed)
+        ref_out, ref_grads = run_path(bias_path, [x.detach().float().requires_grad_(True) for x in xs], size, True)
+        fold_fb = None
+        for name in chosen:
+            fn = paths()[name]
+            try:
+                out, grads = run_path(fn, xs, size, True)
+            except RuntimeError as exc:  # e.g. no kernel of that family for this head dim
+                print(f"{label} {name}: {str(exc)[:200]}", flush=True)
+                rows.append([label, f"{batch} x {HEADS} x {side * side}", name, "n/a", "n/a", "-", "-", "-"])
+                continue
+            if name == "none":
+                err = "-"  # a different function: the floor
+            else:
+                errs = [rel_err(out, ref_out)] + [rel_err(a, b) for a, b in zip(grads, ref_grads)]
+                err = f"{max(errs):.1e}"
+            del out, grads
+            fwd = median(timed(lambda: run_path(fn, xs, size, False), device, repeat=args.repeat, warmup=2))
+            fb = median(timed(lambda: run_path(fn, xs, size, True), device, repeat=args.repeat, warmup=2))
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+            if name == "fold":
+                fold_fb = fb
+            vs_fold = f"{fold_fb / fb:.2f}x" if fold_fb else "-"
+            rows.append([label, f"{batch} x {HEADS} x {side * side}", name, fwd * 1e3, fb * 1e3, vs_fold, err, peak])
+            raw.append({"shape": label, "path": name, "fwd_ms": fwd * 1e3, "fwd_bwd_ms": fb * 1e3, "max_rel_err": err})
+            print(rows[-1], flush=True)
+    table = Table(
+        "SAM relative-position attention: bias vs fold vs flex (bench/sam_attention.py, issue 9)",
+        ["blocks", "batch x heads x tokens", "path", "fwd ms", "fwd+bwd ms", "fwd+bwd vs fold", "max rel err",
+         "peak GiB"],
+        rows,
+        ["bf16; max rel err: largest |diff| / max |ref| over the output and the five gradients (q, k, v, both "
+         "tables) against the fp32 bias path", "'none' drops the relative positions: the floor, not a SAM path"],
+    )
+    report(table, device, args, {"rows": raw})
+
+
+if __name__ == "__main__":
+    main()
