@@ -4,8 +4,11 @@ SAM adds decomposed relative positions (MViTv2) to every score. The paths:
 - ``bias``: the [b, heads, N, N] additive bias materialised and passed to SDPA (``model.sam``'s
   CPU path);
 - ``fold``: the bias folded into wider dot products so one flash call runs it (head dim d + h + w;
-  ``model.sam``'s CUDA path), also held to one SDPA kernel family (``fold-cudnn``, ``-flash``,
-  ``-efficient``);
+  ``model.sam``'s CUDA path), also held to one SDPA kernel family (``fold-cudnn``, ``fold-flash``,
+  ``fold-efficient``);
+- ``triton``: ``model.relpos_attention``'s flash kernel, which adds the tables tile by tile (head
+  dim d; ``NANO_OCR_SAM_GLOBAL_ATTENTION=triton`` runs SAM's global blocks on it), also with other
+  launch settings (``triton-m128``: 128 queries a program and 8 warps; ``triton-m64w8``);
 - ``flex``: FlexAttention adding the two small per-query tables inside the kernel (head dim d);
 - ``none``: plain flash attention without relative positions, the floor none of them can beat:
   what a fused relative-position kernel could get back.
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 from common import Table, base_parser, median, report, timed
 
-from model.sam import decomposed_rel_pos_bias, get_rel_pos, rel_pos_flash_attention
+from model.sam import decomposed_rel_pos_bias, get_rel_pos, rel_pos_flash_attention, rel_pos_triton_attention
 
 HEADS, HEAD_DIM = 12, 64  # SAM ViT-B
 # (name, grid side, batch): one bench step's global blocks at 1024 / 640 px and window blocks
@@ -79,10 +82,28 @@ def with_backend(fn, backend):
     return run
 
 
+def with_launch(fn, block_m: int, num_warps: int):
+    """``fn`` with model.relpos_attention's launch settings changed for the call."""
+    import model.relpos_attention as kernel
+
+    def run(*args):
+        saved = kernel.BLOCK_M, kernel.NUM_WARPS
+        kernel.BLOCK_M, kernel.NUM_WARPS = block_m, num_warps
+        try:
+            return fn(*args)
+        finally:
+            kernel.BLOCK_M, kernel.NUM_WARPS = saved
+
+    return run
+
+
 def paths() -> dict:
     from torch.nn.attention import SDPBackend
 
     return {"bias": bias_path, "fold": rel_pos_flash_attention, "flex": rel_pos_flex_attention, "none": no_rel_pos,
+            "triton": rel_pos_triton_attention,
+            "triton-m128": with_launch(rel_pos_triton_attention, 128, 8),
+            "triton-m64w8": with_launch(rel_pos_triton_attention, 64, 8),
             "fold-cudnn": with_backend(rel_pos_flash_attention, SDPBackend.CUDNN_ATTENTION),
             "fold-flash": with_backend(rel_pos_flash_attention, SDPBackend.FLASH_ATTENTION),
             "fold-efficient": with_backend(rel_pos_flash_attention, SDPBackend.EFFICIENT_ATTENTION)}
@@ -114,7 +135,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main() -> None:
     p = base_parser(__doc__)
-    p.add_argument("--paths", default="bias,fold,fold-cudnn,fold-flash,fold-efficient,flex,none")
+    p.add_argument("--paths", default="bias,fold,triton,flex,none")
     p.add_argument("--repeat", type=int, default=10)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -131,7 +152,7 @@ def main() -> None:
             fn = paths()[name]
             try:
                 out, grads = run_path(fn, xs, size, True)
-            except RuntimeError as exc:  # e.g. no kernel of that family for this head dim
+            except Exception as exc:  # e.g. no SDPA kernel of that family, a Triton launch out of resources
                 print(f"{label} {name}: {str(exc)[:200]}", flush=True)
                 rows.append([label, f"{batch} x {HEADS} x {side * side}", name, "n/a", "n/a", "-", "-", "-"])
                 continue
@@ -152,7 +173,7 @@ def main() -> None:
             raw.append({"shape": label, "path": name, "fwd_ms": fwd * 1e3, "fwd_bwd_ms": fb * 1e3, "max_rel_err": err})
             print(rows[-1], flush=True)
     table = Table(
-        "SAM relative-position attention: bias vs fold vs flex (bench/sam_attention.py, issue 9)",
+        "SAM relative-position attention paths (bench/sam_attention.py, issue 9)",
         ["blocks", "batch x heads x tokens", "path", "fwd ms", "fwd+bwd ms", "fwd+bwd vs fold", "max rel err",
          "peak GiB"],
         rows,

@@ -263,6 +263,9 @@ def main() -> None:
     p.add_argument("--vary-layout", action="store_true",
                    help="a differently packed batch every step (as in the trainer) instead of one repeated; the "
                         "FLOPs and tokens/s are still those of the first batch's layout")
+    p.add_argument("--sam-global", default="", metavar="PATHS",
+                   help="run every job once per CUDA path of SAM's global-block attention (triton,fold); '' = "
+                        "the product's choice (model.sam.CUDA_REL_POS_PATH)")
     p.add_argument("--compile-chunk", type=int, default=0,
                    help="views per compiled vision chunk (0: one call per view size, the view count dynamic)")
     args = p.parse_args()
@@ -279,15 +282,21 @@ def main() -> None:
     jobs += [(name, r, "compiled") for name, r, v in jobs if not v and name in args.compile_vision.split(",")]
     jobs += [(name, r, "compiled_gpt") for name, r, v in jobs if not v and name in args.compile_gpt.split(",")]
     import model.gpt as gpt_module
+    import model.sam as sam_module
 
     fast_label = "varlen flash" if device.type == "cuda" and gpt_module._varlen_causal_fn() else "dense mask"
-    for name, n_rows, variant in jobs:
+    default_global = sam_module.CUDA_REL_POS_PATH["global"]
+    sam_paths = [x for x in args.sam_global.split(",") if x] or [default_global]
+    for name, n_rows, variant, sam_global in [(*job, path) for job in jobs for path in sam_paths]:
+        sam_module.CUDA_REL_POS_PATH["global"] = sam_global
         dense = variant == "dense"
         label = {"dense": "dense mask", "sambias": fast_label + ", SAM dense-bias attention",
                  "compiled": f"{fast_label}, vision compiled "
                              + (f"(chunks of {args.compile_chunk})" if args.compile_chunk else "(dynamic view count)"),
                  "compiled_gpt": f"{fast_label}, vision compiled (dynamic view count), GPT blocks compiled",
                  }.get(variant, fast_label)
+        if variant != "sambias" and device.type == "cuda":
+            label += f", SAM global blocks: {sam_global}"
         r = None
         while r is None and n_rows >= 1:
             free_memory(device)
@@ -305,7 +314,7 @@ def main() -> None:
                 n_rows //= 2
         if r is None:
             continue
-        raw.append({**r, "variant": variant or "default"})
+        raw.append({**r, "variant": variant or "default", "sam_global": sam_global})
         print(r, flush=True)
         mfu = f"{100 * r['achieved'] / peak:.1f}%" if peak else "n/a"
         mfu_measured = f"{100 * r['achieved'] / measured:.1f}%"
@@ -319,6 +328,7 @@ def main() -> None:
                          f"({r['vision_flops'] / r['vision_ms'] / 1e9:.0f} TFLOP/s; SAM alone {r['sam_ms']:.0f} ms), "
                          f"GPT fwd+bwd {r['gpt_ms']:.0f} ms ({r['gpt_flops'] / r['gpt_ms'] / 1e9:.0f} TFLOP/s), "
                          f"clip + optimizer {r['optimizer_ms']:.0f} ms; step {r['step_s'] * 1e3:.0f} ms")
+    sam_module.CUDA_REL_POS_PATH["global"] = default_global
     notes += [f"packed rows: 2 A4 Gundam pages (903 slots + 8 prompt + 1000 response tokens each) + a text sample; "
               f"fp32 weights, bf16 autocast, fused AdamW, grad clipping; {args.steps} timed steps after {args.warmup}"
               + ("; a differently packed batch every step (responses 200-1000 tokens, 1-3 text samples a row; "

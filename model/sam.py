@@ -8,11 +8,15 @@ relative position tables of the global blocks are interpolated, as in the refere
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import SAMConfig
+from model.relpos_attention import relpos_attention
+from model.relpos_attention import supported as relpos_supported
 
 
 def resize_abs_pos(pos_embed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -89,6 +93,28 @@ def rel_pos_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     return F.scaled_dot_product_attention(qa, ka, va, scale=1.0)[..., :d]
 
 
+def rel_pos_triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
+                             rel_pos_w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The per-query tables of the bias path, added inside a flash kernel (``model.relpos_attention``):
+    QK^T and PV at head dim d instead of the fold's d + h + w. Same function as the other paths."""
+    b, n, _, d = q.shape
+    h, w = size
+    rq = q.reshape(b, n, h, w, d)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, get_rel_pos(h, h, rel_pos_h).to(q.dtype)).reshape(b, n, h * w, h)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, get_rel_pos(w, w, rel_pos_w).to(q.dtype)).reshape(b, n, h * w, w)
+    return relpos_attention(q, k, v, bias_h, bias_w)
+
+
+# SAM's attention on CUDA (bf16/fp16), by kind of block: "fold" or "triton" (model.relpos_attention);
+# the CPU always takes the bias path. NANO_OCR_SAM_GLOBAL_ATTENTION=triton puts the global blocks on
+# the Triton kernel: on an H100 it is 1.38x faster than the fold at 1024 px alone and 4% on an eager
+# step, but a compiled step showed no gain yet (bench/RESULTS.md, session 20), so the fold stays the
+# default. bench/sam_attention.py and bench/train_step.py --sam-global compare them.
+CUDA_REL_POS_PATH = {"global": os.environ.get("NANO_OCR_SAM_GLOBAL_ATTENTION", "fold"), "window": "fold"}
+if CUDA_REL_POS_PATH["global"] not in ("triton", "fold"):
+    raise ValueError(f"NANO_OCR_SAM_GLOBAL_ATTENTION={CUDA_REL_POS_PATH['global']!r}; expected 'triton' or 'fold'")
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of a [B, C, H, W] map (weight/bias names as in SAM)."""
 
@@ -116,13 +142,15 @@ class PatchEmbed(nn.Module):
 
 
 class SAMAttention(nn.Module):
-    """Multi-head attention with decomposed relative positions, through SDPA."""
+    """Multi-head attention with decomposed relative positions, through SDPA (or, on request, the
+    Triton kernel of ``model.relpos_attention`` for global blocks)."""
 
-    def __init__(self, dim: int, num_heads: int, rel_size: int) -> None:
+    def __init__(self, dim: int, num_heads: int, rel_size: int, global_attention: bool = False) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"SAM embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.global_attention = global_attention
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
@@ -133,8 +161,11 @@ class SAMAttention(nn.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [b, heads, h*w, head_dim]
-        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] + h + w <= 256:
-            # fast path (the CPU keeps the bias path below, bit for bit as before)
+        fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)  # the CPU keeps the bias path below
+        path = CUDA_REL_POS_PATH["global" if self.global_attention else "window"]
+        if fast and path == "triton" and relpos_supported(q, w):
+            out = rel_pos_triton_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w))
+        elif fast and q.shape[-1] + h + w <= 256:  # the fold's widened head must fit flash's 256
             out = rel_pos_flash_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w))
         else:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
@@ -184,7 +215,8 @@ class SAMBlock(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = SAMAttention(dim, num_heads, rel_size=window_size if window_size > 0 else grid)
+        self.attn = SAMAttention(dim, num_heads, rel_size=window_size if window_size > 0 else grid,
+                                 global_attention=window_size <= 0)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLPBlock(dim, mlp_dim)
 

@@ -144,6 +144,12 @@ def test_rel_pos_fold_matches_the_bias_path():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_sam_blocks_know_their_attention_kind():
+    """Each block takes its CUDA path (model.sam.CUDA_REL_POS_PATH) by kind: window or global."""
+    cfg = dataclasses.replace(preset("tiny").sam, depth=3, global_attn_indexes=(1,))
+    assert [b.attn.global_attention for b in SAMEncoder(cfg).blocks] == [False, True, False]
+
+
 def test_clip_pixel_path_shapes(tiny):
     _, clip = tiny
     native = clip.cfg.image_size
