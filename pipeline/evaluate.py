@@ -12,7 +12,8 @@ Scoring rules: text metrics compare the prediction and the reference after the s
 cleaning, ``model.grounding.to_markdown`` (grounding markup removed); ``plain_*`` metrics
 compare words only (markdown/HTML syntax removed too), which is fair to systems that do not
 write markdown. Box metrics (grounding tasks only) match ``parse_grounding`` of both sides
-by label at IoU >= 0.5 (``box_*``) and regardless of label (``box_any_*``).
+by label at IoU >= 0.5 (``box_*``) and regardless of label (``box_any_*``). ``line<i>_cer``
+pairs the i-th lines of both (``pipeline.metrics.line_cers``): where down a page a reading drifts.
 
 A peer baseline goes through the same path: :class:`TesseractPredictor` calls the
 ``tesseract`` binary (TSV output), rebuilds block-level text and 0..999 boxes, and writes its
@@ -42,8 +43,9 @@ SYSTEM_MODEL = "model"
 SYSTEM_TESSERACT = "tesseract"
 TESSERACT_INSTALL = "apt-get update && apt-get install -y tesseract-ocr"
 # Metrics shown in the side-by-side table (all are logged).
-TABLE_METRICS = ("edit_distance", "cer", "wer", "f1", "plain_edit_distance", "plain_f1", "box_f1",
-                 "box_mean_iou", "box_gt_iou70", "box_any_f1", "pages_per_s")
+TABLE_METRICS = ("edit_distance", "cer", "line1_cer", "line2_cer", "line3_cer", "line4plus_cer", "wer", "f1",
+                 "plain_edit_distance", "plain_f1", "box_f1", "box_mean_iou", "box_gt_iou70", "box_any_f1",
+                 "pages_per_s")
 
 
 @dataclass
@@ -333,7 +335,9 @@ def score_record(record: Mapping, prediction: str) -> dict[str, float]:
     from model.grounding import parse_grounding
 
     ref = str(record.get("response", ""))
-    scores = M.text_scores(M.strip_grounding(prediction), M.strip_grounding(ref))
+    pred_md, ref_md = M.strip_grounding(prediction), M.strip_grounding(ref)
+    scores = M.text_scores(pred_md, ref_md)
+    scores.update(M.line_cers(pred_md, ref_md))
     scores.update(M.text_scores(M.plain_text(prediction), M.plain_text(ref), prefix="plain_"))
     if record.get("task") in GROUNDING_TASKS:
         pred_boxes = parse_grounding(prediction).boxes

@@ -129,6 +129,29 @@ def text_scores(pred: str, gt: str, prefix: str = "") -> dict[str, float]:
     }
 
 
+def line_cers(pred: str, gt: str, first: int = 3) -> dict[str, float]:
+    """CER of the reference's i-th non-empty line against the prediction's i-th, for the first
+    ``first`` lines (``line1_cer``...), and their mean from line ``first + 1`` on (``line4plus_cer``).
+
+    Why: a page read well at the top and badly further down is a model that loses its place, not
+    one that cannot read glyphs; pairing lines by position shows where a reading drifts (a line
+    the prediction lacks reads against ""). A line skipped or split shifts every later pair, which
+    is part of what this is meant to show.
+    """
+    pred_lines = [ln.strip() for ln in pred.splitlines() if ln.strip()]
+    out: dict[str, float] = {}
+    late = []
+    for i, ref in enumerate(ln.strip() for ln in gt.splitlines() if ln.strip()):
+        value = cer(pred_lines[i] if i < len(pred_lines) else "", ref)
+        if i < first:
+            out[f"line{i + 1}_cer"] = value
+        else:
+            late.append(value)
+    if late:
+        out[f"line{first + 1}plus_cer"] = sum(late) / len(late)
+    return out
+
+
 # --------------------------------------------------------------------------- text cleaning
 
 _HTML_TAG_RE = re.compile(r"<[^>]+>")

@@ -49,6 +49,20 @@ def test_edit_distance_and_error_rates():
     assert M.wer("a x c", "a b c") == pytest.approx(1 / 3)
 
 
+def test_line_cers_pair_lines_by_position():
+    gt = "alpha beta\n\nsecond line\nthird\nfour\nfive five"
+    pred = "alpha beta\nsecond lime\n  third  \nfour"  # blank lines and edge spaces do not count
+    scores = M.line_cers(pred, gt)
+    assert scores == pytest.approx({"line1_cer": 0.0, "line2_cer": 1 / 11, "line3_cer": 0.0,
+                                    "line4plus_cer": (0.0 + 1.0) / 2})  # line 5 is missing: CER 1
+    assert M.line_cers("one", "one") == {"line1_cer": 0.0}  # a single line (a crop) has no later lines
+    assert M.line_cers("x", "") == {}
+    # a drifted reading: right at the top, its own text further down
+    drifted = M.line_cers("the first line\nthe second line\nsomething else\nnothing like it",
+                          "the first line\nthe second line\nthe third line\nthe fourth line")
+    assert drifted["line1_cer"] == drifted["line2_cer"] == 0.0 < drifted["line3_cer"] <= drifted["line4plus_cer"]
+
+
 def test_fox_token_set_scores():
     s = M.fox_scores("the cat the dog", "the cat sat")  # sets {the,cat,dog} vs {the,cat,sat}
     assert (s.precision, s.recall, s.f1) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
