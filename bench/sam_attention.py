@@ -147,6 +147,7 @@ def main() -> None:
         size = (side, side)
         xs = inputs(side, batch, device, torch.bfloat16, args.seed)
         ref_out, ref_grads = run_path(bias_path, [x.detach().float().requires_grad_(True) for x in xs], size, True)
+        torch.cuda.reset_peak_memory_stats(device)  # a path's peak counts its own work, not the fp32 reference's
         fold_fb = None
         for name in chosen:
             fn = paths()[name]
