@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from common import Table, base_parser, median, report, timed
 
-from model.sam import decomposed_rel_pos_bias, get_rel_pos, rel_pos_flash_attention, rel_pos_triton_attention
+from model.sam import (decomposed_rel_pos_bias, query_rel_pos_tables, rel_pos_flash_attention,
+                       rel_pos_triton_attention)
 
 HEADS, HEAD_DIM = 12, 64  # SAM ViT-B
 # (name, grid side, batch): one bench step's global blocks at 1024 / 640 px and window blocks
@@ -50,11 +51,8 @@ def rel_pos_flex_attention(q, k, v, rel_pos_h, rel_pos_w, size):
         from torch.nn.attention.flex_attention import flex_attention
 
         _FLEX.append(torch.compile(flex_attention))
-    b, n, _, d = q.shape
-    h, w = size
-    rq = q.reshape(b, n, h, w, d)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, get_rel_pos(h, h, rel_pos_h).to(q.dtype)).reshape(b, n, h * w, h)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, get_rel_pos(w, w, rel_pos_w).to(q.dtype)).reshape(b, n, h * w, w)
+    w = size[1]
+    bias_h, bias_w = query_rel_pos_tables(q, rel_pos_h, rel_pos_w, size)
 
     def add_rel_pos(score, batch, head, q_idx, kv_idx):
         return score + bias_h[batch, head, q_idx, kv_idx // w] + bias_w[batch, head, q_idx, kv_idx % w]

@@ -161,23 +161,23 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
 
 
-def _launch_shape(q: torch.Tensor, bias_w: torch.Tensor) -> tuple[int, int, int, int]:
-    bh, n, d = q.shape
-    w = bias_w.shape[-1]
-    return bh, n, d, w
+def _launch(d: int, w: int) -> dict:
+    """Tile sizes and launch settings, the same for the forward and both backward kernels."""
+    return dict(D=d, BLOCK=BLOCK_M, ROW=max(16, triton.next_power_of_2(w)), num_warps=NUM_WARPS, num_stages=2)
 
 
 @torch.library.custom_op("nano_ocr::relpos_attention_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
          bias_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, bias_h, bias_w = (_flat(x) for x in (q, k, v, bias_h, bias_w))
-    bh, n, d, w = _launch_shape(q, bias_w)
+    bh, n, d = q.shape
+    w = bias_w.shape[-1]
     out = torch.empty_like(q)
     lse = torch.empty(bh, n, device=q.device, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(n, BLOCK_M), bh)](
         q, k, v, bias_h, bias_w, out, lse, n, bias_h.shape[-1], w, d ** -0.5,
         q.stride(0), q.stride(1), bias_h.stride(0), bias_h.stride(1), bias_w.stride(0), bias_w.stride(1),
-        D=d, BLOCK=BLOCK_M, ROW=max(16, triton.next_power_of_2(w)), num_warps=NUM_WARPS, num_stages=2)
+        **_launch(d, w))
     return out, lse
 
 
@@ -192,14 +192,14 @@ def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
          bias_w: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, bias_h, bias_w, grad_out = (_flat(x) for x in (q, k, v, bias_h, bias_w, grad_out))
-    bh, n, d, w = _launch_shape(q, bias_w)
-    rows = bias_h.shape[-1]
+    bh, n, d = q.shape
+    w, rows = bias_w.shape[-1], bias_h.shape[-1]
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), as in flash attention
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias_h = torch.empty(bias_h.shape, device=q.device, dtype=torch.float32)
     dbias_w = torch.empty(bias_w.shape, device=q.device, dtype=torch.float32)
     strides = (q.stride(0), q.stride(1), bias_h.stride(0), bias_h.stride(1), bias_w.stride(0), bias_w.stride(1))
-    meta = dict(D=d, BLOCK=BLOCK_M, ROW=max(16, triton.next_power_of_2(w)), num_warps=NUM_WARPS, num_stages=2)
+    meta = _launch(d, w)
     _bwd_dkdv_kernel[(rows, bh)](q, k, v, bias_h, bias_w, grad_out, lse, delta, dk, dv, n, w, d ** -0.5,
                                  *strides, **meta)
     _bwd_dq_kernel[(triton.cdiv(n, BLOCK_M), bh)](q, k, v, bias_h, bias_w, grad_out, lse, delta, dq, dbias_h,

@@ -67,6 +67,18 @@ def decomposed_rel_pos_bias(
     return bias.reshape(b, n, qh * qw, kh * kw)
 
 
+def query_rel_pos_tables(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                         size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's relative-position terms per key row and per key column, [b, heads, h*w, h] and
+    [b, heads, h*w, w] in q's dtype: the two small tables the CUDA paths add instead of a full bias."""
+    b, n, _, d = q.shape
+    h, w = size
+    rq = q.reshape(b, n, h, w, d)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, get_rel_pos(h, h, rel_pos_h).to(q.dtype)).reshape(b, n, h * w, h)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, get_rel_pos(w, w, rel_pos_w).to(q.dtype)).reshape(b, n, h * w, w)
+    return bias_h, bias_w
+
+
 def rel_pos_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
                             rel_pos_w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """SDPA with the decomposed relative-position bias folded into the dot products (CUDA path).
@@ -78,11 +90,7 @@ def rel_pos_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     """
     b, n, _, d = q.shape
     h, w = size
-    rh = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # [h, h, d]
-    rw = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # [w, w, d]
-    rq = q.reshape(b, n, h, w, d)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh).reshape(b, n, h * w, h)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw).reshape(b, n, h * w, w)
+    bias_h, bias_w = query_rel_pos_tables(q, rel_pos_h, rel_pos_w, size)
     width = d + h + w
     pad = -(-width // 8) * 8 - width  # flash wants head dims in multiples of 8
     eye_h = torch.eye(h, device=q.device, dtype=q.dtype).repeat_interleave(w, 0)  # key (kh, kw) -> e_kh
@@ -97,12 +105,7 @@ def rel_pos_triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              rel_pos_w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The per-query tables of the bias path, added inside a flash kernel (``model.relpos_attention``):
     QK^T and PV at head dim d instead of the fold's d + h + w. Same function as the other paths."""
-    b, n, _, d = q.shape
-    h, w = size
-    rq = q.reshape(b, n, h, w, d)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, get_rel_pos(h, h, rel_pos_h).to(q.dtype)).reshape(b, n, h * w, h)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, get_rel_pos(w, w, rel_pos_w).to(q.dtype)).reshape(b, n, h * w, w)
-    return relpos_attention(q, k, v, bias_h, bias_w)
+    return relpos_attention(q, k, v, *query_rel_pos_tables(q, rel_pos_h, rel_pos_w, size))
 
 
 # SAM's attention on CUDA (bf16/fp16), by kind of block: "fold" or "triton" (model.relpos_attention);

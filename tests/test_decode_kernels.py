@@ -8,11 +8,11 @@ model in tests/test_gpt.py.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from hopper_build import build_for_hopper, rerun_without_interpreter
 
 import model.gpt as gpt_module
 from model.gpt import DecodeKernels
@@ -134,23 +134,12 @@ def test_greedy_advance_matches_argmax():
 def test_full_preset_decode_kernels_compile_for_hopper(pdl):
     """Triton's whole pipeline down to ptxas, for sm_90 and the full preset's shapes (no GPU
     needed): a kernel that does not build would make the decoder fall back to slow torch ops."""
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter compiles nothing: a process without it
-        test = f"{__file__}::test_full_preset_decode_kernels_compile_for_hopper[{pdl}]"
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                               test], env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
-        assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    if rerun_without_interpreter(f"{__file__}::test_full_preset_decode_kernels_compile_for_hopper[{pdl}]"):
         return
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
     ptr = lambda t: "*" + t  # noqa: E731
-
-    def build(fn, signature, constexprs, num_warps):
-        signature = {**signature, **{name: "constexpr" for name in constexprs}}
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
-                       options={"num_warps": num_warps})
+    build = build_for_hopper
 
     attn = {"QKV": ptr("bf16"), "COS": ptr("fp32"), "SIN": ptr("fp32"), "NKEYS": ptr("i64"), "KC": ptr("bf16"),
             "VC": ptr("bf16"), "MOUT": ptr("fp32"), "LOUT": ptr("fp32"), "AOUT": ptr("fp32"), "COUNT": ptr("i32"),

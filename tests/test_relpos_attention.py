@@ -6,12 +6,12 @@ without a GPU, in a process of their own when the interpreter is on.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from hopper_build import build_for_hopper, rerun_without_interpreter
 
 import model.relpos_attention as kernel
 from model.sam import decomposed_rel_pos_bias, rel_pos_triton_attention
@@ -91,25 +91,14 @@ def test_supported_only_on_cuda_and_kernel_shapes():
 def test_kernels_compile_for_hopper():
     """Triton's whole pipeline down to ptxas, for sm_90 at SAM-B's global-block shapes (head dim 64,
     64 keys a row, bf16): a kernel that does not build would fail the first CUDA training step."""
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter compiles nothing: a process without it
-        test = f"{__file__}::test_kernels_compile_for_hopper"
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                               test], env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
-        assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    if rerun_without_interpreter(f"{__file__}::test_kernels_compile_for_hopper"):
         return
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     def build(fn, pointers: dict[str, str], ints: list[str]):
         signature = {**{name: "*" + t for name, t in pointers.items()}, **{name: "i32" for name in ints},
-                     "scale": "fp32", **{s: "i32" for s in ("s_qb", "s_qn", "s_bhb", "s_bhn", "s_bwb", "s_bwn")},
-                     "D": "constexpr", "BLOCK": "constexpr", "ROW": "constexpr"}
-        names = list(fn.arg_names)
-        signature = {name: signature[name] for name in names}
-        triton.compile(ASTSource(fn=fn, signature=signature,
-                                 constexprs={"D": 64, "BLOCK": kernel.BLOCK_M, "ROW": 64}),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": kernel.NUM_WARPS, "num_stages": 2})
+                     "scale": "fp32", **{s: "i32" for s in ("s_qb", "s_qn", "s_bhb", "s_bhn", "s_bwb", "s_bwn")}}
+        signature = {name: signature[name] for name in fn.arg_names if name in signature}  # the kernel's order
+        build_for_hopper(fn, signature, {"D": 64, "BLOCK": kernel.BLOCK_M, "ROW": 64}, kernel.NUM_WARPS, num_stages=2)
 
     common = {"Q": "bf16", "K": "bf16", "V": "bf16", "BH": "bf16", "BW": "bf16"}
     build(kernel._fwd_kernel, {**common, "O": "bf16", "LSE": "fp32"}, ["N", "H_ROWS", "W"])
