@@ -11,6 +11,11 @@
 set -uo pipefail
 source .gpu/env.sh
 export NDOCR_FONT_DIR=${NDOCR_FONT_DIR:-$PWD/.fonts}
+# .gpu and .fonts together can pass the 64 MiB a device call carries: the fonts may travel packed
+# instead (tar cJf .gpu/fonts.tar.xz -C .fonts .; carry .gpu alone)
+if [ ! -d "$NDOCR_FONT_DIR" ] && [ -f .gpu/fonts.tar.xz ]; then
+  mkdir -p "$NDOCR_FONT_DIR" && tar xJf .gpu/fonts.tar.xz -C "$NDOCR_FONT_DIR"
+fi
 OUT=${OUT:-/tmp/tier2-out}
 CONFIG=${CONFIG:-jobs/configs/speedrun_tier2.yaml}
 KEEP=artifacts/tier2_mlruns

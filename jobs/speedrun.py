@@ -41,6 +41,7 @@ class SpeedrunConfig:
     mode: str = "tiny"
     out: str = "artifacts"
     synth_profile: str = "easy"
+    synth_overrides: dict[str, Any] = field(default_factory=dict)  # SynthConfig fields over the profile's: data and stream
     train_pages: int = 8
     heldout_pages: int = 4
     text_records: int = 16
@@ -61,6 +62,7 @@ class SpeedrunConfig:
     eval_batch_size: int = 4  # requests one evaluation actor generates together
     eval_baseline: str | None = None  # "tesseract": the peer baseline on the same pages
     eval_line_crops: int = 0  # > 0: also read this many line crops of the held-out pages (reading shows there first)
+    eval_lines_on_page: bool = False  # also read those crops at the page's text size (always so with stream_crop_scale: page)
     stream_pages: int = 0  # > 0: stage 1 trains on this many pages rendered on the fly (Ray Data)
     stream_tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
     stream_crops_per_page: int = 1  # line/word pages give up to this many crops (bench/stream.py: fewer CPUs needed)
@@ -73,6 +75,18 @@ class SpeedrunConfig:
     def __post_init__(self) -> None:
         if self.stages not in ([1], [1, 2]):
             raise ValueError(f"stages must be [1] or [1, 2], got {self.stages}")
+        self.synth_config().validate()  # an unknown profile or override fails before any work
+
+    def synth_config(self, **fields: Any):
+        """The profile with ``synth_overrides`` (and then ``fields``) over it."""
+        from pipeline.synth import SynthConfig
+
+        known = {f.name for f in dataclasses.fields(SynthConfig)}
+        unknown = sorted(set(self.synth_overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown synth_overrides fields: {unknown}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.synth_overrides.items()}
+        return SynthConfig.from_profile(self.synth_profile, **{**values, **fields})
 
     @property
     def root(self) -> Path:
@@ -125,14 +139,14 @@ class State:
 
 
 def make_data(cfg: SpeedrunConfig) -> None:
-    from pipeline.synth import SynthConfig, generate, text_records
+    from pipeline.synth import generate, text_records
 
-    synth = SynthConfig.from_profile(cfg.synth_profile, tasks=tuple(cfg.tasks))
+    synth = cfg.synth_config(tasks=tuple(cfg.tasks))
     data = cfg.root / "data"
     generate(data / "train", cfg.train_pages, synth, seed=cfg.seed, split="train")
     generate(data / "heldout", cfg.heldout_pages, synth, seed=cfg.seed + 1, split="heldout")
     for split, crop_scale in line_crop_splits(cfg).items():  # the same held-out pages, cut into their lines
-        lines = SynthConfig.from_profile(cfg.synth_profile, tasks=("line",), crop_scale=crop_scale)
+        lines = cfg.synth_config(tasks=("line",), crop_scale=crop_scale)
         generate(data / split, cfg.heldout_pages, lines, seed=cfg.seed + 1, split="heldout")
     with open(data / "text.jsonl", "w") as f:
         for record in text_records(cfg.text_records, seed=cfg.seed):
@@ -187,7 +201,8 @@ def stage_config(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None = No
     if stage == 1 and cfg.stream_pages:
         overrides["synth"] = {"profile": cfg.synth_profile, "pages": cfg.stream_pages, "seed": cfg.seed + 100,
                               "mode": cfg.mode, "tasks": dict(cfg.stream_tasks),
-                              "crops_per_page": cfg.stream_crops_per_page, "crop_scale": cfg.stream_crop_scale}
+                              "crops_per_page": cfg.stream_crops_per_page, "crop_scale": cfg.stream_crop_scale,
+                              "overrides": dict(cfg.synth_overrides)}
     train_cfg = load_train_config(str(REPO_ROOT / config_path), stage=stage, **overrides)
     train_cfg.export_dir = str(stage_dir(cfg, stage))
     return train_cfg
@@ -199,11 +214,12 @@ def stage_dir(cfg: SpeedrunConfig, stage: int) -> Path:
 
 def line_crop_splits(cfg: SpeedrunConfig) -> dict[str, str]:
     """The held-out line-crop splits (``data/`` folders) and how each shows its crops: always alone
-    (comparable with earlier runs), and also at page scale when training shows crops so."""
+    (comparable with earlier runs), and also at page scale when training shows crops so or when
+    asked (``eval_lines_on_page``: whether a page's lines read worse for their size or their context)."""
     if not cfg.eval_line_crops:
         return {}
     splits = {HELDOUT_LINES: "crop"}
-    if cfg.stream_crop_scale == "page":
+    if cfg.stream_crop_scale == "page" or cfg.eval_lines_on_page:
         splits[HELDOUT_LINES_ON_PAGE] = "page"
     return splits
 

@@ -79,6 +79,39 @@ def wer(pred: str, gt: str) -> float:
     return _error_rate(pred.split(), gt.split())
 
 
+def edits_per_reference_char(pred: str, gt: str) -> list[int]:
+    """One minimal edit script of ``pred`` against ``gt``, charged to the reference's characters:
+    a substitution or deletion to its own character, an insertion to the character after it (the
+    last one at the end). The list sums to ``levenshtein(pred, gt)`` (``gt`` non-empty).
+
+    Why: ``sum(out[i:j]) / (j - i)`` is the CER of any span of the reference, so errors can be
+    placed on a page (which visual line, which block) from a single reading. O(len*len) memory:
+    meant for pages and their analysis, not for the evaluation's hot path.
+    """
+    n, m = len(gt), len(pred)
+    if not n:
+        return []
+    rows = [list(range(m + 1))]
+    for i in range(1, n + 1):
+        prev, row, g = rows[-1], [i] + [0] * m, gt[i - 1]
+        for j in range(1, m + 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (g != pred[j - 1]))
+        rows.append(row)
+    out = [0] * n
+    i, j = n, m
+    while i or j:
+        if i and j and rows[i][j] == rows[i - 1][j - 1] + (gt[i - 1] != pred[j - 1]):
+            out[i - 1] += gt[i - 1] != pred[j - 1]
+            i, j = i - 1, j - 1
+        elif i and rows[i][j] == rows[i - 1][j] + 1:
+            out[i - 1] += 1
+            i -= 1
+        else:  # an inserted prediction character: charged to the reference character after it
+            out[min(i, n - 1)] += 1
+            j -= 1
+    return out
+
+
 # ------------------------------------------------------------------------------ token overlap
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"

@@ -94,6 +94,9 @@ class SynthConfig:
     vocab_size: int | None = None  # set: text is random words from this many frequent corpus words
     word_salad_prob: float = 0.0  # train split only: a sentence/item/title is random words of the split
     salad_number_prob: float = 0.08  # in word salad, a word is a number or a code instead
+    # in word salad, a word is a pseudo-word: letters from a trigram model of the split's words
+    # (pipeline.synth.pseudo_word), so a decoder cannot settle on a closed word list
+    pseudo_word_prob: float = 0.0
     sentence_words: tuple[int, int] = (3, 7)  # words per sentence when vocab_size is set
     item_words: tuple[int, int] = (1, 3)  # words per list item when vocab_size is set
     noise: float = 0.5  # strength: gaussian sigma up to 6 * noise grey levels, slight blur
@@ -198,8 +201,9 @@ class SynthConfig:
             raise ValueError(f"block_weights has unknown labels {bad}; labels are {LABELS}")
         if sum(max(0.0, w) for w in self.block_weights.values()) <= 0:
             raise ValueError("block_weights must have a positive weight")
-        if not 0.0 <= self.word_salad_prob <= 1.0:
-            raise ValueError(f"word_salad_prob must be in [0, 1], got {self.word_salad_prob}")
+        for name in ("word_salad_prob", "salad_number_prob", "pseudo_word_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("width_range", "aspect_range", "blocks_range", "font_size_range", "stretch_range"):
             lo, hi = getattr(self, name)
             if lo > hi or lo <= 0:
@@ -269,6 +273,57 @@ def load_corpus(split: str = "train", vocab_size: int = 150) -> CorpusSplit:
     return CorpusSplit(sentences=sentences, vocab=vocab, words=tuple(sorted(own)), **parts)
 
 
+_WORD_START, _WORD_END = "^", "$"
+
+
+@lru_cache(maxsize=8)
+def _letter_trigrams(words: tuple[str, ...]) -> tuple[dict[str, tuple[tuple[str, ...], tuple[int, ...]]], frozenset]:
+    """For each two-letter context (``^`` pads a word's start), the letters that follow it in
+    ``words`` (``$``: the word ends) and their cumulative counts, ready for ``random.choices``;
+    and the words as a set."""
+    counts: dict[str, Counter] = {}
+    for word in words:
+        padded = _WORD_START * 2 + word + _WORD_END
+        for i in range(2, len(padded)):
+            counts.setdefault(padded[i - 2:i], Counter())[padded[i]] += 1
+    table = {}
+    for context, after in counts.items():
+        letters = tuple(sorted(after))
+        cumulative, total = [], 0
+        for letter in letters:
+            total += after[letter]
+            cumulative.append(total)
+        table[context] = (letters, tuple(cumulative))
+    return table, frozenset(words)
+
+
+def pseudo_word(words: tuple[str, ...], rng: random.Random, min_len: int = 2, max_len: int = 12,
+                tries: int = 8) -> str:
+    """A word-like string of letters that ``words`` does not contain (when ``tries`` allow).
+
+    Why: a decoder trained on random words of a fixed list learns the list and, on a page with
+    words it never saw, writes the nearest listed word ('Claims' -> 'Climbs'). Letters drawn from
+    the list's own trigram statistics look like words but can only be read, not recalled.
+    """
+    if not words:
+        raise ValueError("pseudo_word needs a non-empty word list")
+    table, known = _letter_trigrams(words)
+    word = ""
+    for _ in range(tries):
+        context, letters = _WORD_START * 2, []
+        while len(letters) < max_len:
+            choices, cumulative = table[context]
+            letter = rng.choices(choices, cum_weights=cumulative)[0]
+            if letter == _WORD_END:
+                break
+            letters.append(letter)
+            context = context[1] + letter
+        word = "".join(letters)
+        if len(word) >= min_len and word not in known:
+            return word
+    return word if len(word) >= min_len else rng.choice(words)
+
+
 class TextSource:
     """Draws titles, paragraphs, list items and table cells for one page."""
 
@@ -293,7 +348,10 @@ class TextSource:
                 return f"{r.randint(1, 99)}%"
             letters = "".join(r.choice("ABCDEFGHJKLMNPRSTUVWXYZ") for _ in range(r.randint(1, 3)))
             return f"{letters}-{r.randint(1, 999)}"
-        w = r.choice(self.c.words)
+        if self.cfg.pseudo_word_prob and r.random() < self.cfg.pseudo_word_prob:
+            w = pseudo_word(self.c.words, r)
+        else:
+            w = r.choice(self.c.words)
         return w.capitalize() if r.random() < 0.1 else w
 
     def _salad(self, lo: int, hi: int, punct: bool) -> str:

@@ -80,3 +80,46 @@ def test_tier2_summary_keeps_the_recipe_curves_and_evaluation(tmp_path, new_mlfl
     assert summary["eval"] == {"heldout": {"cer": 0.7, "free/cer": 0.72}}
     assert summary["eval_tesseract_heldout"] == {"cer": 0.03}
     assert (tmp_path / "run_curves.png").stat().st_size > 10_000
+
+
+def test_tier2_lines_places_the_errors_on_the_pages_visual_lines(tmp_path):
+    """bench/tier2_lines.py on pages drawn again from a speedrun config: an exact reading has no
+    error in any row; a reading that loses a paragraph after its first visual line has every
+    error from row 2 on."""
+    import json
+
+    sys.path.insert(0, str(BENCH))
+    import tier2_lines
+
+    from pipeline.synth import SynthConfig, make_page
+
+    def long_paragraph(page) -> str | None:
+        return next((b.text for b in page.blocks if b.label == "text" and len(b.text) > 120), None)
+
+    page = next(p for p in (make_page(i, SynthConfig.reading(tasks=("free",)), 1, "heldout") for i in range(20))
+                if long_paragraph(p))
+    reference = page.plain_text
+    exact = tier2_lines.visual_line_errors(page, reference, reference)
+    assert exact and all(errors == 0 for _, _, errors, _ in exact)
+    assert len(exact) == sum(1 for p in page.lines if p.text.strip())
+    paragraph = long_paragraph(page)
+    first_line = next(p.text.strip() for p in page.lines if paragraph.startswith(p.text.strip()))
+    lost = reference.replace(paragraph, first_line + " and then some text of its own")
+    rows = tier2_lines.visual_line_errors(page, reference, lost)
+    assert all(errors == 0 for place, _, errors, _ in rows if place == 0)
+    assert sum(errors for place, _, errors, _ in rows if place > 0) > 0
+
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text(json.dumps({"id": f"{page.page_id}-free", "task": "free", "reference": reference,
+                                       "prediction": lost, "error": ""}) + "\n")
+    config = tmp_path / "speedrun.yaml"
+    config.write_text("synth_profile: reading\nseed: 0\ntasks: [free]\n")
+    proc = subprocess.run([sys.executable, "tier2_lines.py", "--config", str(config), "--predictions",
+                           str(predictions), "--split", "heldout"], cwd=BENCH, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "| visual line of its paragraph | lines | chars | CER |" in proc.stdout
+    paragraph_rows = {line.split("|")[1].strip(): float(line.split("|")[4])
+                      for line in proc.stdout.split("| visual line of the page |")[0].splitlines()
+                      if line.startswith("| ") and line.split("|")[1].strip()[:1].isdigit()}
+    assert paragraph_rows["1"] == 0.0 and paragraph_rows["2"] > 0.3

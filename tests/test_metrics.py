@@ -49,6 +49,21 @@ def test_edit_distance_and_error_rates():
     assert M.wer("a x c", "a b c") == pytest.approx(1 / 3)
 
 
+def test_edits_per_reference_char_place_a_minimal_script_on_the_reference():
+    assert M.edits_per_reference_char("abc", "abc") == [0, 0, 0]
+    assert M.edits_per_reference_char("axc", "abc") == [0, 1, 0]  # substitution: its own character
+    assert M.edits_per_reference_char("ac", "abc") == [0, 1, 0]  # deletion: its own character
+    assert M.edits_per_reference_char("abxc", "abc") == [0, 0, 1]  # insertion: the character after it
+    assert M.edits_per_reference_char("abcxy", "abc") == [0, 0, 2]  # at the end: the last one
+    assert M.edits_per_reference_char("", "ab") == [1, 1] and M.edits_per_reference_char("x", "") == []
+    rng = random.Random(3)
+    for _ in range(200):
+        gt = "".join(rng.choice("ab c") for _ in range(rng.randint(1, 12)))
+        pred = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 12)))
+        edits = M.edits_per_reference_char(pred, gt)
+        assert len(edits) == len(gt) and sum(edits) == M.levenshtein(pred, gt), (pred, gt)
+
+
 def test_line_cers_pair_lines_by_position():
     gt = "alpha beta\n\nsecond line\nthird\nfour\nfive five"
     pred = "alpha beta\nsecond lime\n  third  \nfour"  # blank lines and edge spaces do not count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -82,18 +83,44 @@ def test_a_split_is_evaluated_again_when_the_checkpoint_changes(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["speedrun_tier2_glyphs", "speedrun_tier2_glyphs_base", "speedrun_tier2_glyphs_grid",
-                                  "speedrun_tier2_glyphs_norm"])
+                                  "speedrun_tier2_glyphs_norm", "speedrun_tier2_pseudo"])
 def test_glyph_recipe_configs_load(name):
     import speedrun
 
     stage1 = speedrun.stage_config(speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml")), 1)
     assert stage1.glyph_loss > 0 and stage1.slot_centering and stage1.synth.tasks["line"] == 0.5
     assert stage1.synth.crops_per_page > 1
-    assert stage1.glyph_cell == ("grid" if name.endswith(("_grid", "_norm")) else "bag")
-    assert stage1.projector_input_norm == name.endswith("_norm") == (stage1.skip_spikes == 100)
+    normed = name.endswith(("_norm", "_pseudo"))
+    assert stage1.glyph_cell == ("grid" if normed or name.endswith("_grid") else "bag")
+    assert stage1.projector_input_norm == normed == (stage1.skip_spikes == 100)
+    assert stage1.synth.synth_config().pseudo_word_prob == (0.3 if name.endswith("_pseudo") else 0.0)
     assert stage1.synth.crop_scale == "crop"
     on_page = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"), stream_crop_scale="page")
     assert speedrun.stage_config(on_page, 1).synth.crop_scale == "page"
+
+
+def test_synth_overrides_reach_the_pages_on_disk_and_the_stream(tmp_path):
+    import speedrun
+
+    from pipeline.synth import load_corpus, read_manifest
+
+    cfg = speedrun.load_config(str(REPO / "jobs/configs/speedrun_tier2_pseudo.yaml"), out=str(tmp_path),
+                               train_pages=1, heldout_pages=1, eval_line_crops=0)
+    assert speedrun.stage_config(cfg, 1).synth.synth_config().pseudo_word_prob == 0.3
+    assert cfg.synth_config().pseudo_word_prob == 0.3 and cfg.synth_config(noise=0.0).noise == 0.0
+    known = set(load_corpus("train").words)
+
+    def new_words(overrides: dict, out: Path) -> set[str]:
+        cfg.synth_overrides, cfg.out = overrides, str(out)
+        speedrun.make_data(cfg)
+        records = read_manifest(out / "data" / "train" / "manifest.jsonl")
+        text = " ".join(r["response"] for r in records if r["task"] == "free")
+        return {w.lower() for w in re.findall(r"[A-Za-z]{4,}", text)} - known
+
+    plain, pseudo = new_words({}, tmp_path / "plain"), new_words({"pseudo_word_prob": 1.0}, tmp_path / "pseudo")
+    assert len(pseudo) > len(plain) + 5, (plain, pseudo)  # the train pages on disk carry pseudo-words
+    with pytest.raises(ValueError, match="unknown synth_overrides fields: \\['pseudo_words'\\]"):
+        speedrun.load_config(None, synth_overrides={"pseudo_words": 0.3})
 
 
 def test_line_crops_of_the_heldout_pages_are_evaluated_when_asked(tmp_path):
@@ -113,6 +140,9 @@ def test_line_crops_of_the_heldout_pages_are_evaluated_when_asked(tmp_path):
     assert {r["id"].rsplit("-", 1)[0] for r in lines} == pages  # the held-out pages, cut into their lines
     assert not (tmp_path / "data" / speedrun.HELDOUT_LINES_ON_PAGE).exists()
 
+    cfg.eval_lines_on_page = True  # asked for: the same crops at the page's text size too
+    assert list(speedrun.eval_splits(cfg))[-1] == speedrun.HELDOUT_LINES_ON_PAGE
+    cfg.eval_lines_on_page = False
     cfg.stream_crop_scale = "page"  # trained on crops at page scale: read so too, and alone as before
     assert speedrun.eval_splits(cfg) == {"train": None, "heldout": None, speedrun.HELDOUT_LINES: 3,
                                          speedrun.HELDOUT_LINES_ON_PAGE: 3}

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from model.processor import ImageProcessor
 from model.tokenizer import Tokenizer
-from pipeline.synth import SynthConfig, load_corpus, make_page
+from pipeline.synth import SynthConfig, load_corpus, make_page, pseudo_word
 from pipeline.synth_stream import (SynthStreamConfig, render_crops, render_piece_sample, render_record,
                                    render_sample, stream_texts, synth_dataset)
 from pipeline.train import PENDING_RUN_FILE, load_train_config, run_stage
@@ -50,6 +50,40 @@ def test_reading_profile_trains_on_word_salad():
     sentences = [s for i in range(10) for s in _sentences(make_page(i, cfg, 0, "train"))]
     salad = [s for s in sentences if s not in corpus]
     assert len(salad) > len(sentences) // 2  # mostly random words, so remembering sentences does not pay
+
+
+def test_pseudo_words_are_new_words_made_of_letters():
+    import random
+
+    words = load_corpus("train").words
+    drawn = [pseudo_word(words, random.Random(7)) for _ in range(3)]
+    assert drawn == [pseudo_word(words, random.Random(7)) for _ in range(3)]  # the generator decides
+    rng = random.Random(0)
+    many = [pseudo_word(words, rng) for _ in range(300)]
+    assert all(w.isalpha() and w.islower() and 2 <= len(w) <= 12 for w in many)
+    assert sum(w not in set(words) for w in many) >= 290  # new words, not the list's
+    assert len(set(many)) > 200
+    with pytest.raises(ValueError, match="non-empty"):
+        pseudo_word((), rng)
+
+
+def _page_words(page) -> set[str]:
+    """Words of four letters or more (salad's codes such as 'DKN-12' are shorter)."""
+    return {w.lower() for b in page.blocks if b.label in ("text", "list", "title")
+            for w in re.findall(r"[A-Za-z]{4,}", b.text)}
+
+
+def test_pseudo_word_prob_changes_the_training_text_and_not_the_heldout_pages():
+    plain, pseudo = SynthConfig.reading(), SynthConfig.reading(pseudo_word_prob=1.0)
+    known = set(load_corpus("train").words)
+    plain_new = set().union(*(_page_words(make_page(i, plain, 0, "train")) for i in range(6))) - known
+    pseudo_words = set().union(*(_page_words(make_page(i, pseudo, 0, "train")) for i in range(6)))
+    assert not plain_new  # word salad draws the split's own words
+    assert len(pseudo_words - known) > len(pseudo_words) // 2
+    for i in range(3):  # held-out text never comes from salad: the evaluation pages stay the same
+        assert make_page(i, pseudo, 1, "heldout").image.tobytes() == make_page(i, plain, 1, "heldout").image.tobytes()
+    with pytest.raises(ValueError, match="pseudo_word_prob"):
+        SynthConfig.reading(pseudo_word_prob=1.5).validate()
 
 
 def test_stretch_scales_pixels_not_relative_boxes():
