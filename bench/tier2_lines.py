@@ -22,7 +22,6 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
 from pipeline.metrics import edits_per_reference_char  # noqa: E402
 from pipeline.synth import make_page  # noqa: E402
@@ -57,6 +56,7 @@ def table(rows: dict[int, list[int]], title: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "jobs"))  # after the root: jobs/serve.py not serve/
     import speedrun
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -88,9 +88,11 @@ def test_tier2_lines_places_the_errors_on_the_pages_visual_lines(tmp_path):
     error from row 2 on."""
     import json
 
-    sys.path.insert(0, str(BENCH))
-    import tier2_lines
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("tier2_lines", BENCH / "tier2_lines.py")
+    tier2_lines = importlib.util.module_from_spec(spec)  # loaded by path: bench/ stays off sys.path
+    spec.loader.exec_module(tier2_lines)
     from pipeline.synth import SynthConfig, make_page
 
     def long_paragraph(page) -> str | None:
