@@ -10,13 +10,16 @@ the page in the reference, places one minimal edit script of the reading on the 
 (:func:`pipeline.metrics.edits_per_reference_char`) and reports the CER of the visual lines
 grouped by their place in their paragraph (1st, 2nd, 3rd, 4th and later) and on the page. A
 model that reads a paragraph's first line and loses it at the wrap shows a jump from row 1 to
-row 2; one that cannot read the font shows the same CER in every row.
+row 2; one that cannot read the font shows the same CER in every row. Last, it counts the
+readings' word n-grams that the reference lacks but the training split's corpus text holds: a
+decoder reciting text it learnt by heart rather than reading the page.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.metrics import edits_per_reference_char  # noqa: E402
-from pipeline.synth import make_page  # noqa: E402
+from pipeline.synth import load_corpus, make_page  # noqa: E402
 
 ROWS = 4  # the last row holds that place and every later one
 
@@ -46,6 +49,25 @@ def visual_line_errors(page, reference: str, prediction: str) -> list[tuple[int,
     return out
 
 
+def word_ngrams(text: str, n: int) -> list[str]:
+    words = re.findall(r"[a-z]+", text.lower())
+    return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def recited_ngrams(records: list[dict], n: int) -> tuple[int, int, int]:
+    """``(n-grams read, of them in the reference, of the rest in the training split's corpus text)``."""
+    corpus = load_corpus("train")
+    learnt = set(word_ngrams(" ".join((*corpus.sentences, *corpus.titles, *corpus.items)), n))
+    total = in_reference = recited = 0
+    for record in records:
+        reference = set(word_ngrams(record["reference"], n))
+        for gram in word_ngrams(record["prediction"], n):
+            total += 1
+            in_reference += gram in reference
+            recited += gram not in reference and gram in learnt
+    return total, in_reference, recited
+
+
 def table(rows: dict[int, list[int]], title: str) -> list[str]:
     lines = [f"| {title} | lines | chars | CER |", "|---|---:|---:|---:|"]
     for place in sorted(rows):
@@ -64,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predictions", required=True, help="eval/<split>/model/predictions.jsonl")
     p.add_argument("--split", choices=("train", "heldout"), required=True)
     p.add_argument("--task", default="free", help="records of this task only (free: plain text)")
+    p.add_argument("--ngram", type=int, default=4, help="words per n-gram in the recitation count")
     args = p.parse_args(argv)
 
     cfg = speedrun.load_config(args.config)
@@ -89,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table(by_paragraph, "visual line of its paragraph")))
     print()
     print("\n".join(table(by_page, "visual line of the page")))
+    total, in_reference, recited = recited_ngrams(records, args.ngram)
+    share = (lambda k: f"{k / total:.1%}") if total else (lambda k: "-")
+    print(f"\nword {args.ngram}-grams read: {total}; in the reference: {share(in_reference)}; not in the reference "
+          f"but in the training split's corpus text: {share(recited)}")
     return 0
 
 

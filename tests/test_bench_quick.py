@@ -125,3 +125,12 @@ def test_tier2_lines_places_the_errors_on_the_pages_visual_lines(tmp_path):
                       for line in proc.stdout.split("| visual line of the page |")[0].splitlines()
                       if line.startswith("| ") and line.split("|")[1].strip()[:1].isdigit()}
     assert paragraph_rows["1"] == 0.0 and paragraph_rows["2"] > 0.3
+    assert "word 4-grams read: " in proc.stdout
+
+    from pipeline.synth import load_corpus
+
+    learnt = max(load_corpus("train").sentences, key=len)  # a reading that recites a training sentence
+    grams = len(tier2_lines.word_ngrams(learnt, 4))
+    assert grams > 0
+    assert tier2_lines.recited_ngrams([{"reference": reference, "prediction": learnt}], 4)[::2] == (grams, grams)
+    assert tier2_lines.recited_ngrams([{"reference": learnt, "prediction": learnt}], 4) == (grams, grams, 0)
