@@ -36,16 +36,15 @@ def visual_line_errors(page, reference: str, prediction: str) -> list[tuple[int,
     """``(place in paragraph, place on page, errors, chars)`` of each visual line of ``page``
     found in ``reference`` (in reading order; a line the reference lacks is skipped)."""
     edits = edits_per_reference_char(prediction, reference)
-    out, pos, end, in_paragraph = [], 0, None, 0
+    out, end, in_paragraph = [], None, 0
     for on_page, piece in enumerate(p for p in page.lines if p.text.strip()):
         text = piece.text.strip()
-        at = reference.find(text, pos)
+        at = reference.find(text, end or 0)
         if at < 0:
             continue
         in_paragraph = 0 if end is None or "\n" in reference[end:at] else in_paragraph + 1
         end = at + len(text)
         out.append((in_paragraph, on_page, sum(edits[at:end]), len(text)))
-        pos = end
     return out
 
 
@@ -91,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = speedrun.load_config(args.config)
     synth = cfg.synth_config(tasks=tuple(cfg.tasks))
-    seed = cfg.seed + (1 if args.split == "heldout" else 0)  # speedrun.make_data's seeds
     records = [json.loads(line) for line in Path(args.predictions).read_text().splitlines() if line.strip()]
     records = [r for r in records if r.get("task") == args.task and not r.get("error")]
     if not records:
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     by_page: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
     for record in records:
         index = int(record["id"].split("-")[2])  # <split>-s<seed>-<index>-<task>
-        page = make_page(index, synth, seed, args.split)
+        page = make_page(index, synth, cfg.page_seed(args.split), args.split)
         for in_paragraph, on_page, errors, chars in visual_line_errors(page, record["reference"],
                                                                         record["prediction"]):
             for rows, place in ((by_paragraph, in_paragraph), (by_page, on_page)):

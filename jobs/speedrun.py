@@ -77,16 +77,15 @@ class SpeedrunConfig:
             raise ValueError(f"stages must be [1] or [1, 2], got {self.stages}")
         self.synth_config().validate()  # an unknown profile or override fails before any work
 
-    def synth_config(self, **fields: Any):
-        """The profile with ``synth_overrides`` (and then ``fields``) over it."""
+    def synth_config(self, **settings: Any):
+        """The profile with ``synth_overrides`` and ``settings`` over it."""
         from pipeline.synth import SynthConfig
 
-        known = {f.name for f in dataclasses.fields(SynthConfig)}
-        unknown = sorted(set(self.synth_overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown synth_overrides fields: {unknown}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.synth_overrides.items()}
-        return SynthConfig.from_profile(self.synth_profile, **{**values, **fields})
+        return SynthConfig.from_yaml_overrides(self.synth_profile, self.synth_overrides, "synth_overrides", **settings)
+
+    def page_seed(self, split: str) -> int:
+        """The seed the split's pages on disk are drawn with (held-out pages: other layouts)."""
+        return self.seed + (1 if split == "heldout" else 0)
 
     @property
     def root(self) -> Path:
@@ -143,11 +142,11 @@ def make_data(cfg: SpeedrunConfig) -> None:
 
     synth = cfg.synth_config(tasks=tuple(cfg.tasks))
     data = cfg.root / "data"
-    generate(data / "train", cfg.train_pages, synth, seed=cfg.seed, split="train")
-    generate(data / "heldout", cfg.heldout_pages, synth, seed=cfg.seed + 1, split="heldout")
+    generate(data / "train", cfg.train_pages, synth, seed=cfg.page_seed("train"), split="train")
+    generate(data / "heldout", cfg.heldout_pages, synth, seed=cfg.page_seed("heldout"), split="heldout")
     for split, crop_scale in line_crop_splits(cfg).items():  # the same held-out pages, cut into their lines
         lines = cfg.synth_config(tasks=("line",), crop_scale=crop_scale)
-        generate(data / split, cfg.heldout_pages, lines, seed=cfg.seed + 1, split="heldout")
+        generate(data / split, cfg.heldout_pages, lines, seed=cfg.page_seed("heldout"), split="heldout")
     with open(data / "text.jsonl", "w") as f:
         for record in text_records(cfg.text_records, seed=cfg.seed):
             f.write(json.dumps(record) + "\n")

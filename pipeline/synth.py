@@ -33,10 +33,10 @@ import sys
 import warnings
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -194,6 +194,21 @@ class SynthConfig:
         if name not in PROFILES:
             raise ValueError(f"unknown synth profile {name!r}; choose one of {sorted(PROFILES)}")
         return getattr(cls, name)(**overrides)
+
+    @classmethod
+    def from_yaml_overrides(cls, profile: str, overrides: Mapping[str, Any], where: str,
+                            **settings: Any) -> "SynthConfig":
+        """``profile`` with a YAML mapping of fields over it (lists become tuples) and the
+        caller's own ``settings``. An unknown field, or one the caller sets itself, is an error
+        that names ``where`` (the mapping's place in the YAML)."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {where} fields: {unknown}")
+        taken = sorted(set(overrides) & set(settings))
+        if taken:
+            raise ValueError(f"{where} may not set {taken}: they come from elsewhere in the config")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        return cls.from_profile(profile, **values, **settings)
 
     def validate(self) -> None:
         bad = [k for k in self.block_weights if k not in LABELS]

@@ -65,12 +65,7 @@ class SynthStreamConfig:
     def synth_config(self):
         from pipeline.synth import SynthConfig
 
-        fields = {f.name for f in dataclasses.fields(SynthConfig)}
-        unknown = set(self.overrides) - fields
-        if unknown:
-            raise ValueError(f"unknown synth.overrides fields: {sorted(unknown)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.overrides.items()}
-        return SynthConfig.from_profile(self.profile, seed=self.seed, **values)
+        return SynthConfig.from_yaml_overrides(self.profile, self.overrides, "synth.overrides", seed=self.seed)
 
     def for_resume(self, step: int) -> "SynthStreamConfig":
         """The stream a run resumed at ``step`` reads: other pages than the first attempt."""

@@ -86,9 +86,8 @@ def test_tier2_lines_places_the_errors_on_the_pages_visual_lines(tmp_path):
     """bench/tier2_lines.py on pages drawn again from a speedrun config: an exact reading has no
     error in any row; a reading that loses a paragraph after its first visual line has every
     error from row 2 on."""
-    import json
-
     import importlib.util
+    import json
 
     spec = importlib.util.spec_from_file_location("tier2_lines", BENCH / "tier2_lines.py")
     tier2_lines = importlib.util.module_from_spec(spec)  # loaded by path: bench/ stays off sys.path

@@ -121,6 +121,8 @@ def test_synth_overrides_reach_the_pages_on_disk_and_the_stream(tmp_path):
     assert len(pseudo) > len(plain) + 5, (plain, pseudo)  # the train pages on disk carry pseudo-words
     with pytest.raises(ValueError, match="unknown synth_overrides fields: \\['pseudo_words'\\]"):
         speedrun.load_config(None, synth_overrides={"pseudo_words": 0.3})
+    with pytest.raises(ValueError, match="synth_overrides may not set \\['tasks'\\]"):  # the speedrun's `tasks:`
+        speedrun.make_data(speedrun.load_config(None, out=str(tmp_path / "x"), synth_overrides={"tasks": ["free"]}))
 
 
 def test_line_crops_of_the_heldout_pages_are_evaluated_when_asked(tmp_path):

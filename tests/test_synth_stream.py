@@ -101,6 +101,7 @@ def test_stretch_scales_pixels_not_relative_boxes():
     (dict(tasks={"figure": 1.0}), "synth.tasks"),
     (dict(tasks={"free": 0.0}), "synth.tasks"),
     (dict(overrides={"no_such_field": 1}), "unknown synth.overrides"),
+    (dict(overrides={"seed": 1}), "synth.overrides may not set \\['seed'\\]"),  # the stream's own seed
     (dict(pages=0), "pages"),
     (dict(mode="huge"), "unknown mode"),
     (dict(profile="comic"), "unknown synth profile"),
