@@ -29,7 +29,8 @@ if [ -z "${MLFLOW_TRACKING_URI:-}" ]; then  # the bundle's MLflow has no SQLAlch
   trap 'rm -rf "$KEEP"; if [ -d "$OUT/mlruns" ]; then cp -r "$OUT/mlruns" "$KEEP";
         tar czf "$OUT/mlruns.tgz" -C "$OUT" mlruns && rm -rf "$OUT/mlruns"; fi' EXIT
 fi
-python -c "from pipeline.synth import font_dir; d = font_dir(); assert d, 'no fonts: set NDOCR_FONT_DIR'; print('fonts', d)" || exit 2
+python -c "from pipeline.synth import font_dir, missing_font_files as m; d = font_dir(); assert d and not m(d), \
+  f'fonts missing from {d}: {m(d)} (NDOCR_FONT_DIR)'; print('fonts', d)" || exit 2
 touch "$OUT/.started"
 # the device ends a call at 600 s with no time for the archive below (session 17 lost a resumed
 # stage's MLflow record so): stop the job first; a stopped stage or evaluation resumes next call

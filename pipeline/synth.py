@@ -59,7 +59,15 @@ FONT_FAMILIES: dict[str, tuple[str, str, str]] = {
     "serif": ("DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf"),
     "mono": ("DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf"),
     "stix": ("STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf"),
+    # TeX's Computer Modern as matplotlib ships it (BaKoMa's TTFs): a second design lineage beside
+    # DejaVu's to train on. Their layout is TeX's OT1, so '"<>\\^_{|}~' draw other glyphs (pages'
+    # text never has them: tests/test_synth_fonts.py holds that) and there is no bullet (a list's
+    # marker is drawn in GLYPH_FALLBACK_FAMILY). Sans and typewriter come in one weight only.
+    "cm_roman": ("cmr10.ttf", "cmb10.ttf", "cmti10.ttf"),
+    "cm_sans": ("cmss10.ttf", "cmss10.ttf", "cmss10.ttf"),
+    "cm_typewriter": ("cmtt10.ttf", "cmtt10.ttf", "cmtt10.ttf"),
 }
+GLYPH_FALLBACK_FAMILY = "sans"  # draws what a family has no glyph for (glyph_font)
 
 
 # ------------------------------------------------------------------------------------ config
@@ -473,19 +481,59 @@ def font_dir() -> Path | None:
         return None
 
 
+def missing_font_files(directory: Path | None = None) -> list[str]:
+    """FONT_FAMILIES' files that ``directory`` (default: :func:`font_dir`) does not hold."""
+    d = directory or font_dir()
+    names = sorted({name for files in FONT_FAMILIES.values() for name in files})
+    return names if d is None else [n for n in names if not (d / n).exists()]
+
+
 @lru_cache(maxsize=512)
 def get_font(family: str, style: int, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """style 0 regular, 1 bold, 2 italic. Falls back to PIL's default font with a warning."""
+    """style 0 regular, 1 bold, 2 italic. With no font directory at all, PIL's default font and a
+    warning; a directory without the family's file is an error (pages would silently change font)."""
     d = font_dir()
     if d is not None:
         path = d / FONT_FAMILIES[family][style]
-        if path.exists():
-            return ImageFont.truetype(str(path), size)
+        if not path.exists():
+            raise FileNotFoundError(f"font family {family!r} needs {path.name} in {d} (missing: "
+                                    f"{missing_font_files(d)}; ${FONT_DIR_ENV} names the folder)")
+        return ImageFont.truetype(str(path), size)
     warnings.warn(f"font {family!r} not found (matplotlib's fonts/ttf); using PIL's default font", stacklevel=2)
     try:
         return ImageFont.load_default(size=size)
     except TypeError:
         return ImageFont.load_default()
+
+
+_NO_GLYPH = "\U0010fffd"  # a private-use code point no font here maps: it draws the font's .notdef
+
+
+@lru_cache(maxsize=16)
+def _probe_font(path: str) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, 32)
+
+
+def _glyph_signature(font: ImageFont.FreeTypeFont, ch: str) -> tuple[tuple[int, int], bytes]:
+    mask = font.getmask(ch)
+    return mask.size, bytes(mask)
+
+
+@lru_cache(maxsize=4096)
+def font_has_glyph(path: str, ch: str) -> bool:
+    """Whether the font file maps ``ch`` to a glyph of its own (not its .notdef box)."""
+    probe = _probe_font(path)
+    return _glyph_signature(probe, ch) != _glyph_signature(probe, _NO_GLYPH)
+
+
+def glyph_font(font: Any, text: str) -> Any:
+    """``font``, or GLYPH_FALLBACK_FAMILY's regular face at its size where ``font`` has no glyph
+    for a character of ``text`` (Computer Modern has no bullet): a page never shows .notdef boxes
+    that its reference text calls something else."""
+    path = getattr(font, "path", None)
+    if not isinstance(path, str) or all(font_has_glyph(path, c) for c in text if not c.isspace()):
+        return font
+    return get_font(GLYPH_FALLBACK_FAMILY, 0, int(font.size))
 
 
 @lru_cache(maxsize=65536)
@@ -604,15 +652,15 @@ class _Writer:
             gap = space + (width - natural) / (len(words) - 1)
         pieces = []
         if prefix:
-            pieces.append((prefix, prefix_x))
+            pieces.append((prefix, prefix_x, glyph_font(self.font, prefix)))
         cx = x
         for w in words:
-            pieces.append((w, cx))
+            pieces.append((w, cx, self.font))
             cx += _text_len(self.font, w) + gap
         line_boxes = []
-        for k, (w, px) in enumerate(pieces):
-            self.ops.append(_Op("text", (round(px), round(base), w, self.font, self.ink)))
-            b = self.font.getbbox(w, anchor="ls")
+        for k, (w, px, font) in enumerate(pieces):
+            self.ops.append(_Op("text", (round(px), round(base), w, font, self.ink)))
+            b = font.getbbox(w, anchor="ls")
             wb = (round(px) + b[0], round(base) + b[1], round(px) + b[2], round(base) + b[3])
             self.ink_boxes.append(wb)
             line_boxes.append(wb)
@@ -649,7 +697,7 @@ def _lay_list(items: list[str], numbered: bool, font: Any, width: int, ink, spac
     """Items with a hanging indent; keeps whole items that fit (at least two)."""
     wr = _Writer(font, ink, spacing)
     markers = [f"{i + 1}." if numbered else BULLET for i in range(len(items))]
-    indent = max(_text_len(font, m) for m in markers) + _text_len(font, "  ")
+    indent = max(_text_len(glyph_font(font, m), m) for m in markers) + _text_len(font, "  ")
     if not items or max(_text_len(font, w) for it in items for w in it.split()) > width - indent:
         return None
     item_gap = wr.line_h * 0.25

@@ -83,17 +83,22 @@ def test_a_split_is_evaluated_again_when_the_checkpoint_changes(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["speedrun_tier2_glyphs", "speedrun_tier2_glyphs_base", "speedrun_tier2_glyphs_grid",
-                                  "speedrun_tier2_glyphs_norm", "speedrun_tier2_pseudo"])
+                                  "speedrun_tier2_glyphs_norm", "speedrun_tier2_pseudo", "speedrun_tier2_fonts"])
 def test_glyph_recipe_configs_load(name):
     import speedrun
 
     stage1 = speedrun.stage_config(speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml")), 1)
     assert stage1.glyph_loss > 0 and stage1.slot_centering and stage1.synth.tasks["line"] == 0.5
     assert stage1.synth.crops_per_page > 1
-    normed = name.endswith(("_norm", "_pseudo"))
+    normed = name.endswith(("_norm", "_pseudo", "_fonts"))
     assert stage1.glyph_cell == ("grid" if normed or name.endswith("_grid") else "bag")
     assert stage1.projector_input_norm == normed == (stage1.skip_spikes == 100)
-    assert stage1.synth.synth_config().pseudo_word_prob == (0.3 if name.endswith("_pseudo") else 0.0)
+    page = stage1.synth.synth_config()
+    assert page.pseudo_word_prob == (0.3 if name.endswith(("_pseudo", "_fonts")) else 0.0)
+    fonts = name.endswith("_fonts")  # all salad, Computer Modern too
+    assert page.word_salad_prob == (1.0 if fonts else 0.9)
+    assert page.train_fonts == (("sans", "serif", "mono", "cm_roman", "cm_sans", "cm_typewriter") if fonts
+                                else ("sans", "serif", "mono"))
     assert stage1.synth.crop_scale == "crop"
     on_page = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"), stream_crop_scale="page")
     assert speedrun.stage_config(on_page, 1).synth.crop_scale == "page"
