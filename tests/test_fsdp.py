@@ -196,6 +196,7 @@ def _numerics_worker(rank: int, init_file: str, optimizer_name: str, stage: int,
             report["skipped_weights"] = _max_diff(state_after, state)
             report["skipped_optimizer"] = _optim_diff({"optimizers": optim_after}, {"optimizers": optim_before})
             Path(out).write_text(json.dumps(report))
+        dist.barrier()  # leave together: a rank that tears gloo down while the other still writes can abort
     finally:
         dist.destroy_process_group()
 
