@@ -30,7 +30,8 @@ RECIPE_PARAMS = ("train.preset", "mode", "train.steps", "train.batch_size", "tra
                  "train.warmdown_frac", "train.min_lr_frac",
                  "train.step_milestones", "train.glyph_loss", "train.glyph_cell", "train.slot_centering",
                  "train.projector_input_norm", "train.skip_spikes", "train.skip_spikes_patience",
-                 "train.synth.profile", "train.synth.overrides.pseudo_word_prob", "train.synth.crop_scale",
+                 "train.synth.profile", "train.synth.overrides.pseudo_word_prob",
+                 "train.synth.overrides.word_salad_prob", "train.synth.overrides.train_fonts", "train.synth.crop_scale",
                  "train.synth.tasks.line", "train.synth.tasks.free", "train.synth.tasks.markdown",
                  "train.synth.crops_per_page")
 EVAL_KEYS = ("cer", "free/cer", "markdown/cer", "plain_cer", "free/line1_cer", "free/line2_cer", "free/line3_cer",

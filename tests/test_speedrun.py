@@ -95,8 +95,8 @@ def test_glyph_recipe_configs_load(name):
     assert stage1.projector_input_norm == normed == (stage1.skip_spikes == 100)
     page = stage1.synth.synth_config()
     assert page.pseudo_word_prob == (0.3 if name.endswith(("_pseudo", "_fonts")) else 0.0)
-    fonts = name.endswith("_fonts")  # all salad, Computer Modern too, 2500 steps
-    assert (stage1.steps == 2500) == fonts
+    fonts = name.endswith("_fonts")  # all salad, Computer Modern too, 2000 steps
+    assert (stage1.steps == 2000) == fonts
     assert page.word_salad_prob == (1.0 if fonts else 0.9)
     assert page.train_fonts == (("sans", "serif", "mono", "cm_roman", "cm_sans", "cm_typewriter") if fonts
                                 else ("sans", "serif", "mono"))
