@@ -26,6 +26,8 @@ from pipeline.synth import (
 CM_FAMILIES = ("cm_roman", "cm_sans", "cm_typewriter")
 # a glyph that reads as another character: TeX's fonts set the apostrophe as a right quote
 READS_AS = {"\u2019": "'"}
+pytestmark = pytest.mark.skipif(font_dir() is None, reason="no font directory (matplotlib's fonts/ttf or "
+                                                           "$NDOCR_FONT_DIR)")
 SALAD_CHARACTERS = set("0123456789.,%-ABCDEFGHJKLMNPRSTUVWXYZ!?;:")  # word salad's numbers, codes, punctuation
 
 
@@ -50,8 +52,6 @@ def _page_characters() -> tuple[set[str], set[str]]:
 
 @pytest.fixture(scope="module")
 def page_characters() -> tuple[set[str], set[str]]:
-    if font_dir() is None:
-        pytest.skip("no font directory (matplotlib's fonts/ttf or $NDOCR_FONT_DIR)")
     return _page_characters()
 
 
@@ -75,8 +75,6 @@ def test_family_draws_the_words_characters_by_name(family, page_characters):
 
 
 def test_computer_modern_bullets_come_from_the_fallback_family():
-    if font_dir() is None:
-        pytest.skip("no font directory")
     sans = get_font(GLYPH_FALLBACK_FAMILY, 0, 30)
     assert font_has_glyph(sans.path, BULLET) and glyph_font(sans, BULLET) is sans
     for family in CM_FAMILIES:
@@ -88,8 +86,6 @@ def test_computer_modern_bullets_come_from_the_fallback_family():
 
 
 def test_computer_modern_trains_and_leaves_the_heldout_pages_alone():
-    if font_dir() is None:
-        pytest.skip("no font directory")
     plain = SynthConfig.reading()
     wider = SynthConfig.reading(train_fonts=("sans", "serif", "mono", *CM_FAMILIES))
     families = {make_page(i, wider, 0, "train").font_family for i in range(24)}
@@ -99,8 +95,6 @@ def test_computer_modern_trains_and_leaves_the_heldout_pages_alone():
 
 
 def test_a_font_folder_without_a_familys_file_is_an_error(tmp_path, monkeypatch):
-    if font_dir() is None:
-        pytest.skip("no font directory")
     for name in FONT_FAMILIES["sans"]:
         (tmp_path / name).write_bytes((font_dir() / name).read_bytes())
     assert "cmr10.ttf" in missing_font_files(tmp_path) and "DejaVuSans.ttf" not in missing_font_files(tmp_path)
