@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10 on the lent GPU: a tier-2 speedrun (stage 1 on a stream of rendered pages, then
 # evaluation on held-out pages). Run in the repo root on the device with .gpu and .fonts carried:
-#   bash bench/run_tier2.sh [jobs/speedrun.py flags...]      # e.g. --stage1-time-limit 350
+#   bash bench/run_tier2.sh [jobs/speedrun.py flags...]      # e.g. --stage1-steps 2000
 #   CONFIG=jobs/configs/speedrun_tier2_glyphs.yaml bash bench/run_tier2.sh ...
 # Writes speedrun.log, eval_summary.json (+ eval.tgz, its predictions) and the MLflow file store
 # (mlruns.tgz: extract it for bench/tier2_summary.py) under $OUT. A stage stopped
@@ -34,8 +34,13 @@ python -c "from pipeline.synth import font_dir, missing_font_files as m; d = fon
 touch "$OUT/.started"
 # the device ends a call at 600 s with no time for the archive below (session 17 lost a resumed
 # stage's MLflow record so): stop the job first; a stopped stage or evaluation resumes next call
+# stage 1 also checkpoints STOP_MARGIN_S before that, however long the steps before it took (session 23
+# lost a first call's 1,075 steps: data, Ray and compiling took 150 s, so --stage1-time-limit 430,
+# counted from the first step, was never reached)
 CALL_LIMIT_S=${CALL_LIMIT_S:-570}
-timeout -k 15 "$CALL_LIMIT_S" python jobs/speedrun.py --config "$CONFIG" --no-serve "$@" > "$OUT/speedrun.log" 2>&1
+STOP_MARGIN_S=${STOP_MARGIN_S:-45}
+timeout -k 15 "$CALL_LIMIT_S" python jobs/speedrun.py --config "$CONFIG" --no-serve \
+  --stage1-stop-within $((CALL_LIMIT_S - STOP_MARGIN_S)) "$@" > "$OUT/speedrun.log" 2>&1
 status=$?
 [ $status -eq 124 ] && echo "==> stopped at CALL_LIMIT_S=$CALL_LIMIT_S s: run the same command again to go on"
 

@@ -54,6 +54,9 @@ class SpeedrunConfig:
     stage1_steps: int | None = None
     stage2_steps: int | None = None
     stage1_time_limit_s: float | None = None  # stop stage 1 with a checkpoint; a re-run of the speedrun resumes it
+    # stop stage 1 with a checkpoint at this wall-clock time (time.time()): --stage1-stop-within sets it
+    # from the speedrun's start, so the steps before the stage (data, Ray, compiling) count too
+    stage1_stop_at_unix_s: float | None = None
     stage1_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields over stage1_config's
     num_workers: int = 1
     use_gpu: bool = False
@@ -62,11 +65,13 @@ class SpeedrunConfig:
     eval_batch_size: int = 4  # requests one evaluation actor generates together
     eval_baseline: str | None = None  # "tesseract": the peer baseline on the same pages
     eval_line_crops: int = 0  # > 0: also read this many line crops of the held-out pages (reading shows there first)
-    eval_lines_on_page: bool = False  # also read those crops at the page's text size (always so with stream_crop_scale: page)
+    eval_lines_on_page: bool = False  # also read those crops at the page's text size (always so unless stream_crop_scale: crop)
     stream_pages: int = 0  # > 0: stage 1 trains on this many pages rendered on the fly (Ray Data)
     stream_tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
     stream_crops_per_page: int = 1  # line/word pages give up to this many crops (bench/stream.py: fewer CPUs needed)
-    stream_crop_scale: str = "crop"  # "page": line/word crops at the page's text size (SynthStreamConfig.crop_scale)
+    # line/word crops of the stream: "crop", "page" (at the page's text size) or "zoom" (a size drawn
+    # between the two): SynthStreamConfig.crop_scale
+    stream_crop_scale: str = "crop"
     stages: list[int] = field(default_factory=lambda: [1, 2])  # [1]: stop after stage 1
     serve_port: int = 8000
     demo_task: str = "markdown"
@@ -196,6 +201,7 @@ def stage_config(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None = No
         overrides["init_from"] = str(stage_dir(cfg, 1))
     else:
         overrides["time_limit_s"] = cfg.stage1_time_limit_s
+        overrides["stop_at_unix_s"] = cfg.stage1_stop_at_unix_s
         overrides.update(cfg.stage1_overrides)
     if stage == 1 and cfg.stream_pages:
         overrides["synth"] = {"profile": cfg.synth_profile, "pages": cfg.stream_pages, "seed": cfg.seed + 100,
@@ -213,12 +219,12 @@ def stage_dir(cfg: SpeedrunConfig, stage: int) -> Path:
 
 def line_crop_splits(cfg: SpeedrunConfig) -> dict[str, str]:
     """The held-out line-crop splits (``data/`` folders) and how each shows its crops: always alone
-    (comparable with earlier runs), and also at page scale when training shows crops so or when
-    asked (``eval_lines_on_page``: whether a page's lines read worse for their size or their context)."""
+    (comparable with earlier runs), and also at page scale when training shows crops smaller than
+    alone or when asked (``eval_lines_on_page``: whether a page's lines read worse for their size or their context)."""
     if not cfg.eval_line_crops:
         return {}
     splits = {HELDOUT_LINES: "crop"}
-    if cfg.stream_crop_scale == "page" or cfg.eval_lines_on_page:
+    if cfg.stream_crop_scale != "crop" or cfg.eval_lines_on_page:
         splits[HELDOUT_LINES_ON_PAGE] = "page"
     return splits
 
@@ -329,6 +335,9 @@ def serve_and_ask(cfg: SpeedrunConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    from pipeline.synth import CROP_SCALES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="speedrun YAML (default: jobs/configs/speedrun_<preset>.yaml)")
     parser.add_argument("--preset", choices=["tiny", "small", "full"],
@@ -341,11 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage2-steps", dest="stage2_steps", type=int)
     parser.add_argument("--stage1-time-limit", dest="stage1_time_limit_s", type=float,
                         help="seconds: stage 1 checkpoints and the speedrun stops; run it again to resume")
+    parser.add_argument("--stage1-stop-within", dest="stage1_stop_within_s", type=float,
+                        help="seconds since this command started: stage 1 checkpoints and the speedrun stops by "
+                             "then (a machine lent for a limited call: its limit less a margin for saving)")
     parser.add_argument("--stage1-set", dest="stage1_settings", action="append", default=[], metavar="KEY=VALUE",
                         help="a stage-1 TrainConfig field, VALUE read as YAML (repeatable): --stage1-set profile_at=100")
-    parser.add_argument("--stream-crop-scale", dest="stream_crop_scale", choices=["crop", "page"],
-                        help="stage 1 on the stream: line/word crops resized to the view (crop) or at the page's "
-                             "text size (page)")
+    parser.add_argument("--stream-crop-scale", dest="stream_crop_scale", choices=CROP_SCALES,
+                        help="stage 1 on the stream: line/word crops resized to the view (crop), at the page's "
+                             "text size (page) or at a size drawn between the two (zoom)")
     parser.add_argument("--train-pages", dest="train_pages", type=int)
     parser.add_argument("--heldout-pages", dest="heldout_pages", type=int)
     parser.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate at most this many records per split")
@@ -357,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config, preset=args.preset, out=args.out, use_gpu=args.use_gpu, num_workers=args.num_workers,
                       stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                       stage1_time_limit_s=args.stage1_time_limit_s,
+                      stage1_stop_at_unix_s=(None if args.stage1_stop_within_s is None
+                                             else started + args.stage1_stop_within_s),
                       train_pages=args.train_pages, heldout_pages=args.heldout_pages, eval_limit=args.eval_limit,
                       serve_port=args.serve_port, stream_crop_scale=args.stream_crop_scale)
     cfg.stage1_overrides.update(parse_settings(args.stage1_settings))

@@ -50,23 +50,23 @@ def page_glyphs(page: Any, view_size: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32).reshape(-1, 4)
 
 
-def crop_page(page: Any, task: str, piece: Any, on_page: bool = False) -> SimpleNamespace:
-    """The page a ``line``/``word`` crop shows: the words inside the crop's box (the one
-    :func:`pipeline.synth.piece_crop` cuts), moved into the crop's own coordinates, or left in the
-    page's with ``on_page`` (:func:`pipeline.synth.piece_on_page`)."""
-    from pipeline.synth import TextPiece, piece_crop_box
+def crop_page(page: Any, task: str, piece: Any, crop_scale: str = "crop") -> SimpleNamespace:
+    """The page a ``line``/``word`` sample shows (:func:`pipeline.synth.piece_image`): the words
+    inside the crop's box (the one :func:`pipeline.synth.piece_crop` cuts), moved to where
+    ``crop_scale`` puts the crop on its canvas (:func:`pipeline.synth.piece_layout`)."""
+    from pipeline.synth import TextPiece, piece_crop_box, piece_layout
 
-    cx1, cy1, cx2, cy2 = piece_crop_box(page.size, piece)
+    cx1, cy1, _, _ = piece_crop_box(page.size, piece)
     inside = [piece]
     if task == "line":
         x1, y1, x2, y2 = piece.box_px
         inside = [w for w in page.words if w.box_px[0] >= x1 - 1 and w.box_px[2] <= x2 + 1
                   and y1 <= (w.box_px[1] + w.box_px[3]) / 2 <= y2]
-    if on_page:
-        return SimpleNamespace(size=page.size, words=inside)
-    moved = [TextPiece(w.text, (w.box_px[0] - cx1, w.box_px[1] - cy1, w.box_px[2] - cx1, w.box_px[3] - cy1))
+    size, (ox, oy) = piece_layout(page.size, piece, crop_scale, page.page_id)
+    dx, dy = ox - cx1, oy - cy1
+    moved = [TextPiece(w.text, (w.box_px[0] + dx, w.box_px[1] + dy, w.box_px[2] + dx, w.box_px[3] + dy))
              for w in inside]
-    return SimpleNamespace(size=(cx2 - cx1, cy2 - cy1), words=moved)
+    return SimpleNamespace(size=size, words=moved)
 
 
 def cell_targets(glyphs: np.ndarray, view_size: int) -> np.ndarray:

@@ -117,7 +117,8 @@ class SynthConfig:
     max_line_crops: int = 6  # per page, for task 'line'
     max_word_crops: int = 6  # per page, for task 'word'
     # line/word crop files: "crop" (the piece alone; resized to the view its text is larger than the
-    # page's) or "page" (left where it was on an empty page-sized canvas, at the page's text size)
+    # page's), "page" (left where it was on an empty page-sized canvas, at the page's text size) or
+    # "zoom" (a size drawn between the two): piece_layout
     crop_scale: str = "crop"
     seed: int = 0
 
@@ -242,7 +243,7 @@ class SynthConfig:
 
 
 PROFILES = ("easy", "document", "reading")  # the SynthConfig constructors of that name
-CROP_SCALES = ("crop", "page")  # how a line/word crop is shown (SynthConfig.crop_scale)
+CROP_SCALES = ("crop", "page", "zoom")  # how a line/word crop is shown (SynthConfig.crop_scale; piece_layout)
 
 
 def normalise_tasks(tasks: Sequence[str] | str) -> tuple[str, ...]:
@@ -1139,26 +1140,48 @@ def piece_crop(image: Image.Image, piece: TextPiece) -> Image.Image:
     return image.crop(piece_crop_box(image.size, piece))
 
 
-def piece_on_page(image: Image.Image, piece: TextPiece) -> Image.Image:
-    """The crop of one line or word left where it was on an otherwise empty page of the same size.
+def piece_layout(size: tuple[int, int], piece: TextPiece, crop_scale: str = "crop",
+                 key: str = "") -> tuple[tuple[int, int], tuple[int, int]]:
+    """(canvas size, where the crop's top-left corner lands on it) of a ``line``/``word`` sample of
+    ``piece`` on a page of ``size`` as ``crop_scale`` shows it (the one place that reads
+    :data:`CROP_SCALES`' meaning):
 
-    Why: a crop is resized to the view like a page, so its text comes out larger than the page's
-    (in ``reading`` pages ~1.7x at the median, up to ~5x); on the page-sized canvas it keeps the
-    page's size and place, and what a line teaches applies to pages. The canvas takes the paper's
-    colour from the page's top rows (the median: degradation noise does not tint it).
+    - ``crop``: the crop alone. It is resized to the view like a page, so its text comes out larger
+      than the page's (in ``reading`` pages ~1.7x at the median, up to ~5x).
+    - ``page``: where it was, on an otherwise empty canvas of the page's size: the page's text size
+      and place, so what a line teaches applies to pages.
+    - ``zoom``: on an empty canvas ``z`` times smaller than the page (never smaller than the crop),
+      at a place drawn at random; ``z`` is log-uniform between 1 (the page's text size) and the
+      crop's own scale. Why: a model that reads crops (large text) does not read the same lines at
+      the page's size, and one trained on page-size crops only did not learn to read at all
+      (``bench/RESULTS.md``, sessions 17 and 22); every size in between bridges the two.
+      ``key`` (the page's id) seeds the draw, so a crop and its glyph targets agree.
     """
-    box = piece_crop_box(image.size, piece)
+    x1, y1, x2, y2 = piece_crop_box(size, piece)
+    w, h = x2 - x1, y2 - y1
+    if crop_scale == "page":
+        return (int(size[0]), int(size[1])), (x1, y1)
+    if crop_scale == "zoom":
+        rng = random.Random(f"ndocr-zoom/{key}/{x1},{y1},{x2},{y2}")
+        z = (max(size) / max(w, h)) ** rng.random()
+        cw, ch = max(w, round(size[0] / z)), max(h, round(size[1] / z))
+        return (cw, ch), (rng.randint(0, cw - w), rng.randint(0, ch - h))
+    return (w, h), (0, 0)
+
+
+def piece_image(image: Image.Image, piece: TextPiece, crop_scale: str = "crop", key: str = "") -> Image.Image:
+    """What a ``line``/``word`` sample shows of ``piece`` (:func:`piece_layout`). The canvas around
+    the crop takes the paper's colour from the page's top rows (the median: degradation noise does
+    not tint it)."""
+    crop = piece_crop(image, piece)
+    canvas_size, offset = piece_layout(image.size, piece, crop_scale, key)
+    if canvas_size == crop.size:
+        return crop
     top = np.asarray(image)[:4].reshape(-1, len(image.getbands()))
     paper = tuple(int(v) for v in np.median(top, axis=0))
-    canvas = Image.new(image.mode, image.size, paper if len(paper) > 1 else paper[0])
-    canvas.paste(image.crop(box), box[:2])
+    canvas = Image.new(image.mode, canvas_size, paper if len(paper) > 1 else paper[0])
+    canvas.paste(crop, offset)
     return canvas
-
-
-def piece_image(image: Image.Image, piece: TextPiece, crop_scale: str = "crop") -> Image.Image:
-    """What a ``line``/``word`` sample shows of ``piece``: its crop alone, or on the page-sized canvas
-    with ``crop_scale="page"`` (the one place that reads :data:`CROP_SCALES`' meaning)."""
-    return piece_on_page(image, piece) if crop_scale == "page" else piece_crop(image, piece)
 
 
 def crop_record(page: SynthPage, task: str, k: int, text: str, image_rel: str, split: str) -> dict:
@@ -1240,7 +1263,7 @@ def _crop_records(page: SynthPage, out: Path, task: str, pieces: list[TextPiece]
     records = []
     for k in chosen:
         rel = f"images/{page.page_id}-{task}{k:03d}.png"
-        save_png(piece_image(page.image, pieces[k], crop_scale), out / rel)
+        save_png(piece_image(page.image, pieces[k], crop_scale, page.page_id), out / rel)
         records.append(crop_record(page, task, k, pieces[k].text, rel, split))
     return records
 
@@ -1299,7 +1322,8 @@ def synth_main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=None, help=f"comma list from {','.join(TASKS)} (default: markdown,free)")
     p.add_argument("--text-records", type=int, default=0, help="also write this many text-only records to text.jsonl")
     p.add_argument("--crop-scale", choices=CROP_SCALES, default="crop",
-                   help="line/word crops alone ('crop') or on an empty page-sized canvas at the page's text size")
+                   help="line/word crops alone ('crop'), on an empty page-sized canvas at the page's text size "
+                        "('page') or at a size drawn between the two ('zoom')")
     args = p.parse_args(argv)
     overrides: dict[str, Any] = {"seed": args.seed, "crop_scale": args.crop_scale}
     if args.tasks:

@@ -40,7 +40,8 @@ class SynthStreamConfig:
     pages_per_task: int = 32  # pages one Ray task renders (a block of the stream)
     crops_per_page: int = 1  # line/word pages: up to this many crops each (rendering a page costs more than a crop)
     # line/word crops: "crop" resized to the view (larger text than the page's), "page" left where
-    # they were on a page-sized canvas, at the page's text size (pipeline.synth.piece_on_page)
+    # they were on a page-sized canvas, at the page's text size, "zoom" a size drawn between the two
+    # (pipeline.synth.piece_layout)
     crop_scale: str = "crop"
 
     def __post_init__(self) -> None:
@@ -101,11 +102,11 @@ def _crop_pieces(page, task: str) -> list:
 
 
 def _crop_sample(page, task: str, k: int, piece, crop_scale: str = "crop") -> tuple[Any, dict]:
-    """(image, record) of crop ``k`` of ``page``, alone or on its page-sized canvas (``crop_scale``)."""
+    """(image, record) of crop ``k`` of ``page`` as ``crop_scale`` shows it."""
     from pipeline.synth import crop_record, piece_image
 
     record = crop_record(page, task, k, piece.text, f"stream/{page.page_id}-{task}{k:03d}.png", SPLIT)
-    return piece_image(page.image, piece, crop_scale), record
+    return piece_image(page.image, piece, crop_scale, page.page_id), record
 
 
 def _page_sample(page, task: str) -> tuple[Any, dict]:
@@ -143,7 +144,7 @@ def sample_glyphs(page, piece, task: str, view_size: int, crop_scale: str = "cro
     whole page, or of the crop of ``piece`` for a ``line``/``word`` sample as ``crop_scale`` shows it."""
     from pipeline.glyphs import crop_page, page_glyphs
 
-    shown = page if piece is None else crop_page(page, task, piece, on_page=crop_scale == "page")
+    shown = page if piece is None else crop_page(page, task, piece, crop_scale)
     return page_glyphs(shown, view_size)
 
 

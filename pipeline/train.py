@@ -114,6 +114,10 @@ class TrainConfig:
     # stop with a checkpoint after this long; the same run resumes. Several workers check the clock
     # together when they report (every log_every steps), one worker every step
     time_limit_s: float | None = None
+    # stop with a checkpoint at this wall-clock time (time.time()), checked as time_limit_s is: a
+    # deadline set from outside, e.g. a lent machine's call limit less what saving a checkpoint takes,
+    # which time spent before the loop (data, compiling) cannot push past
+    stop_at_unix_s: float | None = None
     profile_at: int | None = None  # torch.profiler over steps [profile_at, +profile_steps) on rank 0 (MLflow profile/)
     profile_steps: int = 5
 
@@ -628,8 +632,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             checkpoint_due = _checkpoints_at(cfg, step)
             report_due = _reports_at(cfg, step)
             # one GPU checks the clock every step; several agree on it (a collective) only when they report
-            out_of_time = (cfg.time_limit_s is not None and step < cfg.steps and (world == 1 or report_due)
-                           and any_rank(time.perf_counter() - t_start >= cfg.time_limit_s, device))
+            out_of_time = (step < cfg.steps and (world == 1 or report_due) and _has_deadline(cfg)
+                           and any_rank(_past_deadline(cfg, t_start), device))
             if report_due or out_of_time:  # the only host syncs of a step
                 metrics = {"lr": lr, "step": step,
                            **meter.read({"loss": loss_sum / n_targets, "grad_norm": grad_norm,
@@ -649,7 +653,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if out_of_time:
                 metrics["stopped_at_time_limit"] = 1.0
                 if rank == 0:
-                    print(f"time limit {cfg.time_limit_s:.0f} s reached at step {step}/{cfg.steps}: checkpointing; "
+                    print(f"out of time at step {step}/{cfg.steps} ({_deadline_text(cfg)}): checkpointing; "
                           "run the same stage again to resume", flush=True)
             if checkpoint_due or out_of_time:
                 directory = _save(cfg, model, optimizer, tokenizer, step, mode, rank, spike_guard)
@@ -677,6 +681,24 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 def _checkpoints_at(cfg: TrainConfig, step: int) -> bool:
     """Whether the step that ends at ``step`` (counted from 1) saves a checkpoint (the last does)."""
     return step == cfg.steps or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+
+
+def _has_deadline(cfg: TrainConfig) -> bool:
+    return cfg.time_limit_s is not None or cfg.stop_at_unix_s is not None
+
+
+def _past_deadline(cfg: TrainConfig, t_start: float) -> bool:
+    """Whether the stage is out of time: ``time_limit_s`` after the loop began (``t_start``, a
+    perf_counter reading) or past the wall-clock ``stop_at_unix_s``."""
+    return ((cfg.time_limit_s is not None and time.perf_counter() - t_start >= cfg.time_limit_s)
+            or (cfg.stop_at_unix_s is not None and time.time() >= cfg.stop_at_unix_s))
+
+
+def _deadline_text(cfg: TrainConfig) -> str:
+    parts = [f"time limit {cfg.time_limit_s:.0f} s"] if cfg.time_limit_s is not None else []
+    if cfg.stop_at_unix_s is not None:
+        parts.append(f"stop at {time.strftime('%H:%M:%S', time.localtime(cfg.stop_at_unix_s))}")
+    return ", ".join(parts)
 
 
 def _reports_at(cfg: TrainConfig, step: int) -> bool:
@@ -733,7 +755,7 @@ class StageResult:
     metrics: dict[str, float]
     run_id: str | None
     model_version: str | None = None
-    complete: bool = True  # False: stopped at time_limit_s; run the stage again to resume
+    complete: bool = True  # False: stopped out of time (time_limit_s, stop_at_unix_s); run the stage again to resume
 
 
 def _datasets(cfg: TrainConfig):

@@ -83,26 +83,33 @@ def test_a_split_is_evaluated_again_when_the_checkpoint_changes(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["speedrun_tier2_glyphs", "speedrun_tier2_glyphs_base", "speedrun_tier2_glyphs_grid",
-                                  "speedrun_tier2_glyphs_norm", "speedrun_tier2_pseudo", "speedrun_tier2_fonts"])
+                                  "speedrun_tier2_glyphs_norm", "speedrun_tier2_pseudo", "speedrun_tier2_fonts",
+                                  "speedrun_tier2_zoom"])
 def test_glyph_recipe_configs_load(name):
     import speedrun
 
     stage1 = speedrun.stage_config(speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml")), 1)
     assert stage1.glyph_loss > 0 and stage1.slot_centering and stage1.synth.tasks["line"] == 0.5
     assert stage1.synth.crops_per_page > 1
-    normed = name.endswith(("_norm", "_pseudo", "_fonts"))
+    normed = name.endswith(("_norm", "_pseudo", "_fonts", "_zoom"))
     assert stage1.glyph_cell == ("grid" if normed or name.endswith("_grid") else "bag")
     assert stage1.projector_input_norm == normed == (stage1.skip_spikes == 100)
     page = stage1.synth.synth_config()
-    assert page.pseudo_word_prob == (0.3 if name.endswith(("_pseudo", "_fonts")) else 0.0)
-    fonts = name.endswith("_fonts")  # all salad, Computer Modern too, 2000 steps
+    assert page.pseudo_word_prob == (0.3 if name.endswith(("_pseudo", "_fonts", "_zoom")) else 0.0)
+    fonts = name.endswith(("_fonts", "_zoom"))  # all salad, Computer Modern too
     assert (stage1.steps == 2000) == fonts
     assert page.word_salad_prob == (1.0 if fonts else 0.9)
     assert page.train_fonts == (("sans", "serif", "mono", "cm_roman", "cm_sans", "cm_typewriter") if fonts
                                 else ("sans", "serif", "mono"))
-    assert stage1.synth.crop_scale == "crop"
+    zoom = name.endswith("_zoom")  # line crops at sizes between the page's and their own; both read
+    assert stage1.synth.crop_scale == ("zoom" if zoom else "crop")
+    assert list(speedrun.line_crop_splits(speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml")))) == (
+        [speedrun.HELDOUT_LINES, speedrun.HELDOUT_LINES_ON_PAGE] if fonts else [speedrun.HELDOUT_LINES])
     on_page = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"), stream_crop_scale="page")
     assert speedrun.stage_config(on_page, 1).synth.crop_scale == "page"
+    assert stage1.stop_at_unix_s is None
+    deadline = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"), stage1_stop_at_unix_s=1.8e9)
+    assert speedrun.stage_config(deadline, 1).stop_at_unix_s == 1.8e9  # --stage1-stop-within, from the start
 
 
 def test_synth_overrides_reach_the_pages_on_disk_and_the_stream(tmp_path):
@@ -154,6 +161,8 @@ def test_line_crops_of_the_heldout_pages_are_evaluated_when_asked(tmp_path):
     cfg.stream_crop_scale = "page"  # trained on crops at page scale: read so too, and alone as before
     assert speedrun.eval_splits(cfg) == {"train": None, "heldout": None, speedrun.HELDOUT_LINES: 3,
                                          speedrun.HELDOUT_LINES_ON_PAGE: 3}
+    cfg.stream_crop_scale = "zoom"  # sizes between the two: both ends are read
+    assert list(speedrun.eval_splits(cfg))[2:] == [speedrun.HELDOUT_LINES, speedrun.HELDOUT_LINES_ON_PAGE]
     speedrun.make_data(cfg)
     on_page = list(read_manifest(tmp_path / "data" / speedrun.HELDOUT_LINES_ON_PAGE / "manifest.jsonl"))
     assert [(r["id"], r["response"]) for r in on_page] == [(r["id"], r["response"]) for r in lines]

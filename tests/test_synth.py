@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +232,26 @@ def test_crop_files_at_page_scale_are_the_page_with_only_that_piece(tmp_path):
         assert y2 - y1 <= crop.shape[0] and x2 - x1 <= crop.shape[1]  # only the piece's ink
         assert np.array_equal(np.asarray(page)[y1:y2, x1:x2], np.asarray(shown)[y1:y2, x1:x2])  # where it was
     with pytest.raises(ValueError, match="crop_scale"):
-        generate(tmp_path / "bad", 1, SynthConfig.document(crop_scale="zoom"))
+        generate(tmp_path / "bad", 1, SynthConfig.document(crop_scale="view"))
+
+
+def test_zoomed_crop_files_hold_the_crop_on_a_canvas_between_crop_and_page(tmp_path):
+    cfg = SynthConfig.document(tasks=("line",), noise_prob=0.0)
+    crop_dir = generate(tmp_path / "crop", 2, cfg, seed=3).parent
+    zoom_dir = generate(tmp_path / "zoom", 2, replace(cfg, crop_scale="zoom"), seed=3).parent
+    crops, zoomed = _records(crop_dir), _records(zoom_dir)
+    assert [(r["id"], r["response"]) for r in crops] == [(r["id"], r["response"]) for r in zoomed] and crops
+    sizes = set()
+    for crop_rec, zoom_rec in zip(crops, zoomed):
+        page = Image.open(zoom_dir / f"images/{zoom_rec['page']}.png")
+        crop = np.asarray(Image.open(crop_dir / crop_rec["image"]).convert("L"))
+        shown = np.asarray(Image.open(zoom_dir / zoom_rec["image"]).convert("L"))
+        assert max(crop.shape) <= max(shown.shape) <= max(page.size)
+        ink = np.argwhere(shown < 128)
+        (y1, x1), (y2, x2) = ink.min(0), ink.max(0) + 1
+        assert y2 - y1 <= crop.shape[0] and x2 - x1 <= crop.shape[1]  # only the piece's ink
+        sizes.add(shown.shape)
+    assert len(sizes) > 1
 
 
 def test_ten_pages_are_fast(tmp_path):

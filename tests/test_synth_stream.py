@@ -158,6 +158,48 @@ def test_page_scale_crops_keep_the_pages_text_size_and_place():
     assert min(ratios) >= 0.99 and max(ratios) > 1.3, ratios  # a line as wide as the page: the same size
 
 
+def test_zoomed_crops_show_a_line_between_the_pages_text_size_and_the_crops():
+    """crop_scale "zoom": the line alone on an empty canvas at a size drawn between the page's
+    (canvas = page) and its own crop's (canvas = crop), the same every time it is drawn; its
+    glyphs are where the canvas has it."""
+    from pipeline.synth import piece_crop, piece_layout
+    from pipeline.synth_stream import sample_glyphs
+
+    zoom = SynthStreamConfig(**{**TINY_STREAM, "tasks": {"line": 1.0}, "crop_scale": "zoom"})
+    view, zooms = 1024, []
+    for index in range(12):
+        page, piece, image, rec = render_piece_sample(index, zoom)
+        assert rec["response"] == piece.text
+        crop = np.asarray(piece_crop(page.image, piece))
+        size, (ox, oy) = piece_layout(page.size, piece, "zoom", page.page_id)
+        assert image.size == size and max(crop.shape[:2]) <= max(size) <= max(page.size)
+        pixels = np.asarray(image)
+        h, w = crop.shape[:2]
+        assert np.array_equal(pixels[oy:oy + h, ox:ox + w], crop)  # the line, unscaled, at the drawn place
+        paper = np.median(np.asarray(page.image)[:4].reshape(-1, pixels.shape[2]), axis=0).astype(pixels.dtype)
+        outside = pixels.copy()
+        outside[oy:oy + h, ox:ox + w] = paper
+        assert (outside == paper).all()  # nothing else: the paper's colour
+        assert np.array_equal(np.asarray(render_piece_sample(index, zoom)[2]), pixels)  # drawn alike each time
+
+        shown = sample_glyphs(page, piece, "line", view, "zoom")
+        alone = sample_glyphs(page, piece, "line", view, "crop")
+        on_page = sample_glyphs(page, piece, "line", view, "page")
+        # the crop's glyphs, moved to (ox, oy) on the canvas (each view pads its image to a centred square)
+        x_px = alone[:, 1] * max(w, h) / view - (max(w, h) - w) / 2
+        top_px = alone[:, 2] * max(w, h) / view - (max(w, h) - h) / 2
+        m = max(size)
+        np.testing.assert_allclose(shown[:, 1], (x_px + ox + (m - size[0]) / 2) * view / m, atol=0.05)
+        np.testing.assert_allclose(shown[:, 2], (top_px + oy + (m - size[1]) / 2) * view / m, atol=0.05)
+        np.testing.assert_array_equal(shown[:, 0], alone[:, 0])
+        z = max(page.size) / m  # how much larger than on the page the view shows the line
+        height = lambda g: float(np.median(g[:, 3] - g[:, 2]))  # noqa: E731
+        assert height(shown) == pytest.approx(z * height(on_page), rel=0.01)
+        assert height(on_page) * 0.99 <= height(shown) <= height(alone) * 1.01
+        zooms.append(z)
+    assert min(zooms) < 1.3 and max(zooms) > 2.0 and len(set(zooms)) == len(zooms), zooms  # many sizes
+
+
 def test_render_crops_renders_a_page_once_for_all_its_crops():
     stream = SynthStreamConfig(**{**TINY_STREAM, "tasks": {"line": 1.0, "word": 1.0, "free": 1.0}})
     kinds = set()
@@ -211,7 +253,7 @@ def test_stream_rows_are_shard_rows(ray_local, tokenizer_file):
         assert list(r["input_ids"]) == list(ids) and list(r["loss_mask"]) == list(mask)
 
 
-@pytest.mark.parametrize("crop_scale", ["crop", "page"])
+@pytest.mark.parametrize("crop_scale", ["crop", "page", "zoom"])
 def test_stream_rows_carry_glyphs_of_the_view_they_show(ray_local, tokenizer_file, crop_scale):
     from pipeline.glyphs import char_class
     from pipeline.synth_stream import GLYPHS_COLUMN, sample_glyphs

@@ -7,6 +7,7 @@ Also: stage 2 freezing, crash-and-resume through FailureConfig, and the MLflow r
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,18 @@ def test_worker_crash_resumes_from_last_checkpoint(workspace, stage2):
     assert steps.count(3) == 2 and steps.count(2) == 1 and max(steps) == 8, steps
     waits = client.get_metric_history(result.run_id, "data_wait_s")
     assert len(waits) == len(steps) and all(m.value >= 0 for m in waits)
+
+
+def test_a_stage_past_its_wall_clock_deadline_checkpoints_and_resumes(workspace):
+    """stop_at_unix_s (a lent machine's call limit): the stage stops at the first step that ends past
+    it, however long the steps before the loop took, with a checkpoint that the next call resumes."""
+    first = run_stage(_cfg(workspace, stage=1, run_name="deadline", steps=3, stop_at_unix_s=time.time()))
+    assert not first.complete and first.metrics["step"] == 1 and first.metrics["stopped_at_time_limit"] == 1.0
+    _, _, meta = load_checkpoint(first.checkpoint_dir, with_tokenizer=False)
+    assert meta["step"] == 1
+    second = run_stage(_cfg(workspace, stage=1, run_name="deadline", steps=3,
+                            stop_at_unix_s=time.time() + 3600))  # far off: no effect
+    assert second.complete and second.run_id == first.run_id and second.metrics["step"] == 3
 
 
 def test_compile_and_compile_gpt_together_are_refused():
