@@ -133,3 +133,14 @@ def test_tier2_lines_places_the_errors_on_the_pages_visual_lines(tmp_path):
     assert grams > 0
     assert tier2_lines.recited_ngrams([{"reference": reference, "prediction": learnt}], 4)[::2] == (grams, grams)
     assert tier2_lines.recited_ngrams([{"reference": learnt, "prediction": learnt}], 4) == (grams, grams, 0)
+
+
+def test_stream_bench_times_each_crop_scale():
+    """bench/stream.py at toy size: one row of its table per crop scale of a crop task, one for a page task."""
+    proc = subprocess.run([sys.executable, "stream.py", "--tasks", "line,free", "--crops", "2", "--crop-scales",
+                           "crop,zoom", "--pages", "2", "--mode", "tiny"], cwd=BENCH, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| line", "| free"))]
+    assert [row.split("|")[1:4] for row in rows] == [[" line ", " 2 ", " crop "], [" line ", " 2 ", " zoom "],
+                                                     [" free ", " 1 ", "  "]], proc.stdout
