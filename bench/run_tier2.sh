@@ -35,8 +35,8 @@ touch "$OUT/.started"
 # the device ends a call at 600 s with no time for the archive below (session 17 lost a resumed
 # stage's MLflow record so): stop the job first; a stopped stage or evaluation resumes next call
 # stage 1 also checkpoints STOP_MARGIN_S before that, however long the steps before it took (session 23
-# lost a first call's 1,075 steps: data, Ray and compiling took 150 s, so --stage1-time-limit 430,
-# counted from the first step, was never reached)
+# lost a first call's 1,075 steps: Ray, data and compiling took over 140 s, so --stage1-time-limit 430,
+# counted from the training loop's start, was never reached)
 CALL_LIMIT_S=${CALL_LIMIT_S:-570}
 STOP_MARGIN_S=${STOP_MARGIN_S:-45}
 timeout -k 15 "$CALL_LIMIT_S" python jobs/speedrun.py --config "$CONFIG" --no-serve \
