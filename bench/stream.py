@@ -35,8 +35,8 @@ def measure(task: str, crops: int, pages: int, mode: str, tokenizer_json: str, g
     start = time.perf_counter()
     table = render_batch({"id": np.arange(pages)}, spec)
     seconds = time.perf_counter() - start
-    return {"task": task, "crops": crops, "crop_scale": crop_scale, "pages": pages, "rows": table.num_rows, "seconds": seconds,
-            "rows_per_s": table.num_rows / seconds, "pages_per_s": pages / seconds}
+    return {"task": task, "crops": crops, "crop_scale": crop_scale, "pages": pages, "rows": table.num_rows,
+            "seconds": seconds, "rows_per_s": table.num_rows / seconds, "pages_per_s": pages / seconds}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,8 @@ class SpeedrunConfig:
     eval_batch_size: int = 4  # requests one evaluation actor generates together
     eval_baseline: str | None = None  # "tesseract": the peer baseline on the same pages
     eval_line_crops: int = 0  # > 0: also read this many line crops of the held-out pages (reading shows there first)
-    eval_lines_on_page: bool = False  # also read those crops at the page's text size (always so unless stream_crop_scale: crop)
+    # also read those crops at the page's text size (always so unless stream_crop_scale: crop)
+    eval_lines_on_page: bool = False
     stream_pages: int = 0  # > 0: stage 1 trains on this many pages rendered on the fly (Ray Data)
     stream_tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
     stream_crops_per_page: int = 1  # line/word pages give up to this many crops (bench/stream.py: fewer CPUs needed)
