@@ -396,7 +396,26 @@ def main(argv: list[str] | None = None) -> int:
         state["pipeline_run_id"] = tracking.start_run(cfg.experiment, run_name=f"speedrun-{cfg.preset}",
                                                       tags={"job": "speedrun", "preset": cfg.preset}, tracking_uri=uri)
         tracking.log_params_flat(state["pipeline_run_id"], {"speedrun": dataclasses.asdict(cfg)}, tracking_uri=uri)
+    else:  # a resumed speedrun: its run is running again until it stops
+        tracking.client(uri).update_run(state["pipeline_run_id"], status="RUNNING")
     parent = state["pipeline_run_id"]
+    try:
+        complete = run_pipeline(cfg, args, state, steps, parent, uri, start)
+    except KeyboardInterrupt:
+        tracking.end_run(parent, status="KILLED", tracking_uri=uri)
+        raise
+    except BaseException:
+        tracking.end_run(parent, status="FAILED", tracking_uri=uri)
+        raise
+    # like a stage's own run: KILLED while a stopped stage waits to be resumed, FINISHED when all is done
+    tracking.end_run(parent, status="FINISHED" if complete else "KILLED", tracking_uri=uri)
+    return 0
+
+
+def run_pipeline(cfg: SpeedrunConfig, args: argparse.Namespace, state: State, steps: Steps, parent: str, uri: str,
+                 start: float) -> bool:
+    """Every step of the speedrun under its MLflow run ``parent``; False when a stage stopped to be resumed."""
+    from pipeline import tracking
 
     steps.run("synthetic data", lambda: all((cfg.root / "data" / split / "manifest.jsonl").is_file()
                                             for split in eval_splits(cfg)), lambda: make_data(cfg))
@@ -412,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             if not result.complete:
                 print(f"==> stage {stage} stopped at its time limit at step {int(result.metrics.get('step', 0))}; "
                       "run the same command again (without --force) to resume it", flush=True)
-                return 0
+                return False
     metrics = steps.run("evaluation (Ray Data actors)", lambda: (cfg.root / "eval" / "summary.json").is_file(),
                         lambda: evaluate(cfg, parent, uri, force=steps.force))
     if metrics is None:
@@ -442,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {a['split']:<8} page {a['id']}: CER {a['cer']:.3f} exact={a['exact']} boxes={a['n_boxes']} "
                   f"-> {a['markdown']}, {a['boxes_image']}")
     print("=" * 72, flush=True)
-    return 0
+    return True
 
 
 if __name__ == "__main__":
