@@ -52,5 +52,5 @@ if [ -n "$(find "$root/eval/summary.json" -newer "$OUT/.started" 2>/dev/null)" ]
   tar czf "$OUT/eval.tgz" -C "$root" eval  # the predictions behind it (examples for RESULTS.md)
 fi
 rm -f "$OUT/.started"
-grep -E "stage1 step|^==>|^\||finished in|^  [a-z]|Error" "$OUT/speedrun.log" | grep -v " INFO \|WARNING" | awk '!seen[$0]++' | tail -150
+grep -E "stage1 step|startup:|^==>|^\||finished in|^  [a-z]|Error" "$OUT/speedrun.log" | grep -v " INFO \|WARNING" | awk '!seen[$0]++' | tail -150
 exit $status

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import tracking  # noqa: E402
 from pipeline.grad_norms import PARTS  # noqa: E402
+from pipeline.startup import METRICS as STARTUP  # noqa: E402
 
 CURVES = ("loss", "glyph_cell_loss", "glyph_cell_error", "glyph_patch_loss", "glyph_patch_error", "lr", "grad_norm",
           "grad_norm_max", *(f"grad_norm_{part}" for part in PARTS), *(f"weight_norm_{part}" for part in PARTS),
@@ -50,6 +51,10 @@ def summarise(comparison: tracking.Comparison, uri: str, eval_summary: Path | No
         "final": {k: v for k, v in run.metrics.items() if k in CURVES},
         "curves": {m: {int(s): round(v, 4) for s, v in pts.get(run_id, [])} for m, pts in history.items()},
     }
+    # each call's seconds before its first step, by phase, keyed by that step (pipeline/startup.py)
+    startup = tracking.metric_histories(comparison, list(STARTUP), uri)
+    summary["startup"] = {m.removeprefix("startup_").removesuffix("_s"): {int(s): round(v, 1) for s, v in pts[run_id]}
+                          for m, pts in startup.items() if pts.get(run_id)}
     if eval_summary:
         evals = json.loads(eval_summary.read_text())
         summary["eval"] = {split: {k: m[k] for k in EVAL_KEYS if k in m} for split, m in evals.items()}

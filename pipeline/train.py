@@ -38,6 +38,7 @@ from pipeline.optim import SCHEDULES, build_optimizer, lr_multiplier, set_lr
 from pipeline.prefetch import Prefetcher
 from pipeline.profiling import StepProfiler, phase
 from pipeline.spike_guard import SpikeGuard
+from pipeline.startup import StartupClock
 from pipeline.step_meter import StepMeter
 from pipeline.synth_stream import SynthStreamConfig
 
@@ -481,6 +482,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     from model.tokenizer import Tokenizer
 
+    clock = StartupClock(loop_config.get("submitted_unix_s"))
     cfg = TrainConfig(**loop_config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -530,6 +532,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         _load_optimizer(optimizer, optim_state["optimizer"], fsdp)
         start_step = int(optim_state.get("step", start_step))
     tracker = _Tracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
+    clock.mark("model")
 
     shard = ray.train.get_dataset_shard("train")
     max_pixels = int(cfg.max_row_megapixels * 1e6) if cfg.max_row_megapixels else None
@@ -545,6 +548,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         # the first batch on this thread: whatever the data path initialises lazily (imports, Ray
         # Data's iterator, environment variables) happens here, not beside running CUDA kernels
         first = next(stream)
+        clock.mark("first_batch")
         stream = Prefetcher(itertools.chain([first], stream), cfg.prefetch_batches,
                             prepare=(lambda b: b.pin_memory()) if device.type == "cuda" else None)
     flops_per_token = inner.flops_per_token(cfg.seq_len)
@@ -575,6 +579,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             with phase("data"):
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
             data_wait = time.perf_counter() - t_data
+            clock.mark("first_batch")  # here when nothing prefetched it
             if first_sample is None:
                 first_sample = micro[0]
             n_targets = max(1, sum(b.n_target_tokens for b in micro))
@@ -628,6 +633,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     shutil.rmtree(profiled, ignore_errors=True)
                 tracker.log(profiler.summary.metrics(), step + 1)
             step += 1
+            if not clock.done("first_step"):  # this call's first step, compiling included
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # once: the step's kernels, not just their launch
+                clock.mark("first_step")
+                if rank == 0:
+                    print(f"stage{cfg.stage} startup: {clock.text()}", flush=True)
+                tracker.log(clock.metrics(), step)
             meter.add(sum(b.input_ids.numel() for b in micro), sum(b.n_samples for b in micro), data_wait)
             checkpoint_due = _checkpoints_at(cfg, step)
             report_due = _reports_at(cfg, step)
@@ -870,6 +882,7 @@ def run_stage(cfg: TrainConfig) -> StageResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": dataclasses.asdict(cfg), "run_id": run_id, "tracking_uri": uri, "mode": mode,
+                           "submitted_unix_s": time.time(),
                            "fault_marker": str(Path(tempfile.gettempdir() if "://" in storage_path else storage_path)
                                                / cfg.run_name / "fault_injected")},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),

@@ -63,6 +63,9 @@ def test_tier2_summary_keeps_the_recipe_curves_and_evaluation(tmp_path, new_mlfl
     for step in (25, 50):
         for key, value in {"loss": 3.0 / step, "grad_norm": 2.0, "grad_norm_gpt": 1.5, "glyph_cell_error": 0.1}.items():
             client.log_metric(run_id, key, value, step=step)
+    for step, (model, first_step) in {1: (20.0, 150.0), 26: (12.0, 60.0)}.items():  # two calls' starts
+        client.log_metric(run_id, "startup_model_s", model, step=step)
+        client.log_metric(run_id, "startup_first_step_s", first_step, step=step)
     client.set_terminated(run_id)
     evals, baseline = tmp_path / "summary.json", tmp_path / "tess.json"
     evals.write_text(json.dumps({"heldout": {"cer": 0.7, "free/cer": 0.72, "not_kept": 1.0}}))
@@ -77,6 +80,7 @@ def test_tier2_summary_keeps_the_recipe_curves_and_evaluation(tmp_path, new_mlfl
     assert summary["curves"]["grad_norm_gpt"] == {"25": 1.5, "50": 1.5}
     assert summary["curves"]["loss"] == {"25": 0.12, "50": 0.06}
     assert summary["final"]["glyph_cell_error"] == 0.1
+    assert summary["startup"] == {"model": {"1": 20.0, "26": 12.0}, "first_step": {"1": 150.0, "26": 60.0}}
     assert summary["eval"] == {"heldout": {"cer": 0.7, "free/cer": 0.72}}
     assert summary["eval_tesseract_heldout"] == {"cer": 0.03}
     assert (tmp_path / "run_curves.png").stat().st_size > 10_000

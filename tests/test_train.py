@@ -197,6 +197,16 @@ def test_a_stage_past_its_wall_clock_deadline_checkpoints_and_resumes(workspace)
     second = run_stage(_cfg(workspace, stage=1, run_name="deadline", steps=3,
                             stop_at_unix_s=time.time() + 3600))  # far off: no effect
     assert second.complete and second.run_id == first.run_id and second.metrics["step"] == 3
+    # each call logged where its time went before its first step (pipeline/startup.py), at that step
+    client = MlflowClient(workspace["uri"])
+    phases = {key: client.get_metric_history(first.run_id, f"startup_{key}_s")
+              for key in ("workers", "model", "first_batch", "first_step", "total")}
+    for key, history in phases.items():
+        assert sorted(m.step for m in history) == [1, 2] and all(m.value >= 0 for m in history), key
+    for call in (1, 2):
+        parts = sum(m.value for key, history in phases.items() if key != "total" for m in history if m.step == call)
+        [total] = [m.value for m in phases["total"] if m.step == call]
+        assert parts == pytest.approx(total), call  # the phases add up to the whole wait
 
 
 def test_compile_and_compile_gpt_together_are_refused():
