@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 # in the order a worker passes them; "workers" is from the driver's submit to the worker function's start
+# (after a worker failure, the restarted group's count still starts at that submit)
 PHASES = ("workers", "model", "first_batch", "first_step")
 METRICS = tuple(f"startup_{phase}_s" for phase in (*PHASES, "total"))  # as logged to MLflow
 
