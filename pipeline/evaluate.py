@@ -45,7 +45,7 @@ TESSERACT_INSTALL = "apt-get update && apt-get install -y tesseract-ocr"
 # Metrics shown in the side-by-side table (all are logged).
 TABLE_METRICS = ("edit_distance", "cer", "line1_cer", "line2_cer", "line3_cer", "line4plus_cer", "wer", "f1",
                  "plain_edit_distance", "plain_f1", "box_f1", "box_mean_iou", "box_gt_iou70", "box_any_f1",
-                 "pages_per_s")
+                 "box_too_many", "pages_per_s")
 
 
 @dataclass

@@ -315,6 +315,8 @@ def box_scores(pred: Sequence, gt: Sequence, iou_threshold: float = 0.5, good_io
     ``precision``/``recall``/``f1`` count matches at ``iou_threshold``; ``mean_iou`` is over
     matched pairs (0 when none); ``gt_iou70`` is the fraction of ground-truth boxes matched
     with IoU >= ``good_iou``. Pages with no boxes on either side score 1.0 (nothing to find).
+    ``too_many``/``too_few`` (1.0 or 0.0; over pages, the share of them) say whether the page has more or
+    fewer blocks than the reference: a model that loses its line mid-paragraph starts a new block there.
     """
     p, g = as_boxes(pred), as_boxes(gt)
     matches = match_boxes(p, g, iou_threshold, by_label, method)
@@ -336,6 +338,8 @@ def box_scores(pred: Sequence, gt: Sequence, iou_threshold: float = 0.5, good_io
         f"{prefix}n_pred": float(len(p)),
         f"{prefix}n_gt": float(len(g)),
         f"{prefix}matched": float(n),
+        f"{prefix}too_many": float(len(p) > len(g)),
+        f"{prefix}too_few": float(len(p) < len(g)),
     }
 
 

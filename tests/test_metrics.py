@@ -142,6 +142,10 @@ def test_box_scores_exact():
     assert s["box_mean_iou"] == pytest.approx(0.8)  # (1.0 + 0.6) / 2
     assert s["box_gt_iou70"] == pytest.approx(1 / 3)  # only the title reaches 0.7
     assert (s["box_n_pred"], s["box_n_gt"], s["box_matched"]) == (2.0, 3.0, 2.0)
+    assert (s["box_too_many"], s["box_too_few"]) == (0.0, 1.0)
+    split = M.box_scores(pred + [{"label": "text", "box": [0, 270, 100, 300]}] * 2, gt)  # text in 3 pieces, no list
+    assert (split["box_too_many"], split["box_too_few"]) == (1.0, 0.0)
+    assert (M.box_scores(gt, gt)["box_too_many"], M.box_scores(gt, gt)["box_too_few"]) == (0.0, 0.0)
     assert M.box_scores([], [])["box_f1"] == 1.0
     none = M.box_scores([], gt)
     assert none["box_f1"] == 0.0 and none["box_mean_iou"] == 0.0
