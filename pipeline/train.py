@@ -579,9 +579,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             with phase("data"):
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
             data_wait = time.perf_counter() - t_data
-            clock.mark("first_batch")  # here when nothing prefetched it
-            if first_sample is None:
+            if first_sample is None:  # this call's first step
                 first_sample = micro[0]
+                clock.mark("first_batch")  # here when nothing prefetched it
             n_targets = max(1, sum(b.n_target_tokens for b in micro))
             loss_sum = torch.zeros((), device=device)  # stays on the device until a step reports
             glyph_sums: dict[str, torch.Tensor] = {}
