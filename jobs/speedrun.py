@@ -57,6 +57,8 @@ class SpeedrunConfig:
     # stop stage 1 with a checkpoint at this wall-clock time (time.time()): --stage1-stop-within sets it
     # from the speedrun's start, so the steps before the stage (data, Ray, compiling) count too
     stage1_stop_at_unix_s: float | None = None
+    # end stage 1 as finished at this wall-clock time (--stage1-end-within): the evaluation still runs
+    stage1_end_at_unix_s: float | None = None
     stage1_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields over stage1_config's
     num_workers: int = 1
     use_gpu: bool = False
@@ -203,6 +205,7 @@ def stage_config(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None = No
     else:
         overrides["time_limit_s"] = cfg.stage1_time_limit_s
         overrides["stop_at_unix_s"] = cfg.stage1_stop_at_unix_s
+        overrides["end_at_unix_s"] = cfg.stage1_end_at_unix_s
         overrides.update(cfg.stage1_overrides)
     if stage == 1 and cfg.stream_pages:
         overrides["synth"] = {"profile": cfg.synth_profile, "pages": cfg.stream_pages, "seed": cfg.seed + 100,
@@ -354,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-stop-within", dest="stage1_stop_within_s", type=float,
                         help="seconds since this command started: stage 1 checkpoints and the speedrun stops by "
                              "then (a machine lent for a limited call: its limit less a margin for saving)")
+    parser.add_argument("--stage1-end-within", dest="stage1_end_within_s", type=float,
+                        help="seconds since this command started: stage 1 ends there as finished (its final "
+                             "checkpoint at the step reached) and the evaluation follows (a lease that must end "
+                             "with a measured model)")
     parser.add_argument("--stage1-set", dest="stage1_settings", action="append", default=[], metavar="KEY=VALUE",
                         help="a stage-1 TrainConfig field, VALUE read as YAML (repeatable): --stage1-set profile_at=100")
     parser.add_argument("--stream-crop-scale", dest="stream_crop_scale", choices=CROP_SCALES,
@@ -372,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                       stage1_time_limit_s=args.stage1_time_limit_s,
                       stage1_stop_at_unix_s=(None if args.stage1_stop_within_s is None
                                              else started + args.stage1_stop_within_s),
+                      stage1_end_at_unix_s=(None if args.stage1_end_within_s is None
+                                            else started + args.stage1_end_within_s),
                       train_pages=args.train_pages, heldout_pages=args.heldout_pages, eval_limit=args.eval_limit,
                       serve_port=args.serve_port, stream_crop_scale=args.stream_crop_scale)
     cfg.stage1_overrides.update(parse_settings(args.stage1_settings))

@@ -119,6 +119,11 @@ class TrainConfig:
     # deadline set from outside, e.g. a lent machine's call limit less what saving a checkpoint takes,
     # which time spent before the loop (data, compiling) cannot push past
     stop_at_unix_s: float | None = None
+    # end the stage at this wall-clock time as if it had finished: the step it reached saves the final
+    # checkpoint and the stage counts as done (``ended_early_at_step`` says so; the lr schedule stays
+    # that of ``steps``). For a lease that must end with an evaluated model rather than a checkpoint to
+    # resume; checked as stop_at_unix_s is, and it wins when both have passed
+    end_at_unix_s: float | None = None
     profile_at: int | None = None  # torch.profiler over steps [profile_at, +profile_steps) on rank 0 (MLflow profile/)
     profile_steps: int = 5
 
@@ -644,14 +649,19 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             checkpoint_due = _checkpoints_at(cfg, step)
             report_due = _reports_at(cfg, step)
             # one GPU checks the clock every step; several agree on it (a collective) only when they report
-            out_of_time = (step < cfg.steps and (world == 1 or report_due) and _has_deadline(cfg)
+            clock_due = step < cfg.steps and (world == 1 or report_due)
+            ends_now = (clock_due and cfg.end_at_unix_s is not None
+                        and any_rank(time.time() >= cfg.end_at_unix_s, device))
+            out_of_time = (clock_due and not ends_now and _has_deadline(cfg)
                            and any_rank(_past_deadline(cfg, t_start), device))
-            if report_due or out_of_time:  # the only host syncs of a step
+            if report_due or out_of_time or ends_now:  # the only host syncs of a step
                 metrics = {"lr": lr, "step": step,
                            **meter.read({"loss": loss_sum / n_targets, "grad_norm": grad_norm,
                                          "grad_norm_max": grad_norm_max, **part_norms, **glyph_sums,
                                          **({"skipped_steps": spike_guard.skipped} if spike_guard else {})})}
                 grad_norm_max = None
+                if ends_now:  # logged too: the run's record says its schedule was cut short
+                    metrics["ended_early_at_step"] = float(step)
                 if peak:
                     metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak * world)
                 if device.type == "cuda":
@@ -667,7 +677,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 if rank == 0:
                     print(f"out of time at step {step}/{cfg.steps} ({_deadline_text(cfg)}): checkpointing; "
                           "run the same stage again to resume", flush=True)
-            if checkpoint_due or out_of_time:
+            if ends_now and rank == 0:
+                print(f"end time reached at step {step}/{cfg.steps} "
+                      f"({time.strftime('%H:%M:%S', time.localtime(cfg.end_at_unix_s))}): the stage ends here "
+                      "as finished, with its lr schedule cut short", flush=True)
+            if checkpoint_due or out_of_time or ends_now:
                 directory = _save(cfg, model, optimizer, tokenizer, step, mode, rank, spike_guard)
                 checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
                 ray.train.report(metrics, checkpoint=checkpoint)
@@ -675,6 +689,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     shutil.rmtree(directory, ignore_errors=True)
             if out_of_time:
                 return metrics
+            if ends_now:
+                break
         if cfg.sample_prediction and first_sample is not None and loop_config.get("run_id"):
             state = full_model_state(inner) if fsdp else None  # every rank helps gather; rank 0 predicts
             if rank == 0:

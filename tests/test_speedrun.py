@@ -126,6 +126,9 @@ def test_glyph_recipe_configs_load(name):
     assert stage1.stop_at_unix_s is None
     deadline = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"), stage1_stop_at_unix_s=1.8e9)
     assert speedrun.stage_config(deadline, 1).stop_at_unix_s == 1.8e9  # --stage1-stop-within, from the start
+    assert stage1.end_at_unix_s is None
+    ending = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"), stage1_end_at_unix_s=1.8e9)
+    assert speedrun.stage_config(ending, 1).end_at_unix_s == 1.8e9  # --stage1-end-within
 
 
 def test_synth_overrides_reach_the_pages_on_disk_and_the_stream(tmp_path):

@@ -209,6 +209,19 @@ def test_a_stage_past_its_wall_clock_deadline_checkpoints_and_resumes(workspace)
         assert parts == pytest.approx(total), call  # the phases add up to the whole wait
 
 
+def test_a_stage_past_its_end_time_ends_as_finished_at_the_step_it_reached(workspace):
+    """end_at_unix_s (a lease that must end with a measured model): the first step that ends past it
+    is the last; it exports the final checkpoint and the stage is complete, marked as ended early."""
+    result = run_stage(_cfg(workspace, stage=1, run_name="ends", steps=3, end_at_unix_s=time.time(),
+                            stop_at_unix_s=time.time()))  # both passed: the end wins
+    assert result.complete and result.metrics["step"] == 1 and result.metrics["ended_early_at_step"] == 1.0
+    assert "stopped_at_time_limit" not in result.metrics
+    _, _, meta = load_checkpoint(result.checkpoint_dir, with_tokenizer=False)
+    assert meta["step"] == 1
+    run = MlflowClient(workspace["uri"]).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["ended_early_at_step"] == 1.0
+
+
 def test_compile_and_compile_gpt_together_are_refused():
     with pytest.raises(ValueError, match="compile already compiles the whole model"):
         TrainConfig(data="x", compile=True, compile_gpt=True)
