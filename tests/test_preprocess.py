@@ -242,3 +242,28 @@ def test_job_fails_clearly_above_max_error_fraction(ray_local, bad_manifest, tmp
     stats = json.loads((out / "stats.json").read_text())
     assert stats["status"] == "failed" and stats["failed_fraction"] > 0.1
     assert main(["--out", str(out)]) == 2 and "no manifest given" in capsys.readouterr().err
+
+
+def test_shard_rows_table_keeps_views_bytes_and_nulls_exactly():
+    """rows_to_table builds the view columns in one buffer (pipeline.preprocess._large_binary): the
+    same Arrow column as pa.array, text rows' nulls and empty tile blobs included."""
+    import pyarrow as pa
+
+    from pipeline.preprocess import SHARD_SCHEMA, rows_to_table, shard_row
+
+    rng = np.random.default_rng(0)
+    view = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    tiles = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    rows = [shard_row("a", "free", [1, 2, 3], [0, 1, 1], mode="tiny", global_view=view, tiles=tiles,
+                      spatial_crop=[2, 1], n_image_tokens=12),
+            shard_row("t", "text", [4, 5], [1, 1]),  # a text row: no views
+            shard_row("b", "line", [6], [1], mode="tiny", global_view=view[:8], tiles=tiles[:0],
+                      spatial_crop=[1, 1], n_image_tokens=4)]
+    table = rows_to_table(rows)
+    table.validate(full=True)
+    assert table.schema == SHARD_SCHEMA
+    for name in ("global_view", "tiles"):
+        assert table.column(name).combine_chunks().equals(pa.array([r[name] for r in rows], pa.large_binary()))
+    assert table.column("global_view").null_count == 1 and table.column("tiles")[2].as_py() == b""
+    assert np.array_equal(np.frombuffer(table.column("global_view")[0].as_py(), np.uint8).reshape(view.shape), view)
+    assert rows_to_table([]).num_rows == 0
