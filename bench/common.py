@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py` from the repository 
     sys.path.insert(0, str(ROOT))
 
 from model.config import VLMConfig, preset as preset_config  # noqa: E402
+from model.flops import gpt_matmul_params, gpt_train_flops, image_flops, vision_flops  # noqa: E402,F401 (re-exported)
 from model.vlm import ImageViews, NanoDeepseekOCR  # noqa: E402
 
 # dense bf16 tensor-core peaks from the vendors' datasheets (what MFU is quoted against)
@@ -134,63 +135,6 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype | None = N
     if dtype is not None:
         model = model.to(dtype)
     return model
-
-
-def gpt_matmul_params(cfg: VLMConfig) -> int:
-    """Parameters of the GPT's matrices (blocks + lm_head; the embedding is a lookup)."""
-    g = cfg.gpt
-    d = g.head_dim
-    per_layer = g.n_embd * d * (g.n_head + 2 * g.n_kv_head) + g.n_embd * g.n_embd + 8 * g.n_embd * g.n_embd
-    return g.n_layer * per_layer + g.vocab_size * g.n_embd
-
-
-def gpt_train_flops(cfg: VLMConfig, segment_lengths: Sequence[int]) -> float:
-    """Training FLOPs of one packed batch: 6 * matmul params per token + causal attention
-    counted per segment (what each packed sample really attends to)."""
-    g = cfg.gpt
-    tokens = sum(segment_lengths)
-    attn = 12 * g.n_layer * g.n_head * g.head_dim * sum(s * s / 2 for s in segment_lengths)
-    return 6 * gpt_matmul_params(cfg) * tokens + attn
-
-
-def vision_flops(cfg: VLMConfig, size: int) -> float:
-    """Forward FLOPs of one square view through SAM + compressor + CLIP + projector.
-
-    Matrix products (linears, convolutions) and attention (QK^T and PV, plus SAM's decomposed
-    relative-position terms); window blocks run on the window-padded grid as SAM does.
-    """
-    s, c = cfg.sam, cfg.clip
-    g = size // s.patch_size
-    n = g * g
-    e = s.embed_dim
-    hidden = int(round(e * s.mlp_ratio))
-    f = 2 * n * 3 * s.patch_size ** 2 * e  # patch embedding
-    for i in range(s.depth):
-        if i in s.global_attn_indexes or s.window_size <= 0:
-            tokens, attn_keys, side = n, n, g
-        else:
-            w = s.window_size
-            padded = -(-g // w) * w
-            tokens, attn_keys, side = padded * padded, w * w, w
-        f += 2 * tokens * e * 3 * e + 2 * tokens * e * e  # qkv, proj
-        f += 4 * tokens * attn_keys * e  # QK^T, PV
-        f += 2 * 2 * tokens * side * e  # relative positions, both axes
-        f += 2 * 2 * n * e * hidden  # MLP
-    f += 2 * n * e * s.neck_dim + 2 * n * 9 * s.neck_dim ** 2  # neck
-    f += 2 * (n // 4) * 9 * s.neck_dim * s.net2_dim + 2 * (n // 16) * 9 * s.net2_dim * s.net3_dim  # compressor
-    m = n // 16 + 1  # CLIP tokens (CLS + compressed grid)
-    f += c.num_layers * (2 * m * c.hidden_size * 4 * c.hidden_size + 2 * 2 * m * c.hidden_size * c.ffn_hidden_size
-                         + 4 * m * m * c.hidden_size)
-    f += 2 * (n // 16) * cfg.projector_in * cfg.gpt.n_embd  # projector
-    return float(f)
-
-
-def image_flops(cfg: VLMConfig, views: ImageViews) -> float:
-    """Forward FLOPs of all views of one image."""
-    f = vision_flops(cfg, views.global_view.shape[-1])
-    if views.tiles.shape[0]:
-        f += views.tiles.shape[0] * vision_flops(cfg, views.tiles.shape[-1])
-    return f
 
 
 # ------------------------------------------------------------------------------------ inputs

@@ -32,15 +32,17 @@ OUT=${OUT:-/tmp/tier2-out}
 CONFIG=${CONFIG:-jobs/configs/speedrun_tier2.yaml}
 DETACH=${DETACH:-0}
 KEEP=artifacts/tier2_mlruns
-JOB=artifacts/tier2_job  # a detached run: pid, rc (once it ended), started, speedrun.log
+# a detached run: pid, rc (once it ended), started, speedrun.log and its MLflow store (MLflow's file
+# store cannot live under a folder named `artifacts`); ignored by git, so the device keeps it between calls
+JOB=.tier2_job
 # the device ends a call at 600 s with no time for the archive below (session 17 lost a resumed
 # stage's MLflow record so): stop the job (or stop following it) first
 CALL_LIMIT_S=${CALL_LIMIT_S:-570}
 mkdir -p "$OUT" artifacts
 if [ -z "${MLFLOW_TRACKING_URI:-}" ]; then  # the bundle's MLflow has no SQLAlchemy: a file store
   if [ "$DETACH" = 1 ]; then  # the running job writes the kept store itself; each call sends a snapshot
-    export MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file://$PWD/$KEEP
-    trap 'if [ -d "$KEEP" ]; then tar czf "$OUT/mlruns.tgz" -C artifacts --transform "s,^tier2_mlruns,mlruns," tier2_mlruns; fi' EXIT
+    export MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file://$PWD/$JOB/mlruns
+    trap 'if [ -d "$JOB/mlruns" ]; then tar czf "$OUT/mlruns.tgz" -C "$JOB" mlruns; fi' EXIT
   else
     rm -rf "$OUT/mlruns"
     [ -d "$KEEP" ] && cp -r "$KEEP" "$OUT/mlruns"

@@ -26,6 +26,7 @@ import torch
 from common import (Table, a4_page, autocast_for, base_parser, build_model, datasheet_peak, free_memory,
                     gpt_train_flops, image_flops, is_oom, matmul_peak, median, report, sync, timed, training_step)
 
+from model.flops import segment_lengths
 from pipeline.mixture import Sample, collate, pack_sequences
 from pipeline.optim import build_optimizer
 
@@ -63,14 +64,6 @@ def make_batch(cfg, rows: int, seq_len: int, rng: np.random.Generator, response:
     if len(groups) != rows:
         raise RuntimeError(f"packing made {len(groups)} rows, wanted {rows}")
     return collate(groups, seq_len), samples
-
-
-def segment_lengths(batch) -> list[int]:
-    out = []
-    for row in batch.segment_ids:
-        ids, counts = torch.unique_consecutive(row, return_counts=True)
-        out += [int(c) for i, c in zip(ids.tolist(), counts.tolist()) if i >= 0]  # -1 = padding
-    return out
 
 
 def run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, args, dense: bool = False,
@@ -129,7 +122,7 @@ def _run(preset: str, rows: int, seq_len: int, steps: int, warmup: int, device, 
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"non-finite loss: {losses}")
     cfg = model.config
-    seg = segment_lengths(batch)
+    seg = segment_lengths(batch.segment_ids)
     pages = len(batch.images)
     vision = 3 * sum(image_flops(cfg, im) for im in batch.images)
     gpt = gpt_train_flops(cfg, seg)

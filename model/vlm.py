@@ -325,6 +325,3 @@ class NanoDeepseekOCR(nn.Module):
         embeds = self.merge_embeddings(input_ids, vision_embeds)
         return self.gpt(targets=targets, inputs_embeds=embeds, positions=positions,
                         segment_ids=segment_ids, loss_reduction=loss_reduction)
-
-    def flops_per_token(self, context: int) -> float:
-        return self.gpt.flops_per_token(context)

@@ -26,10 +26,11 @@ class StepMeter:
     def _start(self) -> None:
         self._t0 = time.perf_counter()
         self._tokens = self._samples = self._steps = 0
-        self._data_wait_s = 0.0
+        self._data_wait_s = self._flops = 0.0
 
-    def add(self, tokens: int, samples: int, data_wait_s: float) -> None:
-        """One finished step's host-side counts (this rank's tokens and samples)."""
+    def add(self, tokens: int, samples: int, data_wait_s: float, flops: float = 0.0) -> None:
+        """One finished step's host-side counts (this rank's tokens, samples and training FLOPs)."""
+        self._flops += flops
         self._tokens += tokens
         self._samples += samples
         self._data_wait_s += data_wait_s
@@ -38,11 +39,14 @@ class StepMeter:
     def read(self, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
         """``values`` as floats (the one wait for the device), with ``tokens_per_s`` and
         ``samples_per_s`` over the window (this rank's counts x world: summing the ranks' would
-        sync them) and ``data_wait_s``, the mean wait for data per step of the window."""
+        sync them), ``flops_per_s`` likewise (when steps counted their FLOPs) and ``data_wait_s``,
+        the mean wait for data per step of the window."""
         out = {k: to_float(v) for k, v in values.items()}
         elapsed = max(time.perf_counter() - self._t0, 1e-9)  # after the read: the device has caught up
         out["tokens_per_s"] = self._tokens * self.world / elapsed
         out["samples_per_s"] = self._samples * self.world / elapsed
+        if self._flops:
+            out["flops_per_s"] = self._flops * self.world / elapsed
         out["data_wait_s"] = self._data_wait_s / max(1, self._steps)
         self._start()
         return out

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from model.config import MODES, VLMConfig, from_yaml, preset as model_preset
+from model.flops import packed_train_flops
 from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, full_value, is_sharded,
                                   shard_model, shard_optimizer_state, vision_on_every_rank)
@@ -556,7 +557,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         clock.mark("first_batch")
         stream = Prefetcher(itertools.chain([first], stream), cfg.prefetch_batches,
                             prepare=(lambda b: b.pin_memory()) if device.type == "cuda" else None)
-    flops_per_token = inner.flops_per_token(cfg.seq_len)
     peak = _peak_flops(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
@@ -645,7 +645,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 if rank == 0:
                     print(f"stage{cfg.stage} startup: {clock.text()}", flush=True)
                 tracker.log(clock.metrics(), step)
-            meter.add(sum(b.input_ids.numel() for b in micro), sum(b.n_samples for b in micro), data_wait)
+            # the vision towers are most of a step's work: the FLOPs count its views as well as its tokens
+            meter.add(sum(b.input_ids.numel() for b in micro), sum(b.n_samples for b in micro), data_wait,
+                      sum(packed_train_flops(inner.config, b.images, b.segment_ids) for b in micro))
             checkpoint_due = _checkpoints_at(cfg, step)
             report_due = _reports_at(cfg, step)
             # one GPU checks the clock every step; several agree on it (a collective) only when they report
@@ -662,8 +664,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 grad_norm_max = None
                 if ends_now:  # logged too: the run's record says its schedule was cut short
                     metrics["ended_early_at_step"] = float(step)
-                if peak:
-                    metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak * world)
+                if peak:  # vision + GPT (model.flops); before session 25 the GPT's alone
+                    metrics["mfu"] = metrics["flops_per_s"] / (peak * world)
                 if device.type == "cuda":
                     metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if rank == 0:

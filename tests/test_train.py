@@ -220,6 +220,7 @@ def test_a_stage_past_its_end_time_ends_as_finished_at_the_step_it_reached(works
     assert meta["step"] == 1
     run = MlflowClient(workspace["uri"]).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["ended_early_at_step"] == 1.0
+    assert run.data.metrics["flops_per_s"] > 0  # the step's views and tokens counted (model.flops): the MFU's base
 
 
 def test_compile_and_compile_gpt_together_are_refused():
