@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/x.py` from the repository root
     sys.path.insert(0, str(ROOT))
 
-from model.config import VLMConfig, preset as preset_config  # noqa: E402
-from model.flops import gpt_matmul_params, gpt_train_flops, image_flops, vision_flops  # noqa: E402,F401 (re-exported)
+from model.config import preset as preset_config  # noqa: E402
 from model.vlm import ImageViews, NanoDeepseekOCR  # noqa: E402
 
 # dense bf16 tensor-core peaks from the vendors' datasheets (what MFU is quoted against)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common import (Table, base_parser, build_model, datasheet_peak, free_memory, image_flops, is_oom, median,
-                    mode_views, report, timed)
+from common import (Table, base_parser, build_model, datasheet_peak, free_memory, is_oom, median, mode_views, report,
+                    timed)
 
 from model.config import MODES
+from model.flops import image_flops
 
 
 def bias_rel_pos_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +158,7 @@ def main() -> None:
     notes = [f"model: {args.preset} preset DeepEncoder, random weights, {str(dtype).replace('torch.', '')}; "
              f"median of {args.repeat} calls after one warm-up; images already on the device as uint8",
              "gundam = one A4 page: 1024 global view + 6 tiles of 640 (903 slots); the other modes are one view",
-             "TFLOP/s counts forward matrix and attention FLOPs (bench/common.py vision_flops); % of the "
+             "TFLOP/s counts forward matrix and attention FLOPs (model/flops.py vision_flops); % of the "
              "datasheet dense bf16 peak"]
     table = Table("Vision encoder (bench/encoder.py)",
                   ["mode", "batch", "images/s", "ms/image", "GFLOP/image", "TFLOP/s", "peak GiB"], rows, notes)

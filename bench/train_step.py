@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 
-from common import (Table, a4_page, autocast_for, base_parser, build_model, datasheet_peak, free_memory,
-                    gpt_train_flops, image_flops, is_oom, matmul_peak, median, report, sync, timed, training_step)
+from common import (Table, a4_page, autocast_for, base_parser, build_model, datasheet_peak, free_memory, is_oom,
+                    matmul_peak, median, report, sync, timed, training_step)
 
-from model.flops import segment_lengths
+from model.flops import gpt_train_flops, image_flops, segment_lengths
 from pipeline.mixture import Sample, collate, pack_sequences
 from pipeline.optim import build_optimizer
 

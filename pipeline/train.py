@@ -665,7 +665,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 if ends_now:  # logged too: the run's record says its schedule was cut short
                     metrics["ended_early_at_step"] = float(step)
                 if peak:  # vision + GPT (model.flops); before session 25 the GPT's alone
-                    metrics["mfu"] = metrics["flops_per_s"] / (peak * world)
+                    metrics["mfu"] = metrics.get("flops_per_s", 0.0) / (peak * world)
                 if device.type == "cuda":
                     metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if rank == 0:

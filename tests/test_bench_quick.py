@@ -61,7 +61,8 @@ def test_tier2_summary_keeps_the_recipe_curves_and_evaluation(tmp_path, new_mlfl
     run_id = client.create_run(client.create_experiment("t2")).info.run_id
     client.log_param(run_id, "train.glyph_cell", "grid")
     for step in (25, 50):
-        for key, value in {"loss": 3.0 / step, "grad_norm": 2.0, "grad_norm_gpt": 1.5, "glyph_cell_error": 0.1}.items():
+        for key, value in {"loss": 3.0 / step, "grad_norm": 2.0, "grad_norm_gpt": 1.5, "glyph_cell_error": 0.1,
+                           "mfu": 0.16, "data_wait_s": 0.05}.items():
             client.log_metric(run_id, key, value, step=step)
     for step, (model, first_step) in {1: (20.0, 150.0), 26: (12.0, 60.0)}.items():  # two calls' starts
         client.log_metric(run_id, "startup_model_s", model, step=step)
@@ -79,6 +80,7 @@ def test_tier2_summary_keeps_the_recipe_curves_and_evaluation(tmp_path, new_mlfl
     assert summary["recipe"] == {"train.glyph_cell": "grid", "steps": "50 (one call)"}
     assert summary["curves"]["grad_norm_gpt"] == {"25": 1.5, "50": 1.5}
     assert summary["curves"]["loss"] == {"25": 0.12, "50": 0.06}
+    assert summary["curves"]["mfu"] == {"25": 0.16, "50": 0.16} and summary["curves"]["data_wait_s"]["50"] == 0.05
     assert summary["final"]["glyph_cell_error"] == 0.1
     assert summary["startup"] == {"model": {"1": 20.0, "26": 12.0}, "first_step": {"1": 150.0, "26": 60.0}}
     assert summary["eval"] == {"heldout": {"cer": 0.7, "free/cer": 0.72}}
