@@ -4,7 +4,8 @@
 #   bash bench/run_tier2.sh [jobs/speedrun.py flags...]      # e.g. --stage1-steps 2000
 #   CONFIG=jobs/configs/speedrun_tier2_glyphs.yaml bash bench/run_tier2.sh ...
 # Writes speedrun.log, eval_summary.json (+ eval.tgz, its predictions) and the MLflow file store
-# (mlruns.tgz: extract it for bench/tier2_summary.py) under $OUT.
+# (mlruns.tgz: extract it for bench/tier2_summary.py; a profile's trace comes beside it as
+# profile_trace.json.gz, for Perfetto) under $OUT.
 #
 # Two ways to outlast one device call (the device ends a command at 600 s):
 # - resumed (default): a stage stopped at its time limit resumes when the same command runs again
@@ -39,18 +40,26 @@ JOB=.tier2_job
 # stage's MLflow record so): stop the job (or stop following it) first
 CALL_LIMIT_S=${CALL_LIMIT_S:-570}
 mkdir -p "$OUT" artifacts
+# the MLflow store under $1 as one archive (its folders nest deeper than the device returns), with the
+# newest profile trace (--stage1-set profile_at=N) beside it: one large trace must not keep the whole
+# store from coming back (16 MiB a file)
+send_store() {
+  local trace
+  trace=$(find "$1/mlruns" -name trace.json.gz -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)
+  [ -n "$trace" ] && cp "$trace" "$OUT/profile_trace.json.gz"
+  tar czf "$OUT/mlruns.tgz" --exclude=trace.json.gz -C "$1" mlruns
+}
 if [ -z "${MLFLOW_TRACKING_URI:-}" ]; then  # the bundle's MLflow has no SQLAlchemy: a file store
   if [ "$DETACH" = 1 ]; then  # the running job writes the kept store itself; each call sends a snapshot
     export MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file://$PWD/$JOB/mlruns
-    trap 'if [ -d "$JOB/mlruns" ]; then tar czf "$OUT/mlruns.tgz" -C "$JOB" mlruns; fi' EXIT
+    trap 'if [ -d "$JOB/mlruns" ]; then send_store "$JOB"; fi' EXIT
   else
     rm -rf "$OUT/mlruns"
     [ -d "$KEEP" ] && cp -r "$KEEP" "$OUT/mlruns"
     export MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI=file://$OUT/mlruns
-    # kept for a resumed call; sent back as one archive (the store's folders are nested deeper than
-    # the device returns)
+    # kept for a resumed call
     trap 'rm -rf "$KEEP"; if [ -d "$OUT/mlruns" ]; then cp -r "$OUT/mlruns" "$KEEP";
-          tar czf "$OUT/mlruns.tgz" -C "$OUT" mlruns && rm -rf "$OUT/mlruns"; fi' EXIT
+          send_store "$OUT" && rm -rf "$OUT/mlruns"; fi' EXIT
   fi
 fi
 python -c "from pipeline.synth import font_dir, missing_font_files as m; d = font_dir(); assert d and not m(d), \
