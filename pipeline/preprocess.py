@@ -851,12 +851,13 @@ def _as_list(value: Any) -> list[int] | None:
     return [int(v) for v in np.asarray(value).reshape(-1).tolist()]
 
 
-def decode_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def decode_row(row: Mapping[str, Any], copy: bool = True) -> dict[str, Any]:
     """A shard row as numpy images + Python lists.
 
     Returns ``id, task, mode, input_ids, loss_mask (lists of int), n_image_tokens (int),
     spatial_crop ((cols, rows) or None), global_view (uint8 HxWx3 or None), tiles (uint8
-    NxHxWx3, N may be 0, or None)``. Image arrays are writable copies.
+    NxHxWx3, N may be 0, or None)``. Image arrays are writable copies, or with ``copy=False``
+    read-only views of the row's bytes (for a caller that copies them anyway).
     """
     out: dict[str, Any] = {
         "id": row.get("id"), "task": row.get("task"), "mode": row.get("mode"),
@@ -867,18 +868,18 @@ def decode_row(row: Mapping[str, Any]) -> dict[str, Any]:
     }
     if row.get("global_view") is None:
         return out
-    out["global_view"] = _array(row["global_view"], row.get("global_shape"), "global_view")
-    out["tiles"] = _array(row.get("tiles") or b"", row.get("tiles_shape"), "tiles")
+    out["global_view"] = _array(row["global_view"], row.get("global_shape"), "global_view", copy)
+    out["tiles"] = _array(row.get("tiles") or b"", row.get("tiles_shape"), "tiles", copy)
     crop = _as_list(row.get("spatial_crop"))
     out["spatial_crop"] = (crop[0], crop[1]) if crop else (1, 1)
     return out
 
 
-def _array(data: Any, shape: Any, name: str) -> np.ndarray:
+def _array(data: Any, shape: Any, name: str, copy: bool = True) -> np.ndarray:
     shape = _as_list(shape)
     if shape is None:
         raise ValueError(f"shard row has {name} bytes but no {name} shape")
-    buf = np.frombuffer(bytearray(data), dtype=np.uint8)
+    buf = np.frombuffer(bytearray(data) if copy else data, dtype=np.uint8)
     if buf.size != math.prod(shape):
         raise ValueError(f"{name}: {buf.size} bytes do not fill shape {shape}")
     return buf.reshape(shape)

@@ -214,7 +214,7 @@ def row_to_sample(row: dict) -> Sample:
     from pipeline.preprocess import decode_row
     from pipeline.synth_stream import GLYPHS_COLUMN
 
-    r = decode_row(row)
+    r = decode_row(row, copy=False)  # ImageViews.from_arrays copies the views into channels-first tensors
     images = []
     if r.get("global_view") is not None:
         images.append(ImageViews.from_arrays(r["global_view"], r.get("tiles"), r.get("spatial_crop") or (1, 1)))

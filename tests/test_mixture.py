@@ -87,3 +87,27 @@ def test_balanced_batches_collate_rows_with_their_images_in_slot_order():
     batch = next(batches(samples, 64, batch_size=2, max_pixels=2 * view_pixels(samples[0]), lookahead=4))
     assert batch.input_ids.shape == (2, 64) and len(batch.images) == 4 and batch.n_samples == 4
     assert torch.equal(batch.input_ids[0, :20], torch.zeros(20, dtype=torch.long))
+
+
+def test_views_from_shard_bytes_are_channels_first_copies():
+    """ImageViews.from_arrays on the read-only views a shard row decodes to (decode_row(copy=False), the
+    trainer's path): CHW / NCHW tensors with the same pixels, contiguous and writable, sharing no memory."""
+    from pipeline.preprocess import decode_row, shard_row
+
+    rng = np.random.default_rng(0)
+    view = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    tiles = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    row = shard_row("r", "free", [1], [1], mode="tiny", global_view=view, tiles=tiles, spatial_crop=[2, 1],
+                    n_image_tokens=4)
+    decoded = decode_row(row, copy=False)
+    assert not decoded["global_view"].flags.writeable  # a view of the row's bytes
+    assert decode_row(row)["global_view"].flags.writeable  # the default still copies
+    views = ImageViews.from_arrays(decoded["global_view"], decoded["tiles"], decoded["spatial_crop"])
+    assert torch.equal(views.global_view, torch.from_numpy(view).permute(2, 0, 1))
+    assert torch.equal(views.tiles, torch.from_numpy(tiles).permute(0, 3, 1, 2))
+    assert views.global_view.is_contiguous() and views.tiles.is_contiguous() and views.spatial_crop == (2, 1)
+    views.global_view.zero_()  # writable, and the row's bytes are untouched
+    assert np.array_equal(decode_row(row)["global_view"], view)
+    from_tensor = ImageViews.from_arrays(torch.from_numpy(view), None)
+    assert torch.equal(from_tensor.global_view, torch.from_numpy(view).permute(2, 0, 1))
+    assert from_tensor.tiles.shape == (0, 3, 1, 1)
