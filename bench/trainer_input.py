@@ -4,7 +4,7 @@
     python bench/trainer_input.py --rows 128 --mode small
 
 Times what ``pipeline.train`` runs on its prefetch thread for every step, minus the pinning and the
-copy to the GPU: Ray Data's ``iter_rows`` over a materialised dataset of shard rows, ``row_to_sample``
+copy to the GPU: ``iter_shard_rows`` over a materialised dataset of shard rows, ``row_to_sample``
 (decode the row, views to channels-first tensors) and ``batches`` (pack into rows, collate), streamed as the trainer streams them. Ray's
 GPU workers run torch on one thread, as here. Why: the tier-2 trainer waited ~0.05 s of each ~0.23 s
 step for data (bench/RESULTS.md, session 24) while the stream's render cores had room to spare, and a
@@ -51,19 +51,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.mixture import batches
     from pipeline.preprocess import rows_to_table
-    from pipeline.train import row_to_sample
+    from pipeline.train import iter_shard_rows, row_to_sample
 
     torch.set_num_threads(1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         dataset = ray.data.from_arrow(rows_to_table(shard_rows(args.rows, args.mode, args.tokens))).materialize()
-        timings = {"iter_rows": 0.0, "row_to_sample": 0.0}
+        timings = {"rows": 0.0, "row_to_sample": 0.0}
 
         def timed_rows(it):
             while True:
                 start = time.perf_counter()
                 row = next(it, None)
-                timings["iter_rows"] += time.perf_counter() - start
+                timings["rows"] += time.perf_counter() - start
                 if row is None:
                     return
                 yield row
@@ -78,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         # streamed as the trainer does: each batch is dropped before the next (memory is reused)
         packed_rows = 0
         start = time.perf_counter()
-        for batch in batches(timed_samples(timed_rows(iter(dataset.iter_rows()))), args.seq_len, args.batch_size):
+        rows = iter_shard_rows(dataset.iterator())  # as the trainer reads its shard
+        for batch in batches(timed_samples(timed_rows(rows)), args.seq_len, args.batch_size):
             packed_rows += batch.input_ids.shape[0]
             del batch
         total = time.perf_counter() - start
-        timings["batches"] = total - timings["iter_rows"] - timings["row_to_sample"]
+        timings["batches"] = total - timings["rows"] - timings["row_to_sample"]
     finally:
         ray.shutdown()
     per_step = args.rows / (packed_rows / args.batch_size)  # stream rows a step takes (the last may be partial)

@@ -869,7 +869,8 @@ def decode_row(row: Mapping[str, Any], copy: bool = True) -> dict[str, Any]:
     if row.get("global_view") is None:
         return out
     out["global_view"] = _array(row["global_view"], row.get("global_shape"), "global_view", copy)
-    out["tiles"] = _array(row.get("tiles") or b"", row.get("tiles_shape"), "tiles", copy)
+    tiles = row.get("tiles")  # bytes, or a uint8 array over a block (pipeline.train.iter_shard_rows)
+    out["tiles"] = _array(b"" if tiles is None else tiles, row.get("tiles_shape"), "tiles", copy)
     crop = _as_list(row.get("spatial_crop"))
     out["spatial_crop"] = (crop[0], crop[1]) if crop else (1, 1)
     return out

@@ -32,6 +32,15 @@ def test_benchmark_quick_run_prints_its_table(script, args, header, tmp_path):
     assert raw.read_text().strip()  # the raw numbers went to --json
 
 
+def test_trainer_input_bench_times_the_data_threads_parts():
+    """bench/trainer_input.py (a CPU benchmark) on a few tiny rows: every part of the path gets a row."""
+    proc = subprocess.run([sys.executable, "trainer_input.py", "--rows", "24", "--mode", "tiny", "--tokens", "64",
+                           "--seq-len", "256"], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    table = proc.stdout[proc.stdout.index("| part | ms per row | ms per step |"):]
+    assert all(f"| {part} |" in table for part in ("rows", "row_to_sample", "batches", "total"))
+
+
 def test_tier2_micro_runs_its_slot_targets(tmp_path):
     """bench/tier2_micro.py at toy size: the bag (-aux) and in-place (-grid) slot targets each train
     and read, and a variant asking for both is refused."""

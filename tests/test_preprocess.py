@@ -267,3 +267,38 @@ def test_shard_rows_table_keeps_views_bytes_and_nulls_exactly():
     assert table.column("global_view").null_count == 1 and table.column("tiles")[2].as_py() == b""
     assert np.array_equal(np.frombuffer(table.column("global_view")[0].as_py(), np.uint8).reshape(view.shape), view)
     assert rows_to_table([]).num_rows == 0
+
+
+def test_trainer_reads_shard_rows_as_iter_rows_does_without_copying_views(ray_local):
+    """pipeline.train.iter_shard_rows: the same rows as Ray's iter_rows (views, text rows' nulls, the
+    glyphs column, several blocks), with the views as arrays over the blocks instead of bytes copies."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline.preprocess import decode_row, rows_to_table, shard_row
+    from pipeline.train import iter_shard_rows
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(5):
+        if i == 2:
+            rows.append(shard_row("text", "text", [1, 2], [1, 1]))
+        else:
+            view = rng.integers(0, 256, (8 + i, 12, 3), dtype=np.uint8)
+            tiles = rng.integers(0, 256, (i % 2, 4, 4, 3), dtype=np.uint8)
+            rows.append(shard_row(f"v{i}", "line", [3] * (i + 1), [1] * (i + 1), mode="tiny", global_view=view,
+                                  tiles=tiles, spatial_crop=[1, 1], n_image_tokens=2))
+    table = rows_to_table(rows).append_column("glyphs", pa.array([bytes([i]) * 16 for i in range(5)], pa.binary()))
+    dataset = ray.data.from_arrow([table.slice(0, 2), table.slice(2)])  # two blocks, the second with an offset
+    ours = list(iter_shard_rows(dataset.iterator()))
+    theirs = list(dataset.iter_rows())
+    assert len(ours) == len(theirs) == 5
+    for mine, ray_row in zip(ours, theirs):
+        assert mine["glyphs"] == ray_row["glyphs"]
+        if ray_row["global_view"] is None:
+            assert mine["global_view"] is None and mine["tiles"] is None
+            continue
+        assert isinstance(mine["global_view"], np.ndarray) and not mine["global_view"].flags.owndata
+        a, b = decode_row(mine, copy=False), decode_row(ray_row)
+        assert a["id"] == b["id"] and a["input_ids"] == b["input_ids"] and a["spatial_crop"] == b["spatial_crop"]
+        assert np.array_equal(a["global_view"], b["global_view"]) and np.array_equal(a["tiles"], b["tiles"])
