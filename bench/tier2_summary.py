@@ -25,8 +25,8 @@ from pipeline.startup import METRICS as STARTUP  # noqa: E402
 
 CURVES = ("loss", "glyph_cell_loss", "glyph_cell_error", "glyph_patch_loss", "glyph_patch_error", "lr", "grad_norm",
           "grad_norm_max", *(f"grad_norm_{part}" for part in PARTS), *(f"weight_norm_{part}" for part in PARTS),
-          "skipped_steps", "slot_rms_mean", "slot_rms_min", "projector_input_absmax", "tokens_per_s", "samples_per_s", "flops_per_s", "mfu",
-          "data_wait_s")
+          "skipped_steps", "slot_rms_mean", "slot_rms_min", "projector_input_absmax", "tokens_per_s", "samples_per_s",
+          "flops_per_s", "mfu", "data_wait_s")
 RECIPE_PARAMS = ("train.preset", "mode", "train.steps", "train.batch_size", "train.seq_len", "train.optimizer",
                  "train.lr", "train.muon_lr", "train.encoder_lr_scale", "train.warmup_steps", "train.schedule",
                  "train.warmdown_frac", "train.min_lr_frac",

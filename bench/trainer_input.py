@@ -5,10 +5,11 @@
 
 Times what ``pipeline.train`` runs on its prefetch thread for every step, minus the pinning and the
 copy to the GPU: ``iter_shard_rows`` over a materialised dataset of shard rows, ``row_to_sample``
-(decode the row, views to channels-first tensors) and ``batches`` (pack into rows, collate), streamed as the trainer streams them. Ray's
-GPU workers run torch on one thread, as here. Why: the tier-2 trainer waited ~0.05 s of each ~0.23 s
-step for data (bench/RESULTS.md, session 24) while the stream's render cores had room to spare, and a
-step holds ~50 base-mode views of 3 MB each. Views are noise: the cost does not depend on content.
+(decode the row, views to channels-first tensors) and ``batches`` (pack into rows, collate), streamed
+as the trainer streams them. Ray's GPU workers run torch on one thread, as here. Why: the tier-2
+trainer waited ~0.05 s of each ~0.23 s step for data (bench/RESULTS.md, session 24) while the
+stream's render cores had room to spare, and a step holds ~50 base-mode views of 3 MB each. Views
+are noise: the cost does not depend on content.
 Prints a table last.
 """
 

@@ -14,7 +14,7 @@ from model.vlm import ImageViews, NanoDeepseekOCR
 
 @pytest.mark.parametrize("name,size", [("small", 640), ("small", 1024), ("full", 640), ("full", 1024)])
 def test_vision_flops_equal_torchs_count_of_the_towers(name, size):
-    """SAM + compressor + CLIP + projector on one view, counted on meta tensors (no arithmetic)."""
+    """SAM + compressor + CLIP + projector on two views, counted on meta tensors (no arithmetic)."""
     cfg = preset(name)
     with torch.device("meta"):
         model = NanoDeepseekOCR(cfg).eval()
