@@ -70,6 +70,7 @@ SHARD_SCHEMA = pa.schema([
     ("spatial_crop", pa.list_(pa.int32())),  # [cols, rows]
     ("n_image_tokens", pa.int32()),
 ])
+VIEW_COLUMNS = ("global_view", "tiles")  # the shard columns that hold megabytes of pixels per row
 ERRORS_SCHEMA = pa.schema([
     ("id", pa.string()),  # null when the record was not even JSON
     ("reason", pa.string()),  # a key of pipeline.records.ERROR_REASONS
@@ -384,7 +385,7 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     cols = {name: [r[name] for r in rows] for name in SHARD_SCHEMA.names}
     cols["input_ids"] = _int_lists(cols["input_ids"], pa.int32())
     cols["loss_mask"] = _int_lists(cols["loss_mask"], pa.uint8())
-    for name in ("global_view", "tiles"):
+    for name in VIEW_COLUMNS:
         cols[name] = _large_binary(cols[name])
     return pa.table(cols, schema=SHARD_SCHEMA)
 
@@ -409,6 +410,26 @@ def _large_binary(values: Sequence[bytes | None]) -> pa.Array:
     validity = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
     return pa.Array.from_buffers(pa.large_binary(), n, [validity, pa.py_buffer(offsets), pa.py_buffer(data)],
                                  null_count=nulls)
+
+
+def binary_views(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """Each value of a (large_)binary Arrow column as a uint8 array over its buffer (None for nulls):
+    the reverse of :func:`_large_binary`, without a copy."""
+    out: list[np.ndarray | None] = []
+    for chunk in column.chunks:
+        _, offsets_buf, data = chunk.buffers()
+        wide = chunk.type == pa.large_binary()
+        offsets = np.frombuffer(offsets_buf, dtype=np.int64 if wide else np.int32)
+        offsets = offsets[chunk.offset:chunk.offset + len(chunk) + 1]
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        for i in range(len(chunk)):
+            if not valid[i]:
+                out.append(None)
+            else:
+                start, end = int(offsets[i]), int(offsets[i + 1])
+                out.append(np.frombuffer(data, dtype=np.uint8, count=end - start, offset=start) if end > start
+                           else np.zeros(0, np.uint8))
+    return out
 
 
 def _int_lists(arrays: Sequence[np.ndarray], typ: pa.DataType) -> pa.Array:

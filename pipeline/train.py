@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from model.config import MODES, VLMConfig, from_yaml, preset as model_preset
@@ -224,9 +223,6 @@ def row_to_sample(row: dict) -> Sample:
                   decode_glyphs(glyphs) if glyphs is not None and images else None)
 
 
-VIEW_COLUMNS = ("global_view", "tiles")  # the shard columns that hold megabytes of pixels per row
-
-
 def iter_shard_rows(shard) -> Iterator[dict]:
     """A dataset shard's rows as dicts, the view columns as zero-copy uint8 arrays over Ray's blocks.
 
@@ -234,30 +230,13 @@ def iter_shard_rows(shard) -> Iterator[dict]:
     then copies again into a channels-first tensor; a tier-2 step reads ~50 of them on the
     trainer's data thread (``bench/trainer_input.py``). Other columns come as Python values.
     """
+    from pipeline.preprocess import VIEW_COLUMNS, binary_views
+
     for table in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
-        columns = {name: (_binary_views(table.column(name)) if name in VIEW_COLUMNS
+        columns = {name: (binary_views(table.column(name)) if name in VIEW_COLUMNS
                           else table.column(name).to_pylist()) for name in table.column_names}
         for i in range(table.num_rows):
             yield {name: values[i] for name, values in columns.items()}
-
-
-def _binary_views(column) -> list[np.ndarray | None]:
-    """Each value of a (large_)binary Arrow column as a uint8 array over its buffer (None for nulls)."""
-    out: list[np.ndarray | None] = []
-    for chunk in column.chunks:
-        _, offsets_buf, data = chunk.buffers()
-        wide = chunk.type == pa.large_binary()
-        offsets = np.frombuffer(offsets_buf, dtype=np.int64 if wide else np.int32)
-        offsets = offsets[chunk.offset:chunk.offset + len(chunk) + 1]
-        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
-        for i in range(len(chunk)):
-            if not valid[i]:
-                out.append(None)
-            else:
-                start, end = int(offsets[i]), int(offsets[i + 1])
-                out.append(np.frombuffer(data, dtype=np.uint8, count=end - start, offset=start) if end > start
-                           else np.zeros(0, np.uint8))
-    return out
 
 
 def _sample_bytes(sample: Sample) -> int:
