@@ -34,7 +34,8 @@ from ray.cluster_utils import AutoscalingCluster
 
 from free_ports import free_ports
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 
@@ -450,6 +451,15 @@ class LocalAutoscalingCluster(AutoscalingCluster):
             time.sleep(0.5)
         raise TimeoutError(f"ray start --head did not come up in 60 s:\n{log}")
 
+    def head_exit_code(self) -> Optional[int]:
+        """None while `ray start --block` runs; it exits (1) when any head process dies."""
+        return self._process.poll() if self._process else None
+
+    def start_log(self) -> str:
+        """What `ray start --head` printed, which names a head process that died and why."""
+        with open(os.path.join(self.temp_dir, "ray-start.log"), errors="replace") as f:
+            return f.read()
+
     def _own_pids(self) -> List[int]:
         """Processes of this cluster: its session, or anything naming its temp dir (Linux /proc)."""
         sid = self._process.pid if self._process else None
@@ -546,6 +556,8 @@ def _wait_for(predicate, timeout: float, interval: float = 1.0) -> bool:
 def autoscaling_cluster(aws: Dict[str, Any], monkeypatch) -> Iterator[LocalAutoscalingCluster]:
     # A throwaway head on this machine: no token (RAY_NOTES), on both sides.
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # The shared local Ray (conftest) would compete with the cluster for the CPUs; the next
+    # module that needs it starts it again.
     if ray.is_initialized():
         ray.shutdown()
     cluster = LocalAutoscalingCluster(
@@ -555,22 +567,59 @@ def autoscaling_cluster(aws: Dict[str, Any], monkeypatch) -> Iterator[LocalAutos
     )
     try:
         cluster.start()
-        # RAY_ADDRESS for Ray Train's helper actors, which look the cluster up
-        # themselves and fail when other Ray instances run on this machine.
-        ray.init(
-            address=cluster.address,
-            runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}},
-        )
         yield cluster
     finally:
-        ray.shutdown()
         cluster.shutdown()
 
 
-@pytest.mark.slow
-def test_gpu_nodes_scale_up_for_training_and_down_when_idle(
-    autoscaling_cluster: LocalAutoscalingCluster, tmp_path: Path
+def _run_driver(
+    cluster: LocalAutoscalingCluster, func: str, *args: str, log: Path, timeout: float
 ) -> None:
+    """Run ``func(*args)`` of this module as a driver of ``cluster``, in a child Python process.
+
+    A Ray driver whose GCS stays unreachable for gcs_rpc_server_reconnect_timeout_s (60 s) ends
+    its process with _exit(1) (rpc_client.h), as it does when `ray start --block` tears the head
+    down after one of its processes died: in the pytest process that ends the whole session with
+    no summary. Here it fails this test, at once when the head exits, with both sides' output.
+    """
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); "
+        f"import test_cluster; test_cluster.{func}(*sys.argv[1:])"
+    )
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    problem = None
+    with open(log, "w+") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while child.poll() is None:
+                if cluster.head_exit_code() is not None:
+                    problem = f"the head (`ray start --block`) exited with {cluster.head_exit_code()}"
+                elif time.monotonic() > deadline:
+                    problem = f"the driver did not finish in {timeout:.0f} s"
+                if problem:
+                    break
+                time.sleep(1)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+        out.seek(0)
+        output = out.read()
+    if problem is None and child.returncode != 0:
+        problem = f"the driver exited with {child.returncode}"
+    if problem:
+        pytest.fail(
+            f"{problem}\n----- driver output (tail) -----\n{output[-6000:]}"
+            f"\n----- ray start --head (tail) -----\n{cluster.start_log()[-6000:]}",
+            pytrace=False,
+        )
+
+
+def _drive_scale_up_and_down(address: str, storage_path: str) -> None:
+    """The driver of the test below (see _run_driver): train on fake GPU nodes, wait for scale-down."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -589,6 +638,9 @@ def test_gpu_nodes_scale_up_for_training_and_down_when_idle(
         ray.train.report({"world_size": dist.get_world_size()})
         return gathered
 
+    # RAY_ADDRESS for Ray Train's helper actors, which look the cluster up
+    # themselves and fail when other Ray instances run on this machine.
+    ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
     nodes_before = {n["NodeID"] for n in ray.nodes()}
     assert nodes_before == {ray.get_runtime_context().get_node_id()}, "only the head at first"
     assert _gpu_nodes() == [], "the cluster must start without GPU nodes"
@@ -601,7 +653,7 @@ def test_gpu_nodes_scale_up_for_training_and_down_when_idle(
             num_workers=2, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1}
         ),
         torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name="fake-gpu-scaleup", storage_path=str(tmp_path)),
+        run_config=RunConfig(name="fake-gpu-scaleup", storage_path=storage_path),
     )
     result = trainer.fit()
     worker_nodes = result.return_value
@@ -621,3 +673,17 @@ def test_gpu_nodes_scale_up_for_training_and_down_when_idle(
     )
     dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
     assert set(worker_nodes) <= dead
+
+
+@pytest.mark.slow
+def test_gpu_nodes_scale_up_for_training_and_down_when_idle(
+    autoscaling_cluster: LocalAutoscalingCluster, tmp_path: Path
+) -> None:
+    _run_driver(
+        autoscaling_cluster,
+        "_drive_scale_up_and_down",
+        autoscaling_cluster.address,
+        str(tmp_path / "train"),
+        log=tmp_path / "driver.log",
+        timeout=600,
+    )

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from free_ports import free_ports
 from model.tasks import TASK_PROMPTS
 
 API_KEY = "test-key"
@@ -48,12 +48,6 @@ def jpeg_bytes(seed=1) -> bytes:
 
 def data_uri(data: bytes, mime="image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ pure pieces (no Serve)
@@ -210,7 +204,7 @@ def service(ray_local, tiny_checkpoint):
 
     from serve.app import build_app
 
-    port = free_port()
+    (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {"num_cpus": 0.25, "num_gpus": 0}
     app = build_app({
