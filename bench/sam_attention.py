@@ -13,12 +13,16 @@ SAM adds decomposed relative positions (MViTv2) to every score. The paths:
 - ``none``: plain flash attention without relative positions, the floor none of them can beat:
   what a fused relative-position kernel could get back.
 
-Shapes are one training step's worth of the bench's batch (``train_step.py``: 4 Gundam pages =
-4 global views at 1024 px and 24 tiles at 640 px), for the global blocks and the 14x14 window
-blocks. Each path is checked against the fp32 bias path (output and every input's gradient) and
-timed forward and forward + backward.
+Shapes (``--shapes``): ``bench`` is one training step's worth of the bench's batch
+(``train_step.py``: 4 Gundam pages = 4 global views at 1024 px and 24 tiles at 640 px, SAM-B's 12
+heads), for the global blocks and the 14x14 window blocks; ``tier2`` is one step of the tier-2
+recipe (small preset, 6 heads, ~48 base-mode views at 1024 px a step), whose three global blocks
+took 38% of its step in session 26's profile. Each path is checked against the fp32 bias path
+(output and every input's gradient, on the first views when a batch is too large for the fp32
+bias) and timed forward and forward + backward.
 
     python bench/sam_attention.py
+    python bench/sam_attention.py --shapes tier2 --paths fold,triton,triton-m128,none
     python bench/sam_attention.py --quick   # small shapes, still CUDA (FlexAttention has no CPU backward)
 """
 
@@ -32,11 +36,17 @@ from common import Table, base_parser, median, report, timed
 from model.sam import (decomposed_rel_pos_bias, query_rel_pos_tables, rel_pos_flash_attention,
                        rel_pos_triton_attention)
 
-HEADS, HEAD_DIM = 12, 64  # SAM ViT-B
-# (name, grid side, batch): one bench step's global blocks at 1024 / 640 px and window blocks
-SHAPES = [("global 1024 px", 64, 4), ("global 640 px", 40, 24), ("windows 1024 px", 14, 100),
-          ("windows 640 px", 14, 216)]
-QUICK_SHAPES = [("global 16x16", 16, 2), ("windows 14x14", 14, 4)]
+HEAD_DIM = 64  # SAM-B's and the small preset's
+# (name, grid side, batch, heads) of one step's global blocks and 14x14 window blocks
+SHAPES = {
+    "bench": [("global 1024 px", 64, 4, 12), ("global 640 px", 40, 24, 12), ("windows 1024 px", 14, 100, 12),
+              ("windows 640 px", 14, 216, 12)],
+    # 48 views, each padded to 70 x 70 = 25 windows of 14 x 14
+    "tier2": [("tier-2 global 1024 px", 64, 48, 6), ("tier-2 windows 1024 px", 14, 48 * 25, 6)],
+    "quick": [("global 16x16", 16, 2, 12), ("windows 14x14", 14, 4, 12)],
+}
+# Views the fp32 reference check runs on: the bias path materialises [batch, heads, N, N] in fp32
+CHECK_ELEMENTS = 2**30
 
 
 _FLEX = []
@@ -107,7 +117,7 @@ def paths() -> dict:
             "fold-efficient": with_backend(rel_pos_flash_attention, SDPBackend.EFFICIENT_ATTENTION)}
 
 
-def inputs(side: int, batch: int, device, dtype, seed: int = 0) -> list[torch.Tensor]:
+def inputs(side: int, batch: int, heads: int, device, dtype, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     n = side * side
 
@@ -115,7 +125,7 @@ def inputs(side: int, batch: int, device, dtype, seed: int = 0) -> list[torch.Te
         return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_(True)
 
     # rel-pos tables at a trained scale (SAM's are ~0.1-1), so the bias matters in the check
-    return [t(batch, HEADS, n, HEAD_DIM), t(batch, HEADS, n, HEAD_DIM), t(batch, HEADS, n, HEAD_DIM),
+    return [t(batch, heads, n, HEAD_DIM), t(batch, heads, n, HEAD_DIM), t(batch, heads, n, HEAD_DIM),
             t(2 * side - 1, HEAD_DIM, scale=0.5), t(2 * side - 1, HEAD_DIM, scale=0.5)]
 
 
@@ -135,25 +145,30 @@ def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--paths", default="bias,fold,triton,flex,none")
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="bench", help="--quick means 'quick'")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
         raise SystemExit("sam_attention.py needs CUDA: the fold and flex paths are CUDA paths")
     chosen = [x for x in args.paths.split(",") if x]
     rows, raw = [], []
-    for label, side, batch in QUICK_SHAPES if args.quick else SHAPES:
+    for label, side, batch, heads in SHAPES["quick" if args.quick else args.shapes]:
         size = (side, side)
-        xs = inputs(side, batch, device, torch.bfloat16, args.seed)
-        ref_out, ref_grads = run_path(bias_path, [x.detach().float().requires_grad_(True) for x in xs], size, True)
+        shape = f"{batch} x {heads} x {side * side}"
+        xs = inputs(side, batch, heads, device, torch.bfloat16, args.seed)
+        n_check = max(1, min(batch, CHECK_ELEMENTS // (heads * side**4)))
+        check_xs = [x.detach()[:n_check].requires_grad_(True) for x in xs[:3]] + xs[3:]
+        ref_out, ref_grads = run_path(bias_path, [x.detach().float().requires_grad_(True) for x in check_xs], size,
+                                      True)
         torch.cuda.reset_peak_memory_stats(device)  # a path's peak counts its own work, not the fp32 reference's
         fold_fb = None
         for name in chosen:
             fn = paths()[name]
             try:
-                out, grads = run_path(fn, xs, size, True)
+                out, grads = run_path(fn, check_xs, size, True)
             except Exception as exc:  # e.g. no SDPA kernel of that family, a Triton launch out of resources
                 print(f"{label} {name}: {str(exc)[:200]}", flush=True)
-                rows.append([label, f"{batch} x {HEADS} x {side * side}", name, "n/a", "n/a", "-", "-", "-"])
+                rows.append([label, shape, name, "n/a", "n/a", "-", "-", "-"])
                 continue
             if name == "none":
                 err = "-"  # a different function: the floor
@@ -168,7 +183,7 @@ def main() -> None:
             if name == "fold":
                 fold_fb = fb
             vs_fold = f"{fold_fb / fb:.2f}x" if fold_fb else "-"
-            rows.append([label, f"{batch} x {HEADS} x {side * side}", name, fwd * 1e3, fb * 1e3, vs_fold, err, peak])
+            rows.append([label, shape, name, fwd * 1e3, fb * 1e3, vs_fold, err, peak])
             raw.append({"shape": label, "path": name, "fwd_ms": fwd * 1e3, "fwd_bwd_ms": fb * 1e3, "max_rel_err": err})
             print(rows[-1], flush=True)
     table = Table(
