@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JOBS_DIR = REPO_ROOT / "jobs"
@@ -28,13 +29,30 @@ def job_sys_path(path: list[str], script: str) -> list[str]:
 sys.path[:] = job_sys_path(sys.path, sys.argv[0] if sys.argv else "")  # runnable from any working directory
 
 
+# The project's switches that workers read from their environment: the kernel paths (NANO_OCR_*, see
+# model/sam.py and model/gpt.py) and the fonts the synthetic pages are drawn with. A worker inherits its
+# node's raylet's environment, not the driver's, so on a cluster a switch set for the job would not reach
+# the workers that train or render. Secrets (NDOCR_API_KEY) are not forwarded: a job's runtime env is
+# shown in the dashboard.
+WORKER_ENV_PREFIXES = ("NANO_OCR_",)
+WORKER_ENV_NAMES = ("NDOCR_FONT_DIR",)
+
+
+def job_runtime_env(environ: Mapping[str, str] = os.environ) -> dict:
+    """The runtime env of a job's workers: the repo on ``PYTHONPATH`` and the project's switches set here."""
+    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), environ.get("PYTHONPATH")]))}
+    env_vars.update({k: v for k, v in environ.items()
+                     if v and (k.startswith(WORKER_ENV_PREFIXES) or k in WORKER_ENV_NAMES)})
+    return {"env_vars": env_vars}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``--address`` / ``RAY_ADDRESS`` (what ``ray job submit`` sets), else start Ray in-process."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}}
+    env = job_runtime_env()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
-from jobs._common import JOBS_DIR, REPO_ROOT, job_sys_path
+import pytest
+
+from jobs._common import JOBS_DIR, REPO_ROOT, job_runtime_env, job_sys_path
 
 
 def test_a_job_script_drops_its_directory_and_puts_the_repo_root_first():
@@ -45,3 +47,26 @@ def test_a_job_started_ray_answers_the_state_api(tmp_path):
                           env={**os.environ, "RAY_ADDRESS": ""})  # its own Ray, not a cluster
     assert done.returncode == 0, done.stderr[-2000:]
     assert "nodes 1" in done.stdout
+
+
+def test_a_jobs_workers_get_the_projects_switches_but_not_its_secrets():
+    env = job_runtime_env({"NANO_OCR_SAM_GLOBAL_ATTENTION": "triton", "NDOCR_FONT_DIR": "/fonts",
+                           "NDOCR_API_KEY": "secret", "NANO_OCR_DECODE_PDL": "", "HOME": "/root",
+                           "PYTHONPATH": "/extra"})["env_vars"]
+    assert env == {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), "/extra"]),
+                   "NANO_OCR_SAM_GLOBAL_ATTENTION": "triton", "NDOCR_FONT_DIR": "/fonts"}
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_switch_set_after_ray_started_reaches_workers_through_the_runtime_env(monkeypatch):
+    """What a worker on another node sees: its raylet's environment, from before the switch was set."""
+    import ray
+
+    monkeypatch.setenv("NANO_OCR_SAM_GLOBAL_ATTENTION", "triton")
+
+    @ray.remote(num_cpus=0)
+    def switch() -> str | None:
+        return os.environ.get("NANO_OCR_SAM_GLOBAL_ATTENTION")
+
+    assert ray.get(switch.remote(), timeout=120) is None, "the cluster must predate the switch"
+    assert ray.get(switch.options(runtime_env=job_runtime_env()).remote(), timeout=120) == "triton"
