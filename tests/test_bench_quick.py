@@ -159,3 +159,20 @@ def test_stream_bench_times_each_crop_scale():
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| line", "| free"))]
     assert [row.split("|")[1:4] for row in rows] == [[" line ", " 2 ", " crop "], [" line ", " 2 ", " zoom "],
                                                      [" free ", " 1 ", "  "]], proc.stdout
+
+
+def test_tier2_compare_puts_committed_runs_side_by_side():
+    """bench/tier2_compare.py on the committed records that bench/RESULTS.md (session 26) quotes."""
+    proc = subprocess.run([sys.executable, "tier2_compare.py", "zoom_3000", "zoom_pages_1400", "--curves", "loss",
+                           "--windows", "1200-1400,2800-3000"], cwd=BENCH, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert "| zoom_pages_1400 | 1400 | line 0.3, free 0.35, markdown 0.35 | 0.743 | 0.700 | 36.6% |" in out
+    assert "| Tesseract (same held-out pages) | - | - | 0.032 |" in out
+    assert "| loss | zoom_3000 | 2.74 | 0.646 |" in out and "| loss | zoom_pages_1400 | 3.31 | - |" in out
+    bad = subprocess.run([sys.executable, "tier2_compare.py", "zoom_3000", "--windows", "400-200"], cwd=BENCH,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "is not FIRST-LAST" in bad.stderr
+    missing = subprocess.run([sys.executable, "tier2_compare.py", "no_such_run"], cwd=BENCH, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 1 and "no run record 'no_such_run'" in missing.stderr
