@@ -8,7 +8,8 @@ Matrix products and attention only; norms, activations and the like are left out
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import torch
 
@@ -64,11 +65,13 @@ def vision_flops(cfg: VLMConfig, size: int) -> float:
     return float(f)
 
 
-def image_flops(cfg: VLMConfig, views) -> float:
-    """Forward FLOPs of all views of one image."""
-    f = vision_flops(cfg, views.global_view.shape[-1])
+def image_flops(cfg: VLMConfig, views, view_flops: Callable[[int], float] | None = None) -> float:
+    """Forward FLOPs of all views of one image; ``view_flops(size)`` (default: :func:`vision_flops`)
+    lets a caller that counts many images reuse each size's count."""
+    view_flops = view_flops or functools.partial(vision_flops, cfg)
+    f = view_flops(views.global_view.shape[-1])
     if views.tiles.shape[0]:
-        f += views.tiles.shape[0] * vision_flops(cfg, views.tiles.shape[-1])
+        f += views.tiles.shape[0] * view_flops(views.tiles.shape[-1])
     return f
 
 
@@ -89,13 +92,6 @@ def packed_train_flops(cfg: VLMConfig, images: Sequence, segment_ids: torch.Tens
     where everything trains (stage 1); with SAM and the compressor frozen (stage 2) their backward is
     counted too, so the estimate runs high there.
     """
-    per_size: dict[int, float] = {}
-
-    def view(size: int) -> float:
-        if size not in per_size:
-            per_size[size] = vision_flops(cfg, size)
-        return per_size[size]
-
-    vision = sum(view(im.global_view.shape[-1]) + (im.tiles.shape[0] * view(im.tiles.shape[-1])
-                                                     if im.tiles.shape[0] else 0.0) for im in images)
+    view_flops = functools.cache(functools.partial(vision_flops, cfg))  # a step's views come in few sizes
+    vision = sum(image_flops(cfg, im, view_flops) for im in images)
     return 3 * vision + gpt_train_flops(cfg, segment_lengths(segment_ids))
