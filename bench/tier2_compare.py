@@ -57,11 +57,17 @@ def _mix(recipe: dict) -> str:
     return ", ".join(f"{k[len(prefix):]} {float(v):g}" for k, v in recipe.items() if k.startswith(prefix)) or "-"
 
 
+def _steps(record: dict) -> str:
+    """The steps a run trained: ``2576 of 3000`` where its time limit ended the stage early."""
+    steps = record.get("recipe", {}).get("train.steps", "-")
+    return f"{record['ended_at_step']} of {steps}" if record.get("ended_at_step") else str(steps)
+
+
 def eval_table(runs: list[tuple[str, dict]]) -> Table:
     rows = []
     for name, record in runs:
         recipe = record.get("recipe", {})
-        rows.append([name, recipe.get("train.steps", "-"), _mix(recipe)]
+        rows.append([name, _steps(record), _mix(recipe)]
                     + [_value(record.get("eval", {}), split, metric) for _, split, metric in EVAL_COLUMNS])
     peer = next((r for _, r in runs if r.get("eval_tesseract_heldout")), None)
     if peer:

@@ -51,6 +51,8 @@ def summarise(comparison: tracking.Comparison, uri: str, eval_summary: Path | No
         "issue": 10, "date": dt.date.today().isoformat(), "device": device, "run_id": run_id, "run_name": run.name,
         "recipe": {k: params.get(k) for k in RECIPE_PARAMS if k in params} | notes,
         "final": {k: v for k, v in run.metrics.items() if k in CURVES},
+        # a stage ended by its time limit (--stage1-end-within) finished here, short of train.steps
+        "ended_at_step": int(run.metrics.get("ended_early_at_step", 0)) or None,
         "curves": {m: {int(s): round(v, 4) for s, v in pts.get(run_id, [])} for m, pts in history.items()},
     }
     # each call's seconds before its first step, by phase, keyed by that step (pipeline/startup.py)
