@@ -208,13 +208,17 @@ def stage_config(cfg: SpeedrunConfig, stage: int, parent_run_id: str | None = No
         overrides["end_at_unix_s"] = cfg.stage1_end_at_unix_s
         overrides.update(cfg.stage1_overrides)
     if stage == 1 and cfg.stream_pages:
-        overrides["synth"] = {"profile": cfg.synth_profile, "pages": cfg.stream_pages, "seed": cfg.seed + 100,
-                              "mode": cfg.mode, "tasks": dict(cfg.stream_tasks),
-                              "crops_per_page": cfg.stream_crops_per_page, "crop_scale": cfg.stream_crop_scale,
-                              "overrides": dict(cfg.synth_overrides)}
+        overrides["synth"] = stream_settings(cfg)
     train_cfg = load_train_config(str(REPO_ROOT / config_path), stage=stage, **overrides)
     train_cfg.export_dir = str(stage_dir(cfg, stage))
     return train_cfg
+
+
+def stream_settings(cfg: SpeedrunConfig) -> dict:
+    """Stage 1's ``synth:`` mapping (a pipeline.synth_stream.SynthStreamConfig) when it trains on the stream."""
+    return {"profile": cfg.synth_profile, "pages": cfg.stream_pages, "seed": cfg.seed + 100, "mode": cfg.mode,
+            "tasks": dict(cfg.stream_tasks), "crops_per_page": cfg.stream_crops_per_page,
+            "crop_scale": cfg.stream_crop_scale, "overrides": dict(cfg.synth_overrides)}
 
 
 def stage_dir(cfg: SpeedrunConfig, stage: int) -> Path:

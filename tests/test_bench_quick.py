@@ -76,6 +76,7 @@ def test_tier2_summary_keeps_the_recipe_curves_and_evaluation(tmp_path, new_mlfl
     for step, (model, first_step) in {1: (20.0, 150.0), 26: (12.0, 60.0)}.items():  # two calls' starts
         client.log_metric(run_id, "startup_model_s", model, step=step)
         client.log_metric(run_id, "startup_first_step_s", first_step, step=step)
+    client.log_metric(run_id, "ended_early_at_step", 50, step=50)  # its time limit ended the stage
     client.set_terminated(run_id)
     evals, baseline = tmp_path / "summary.json", tmp_path / "tess.json"
     evals.write_text(json.dumps({"heldout": {"cer": 0.7, "free/cer": 0.72, "not_kept": 1.0}}))
@@ -90,7 +91,7 @@ def test_tier2_summary_keeps_the_recipe_curves_and_evaluation(tmp_path, new_mlfl
     assert summary["curves"]["grad_norm_gpt"] == {"25": 1.5, "50": 1.5}
     assert summary["curves"]["loss"] == {"25": 0.12, "50": 0.06}
     assert summary["curves"]["mfu"] == {"25": 0.16, "50": 0.16} and summary["curves"]["data_wait_s"]["50"] == 0.05
-    assert summary["final"]["glyph_cell_error"] == 0.1
+    assert summary["final"]["glyph_cell_error"] == 0.1 and summary["ended_at_step"] == 50
     assert summary["startup"] == {"model": {"1": 20.0, "26": 12.0}, "first_step": {"1": 150.0, "26": 60.0}}
     assert summary["eval"] == {"heldout": {"cer": 0.7, "free/cer": 0.72}}
     assert summary["eval_tesseract_heldout"] == {"cer": 0.03}
@@ -163,12 +164,14 @@ def test_stream_bench_times_each_crop_scale():
 
 def test_tier2_compare_puts_committed_runs_side_by_side():
     """bench/tier2_compare.py on the committed records that bench/RESULTS.md (session 26) quotes."""
-    proc = subprocess.run([sys.executable, "tier2_compare.py", "zoom_3000", "zoom_pages_1400", "--curves", "loss",
+    proc = subprocess.run([sys.executable, "tier2_compare.py", "zoom_3000", "zoom_pages_1400", "zoom_pages_2576",
+                           "--curves", "loss",
                            "--windows", "1200-1400,2800-3000"], cwd=BENCH, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out = proc.stdout
     assert "| zoom_pages_1400 | 1400 | line 0.3, free 0.35, markdown 0.35 | 0.743 | 0.700 | 36.6% |" in out
     assert "| Tesseract (same held-out pages) | - | - | 0.032 |" in out
+    assert "| zoom_pages_2576 | 2576 of 3000 | line 0.3, free 0.35, markdown 0.35 | 0.314 |" in out
     assert "| loss | zoom_3000 | 2.74 | 0.646 |" in out and "| loss | zoom_pages_1400 | 3.31 | - |" in out
     bad = subprocess.run([sys.executable, "tier2_compare.py", "zoom_3000", "--windows", "400-200"], cwd=BENCH,
                          capture_output=True, text=True, timeout=120)
@@ -176,3 +179,30 @@ def test_tier2_compare_puts_committed_runs_side_by_side():
     missing = subprocess.run([sys.executable, "tier2_compare.py", "no_such_run"], cwd=BENCH, capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == 1 and "no run record 'no_such_run'" in missing.stderr
+
+
+def test_stream_mix_splits_a_steps_flops_and_loss_tokens_by_task(tmp_path):
+    """bench/stream_mix.py on a tiny stream recipe: each column of shares adds up to the whole, and a
+    line crop (one view for one line) carries fewer loss tokens per row and per FLOP than a page."""
+    config = tmp_path / "speedrun.yaml"
+    config.write_text("preset: tiny\nmode: tiny\nsynth_profile: reading\nseed: 0\nvocab_size: 300\n"
+                      "max_seq_len: 1024\nstream_pages: 100\nstream_tasks: {line: 0.5, free: 0.5}\n"
+                      "stream_crops_per_page: 4\n")
+    proc = subprocess.run([sys.executable, "stream_mix.py", "--config", str(config), "--pages", "8",
+                           "--tokenizer-pages", "8"], cwd=BENCH, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                              for line in proc.stdout.splitlines() if line.startswith("| ")
+                                              and not line.startswith("| task"))}
+    assert set(rows) == {"line", "free"}, proc.stdout
+    for column in (1, 2, 3):  # shares of rows, FLOPs, loss tokens
+        assert abs(sum(float(r[column].rstrip("%")) for r in rows.values()) - 100) < 0.3, proc.stdout
+    assert int(rows["line"][0]) > int(rows["free"][0])  # up to 4 crops a line page
+    for r in rows.values():  # the loss is on the response: not the image's tokens, nor the prompt's
+        assert 0 < float(r[6]) < float(r[4]) - float(r[5]), proc.stdout
+    assert float(rows["line"][6]) < float(rows["free"][6]) and float(rows["line"][8]) < float(rows["free"][8])
+    no_stream = tmp_path / "pages.yaml"
+    no_stream.write_text("preset: tiny\n")
+    refused = subprocess.run([sys.executable, "stream_mix.py", "--config", str(no_stream)], cwd=BENCH,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "does not train on the stream" in refused.stderr

@@ -99,17 +99,20 @@ def test_a_split_is_evaluated_again_when_the_checkpoint_changes(tmp_path):
 
 @pytest.mark.parametrize("name", ["speedrun_tier2_glyphs", "speedrun_tier2_glyphs_base", "speedrun_tier2_glyphs_grid",
                                   "speedrun_tier2_glyphs_norm", "speedrun_tier2_pseudo", "speedrun_tier2_fonts",
-                                  "speedrun_tier2_zoom", "speedrun_tier2_zoom_pages"])
+                                  "speedrun_tier2_zoom", "speedrun_tier2_zoom_pages",
+                                  "speedrun_tier2_zoom_pages_c2"])
 def test_glyph_recipe_configs_load(name):
     import speedrun
 
     stage1 = speedrun.stage_config(speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml")), 1)
+    crops = 2 if name.endswith("_c2") else 8  # zoom_pages with more of the step's compute on whole pages
+    name = name.removesuffix("_c2")
     pages = name.endswith("_pages")  # the zoom recipe with more of the stream on whole pages
     assert stage1.synth.tasks == ({"line": 0.3, "free": 0.35, "markdown": 0.35} if pages
                                   else {"line": 0.5, "free": 0.25, "markdown": 0.25})
     name = name.removesuffix("_pages")
     assert stage1.glyph_loss > 0 and stage1.slot_centering
-    assert stage1.synth.crops_per_page > 1
+    assert stage1.synth.crops_per_page == crops
     normed = name.endswith(("_norm", "_pseudo", "_fonts", "_zoom"))
     assert stage1.glyph_cell == ("grid" if normed or name.endswith("_grid") else "bag")
     assert stage1.projector_input_norm == normed == (stage1.skip_spikes == 100)
