@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pages", type=int, default=96, help="stream pages to render (the first ones)")
     p.add_argument("--tokenizer-pages", type=int, default=100, help="stream pages whose text trains the tokenizer")
     args = p.parse_args(argv)
+    if args.pages < 1 or args.tokenizer_pages < 1:
+        p.error("--pages and --tokenizer-pages must be >= 1")
 
     cfg = speedrun.load_config(args.config)
     if not cfg.stream_pages:
