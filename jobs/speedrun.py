@@ -41,7 +41,8 @@ class SpeedrunConfig:
     mode: str = "tiny"
     out: str = "artifacts"
     synth_profile: str = "easy"
-    synth_overrides: dict[str, Any] = field(default_factory=dict)  # SynthConfig fields over the profile's: data and stream
+    # SynthConfig fields over the profile's, for both the pages on disk and the stream
+    synth_overrides: dict[str, Any] = field(default_factory=dict)
     train_pages: int = 8
     heldout_pages: int = 4
     text_records: int = 16
@@ -314,8 +315,8 @@ def serve_and_ask(cfg: SpeedrunConfig) -> list[dict]:
     from serve.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve_port})
-    serve.run(build_app({"checkpoint": str(stage_dir(cfg, cfg.final_stage)), "device": "cuda" if cfg.use_gpu else "cpu"}),
-              name="ocr", route_prefix="/", blocking=False)
+    app = build_app({"checkpoint": str(stage_dir(cfg, cfg.final_stage)), "device": "cuda" if cfg.use_gpu else "cpu"})
+    serve.run(app, name="ocr", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{cfg.serve_port}"
     demo = cfg.root / "demo"
     demo.mkdir(parents=True, exist_ok=True)
@@ -366,13 +367,15 @@ def main(argv: list[str] | None = None) -> int:
                              "checkpoint at the step reached) and the evaluation follows (a lease that must end "
                              "with a measured model)")
     parser.add_argument("--stage1-set", dest="stage1_settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="a stage-1 TrainConfig field, VALUE read as YAML (repeatable): --stage1-set profile_at=100")
+                        help="a stage-1 TrainConfig field, VALUE read as YAML (repeatable): "
+                             "--stage1-set profile_at=100")
     parser.add_argument("--stream-crop-scale", dest="stream_crop_scale", choices=CROP_SCALES,
                         help="stage 1 on the stream: line/word crops resized to the view (crop), at the page's "
                              "text size (page) or at a size drawn between the two (zoom)")
     parser.add_argument("--train-pages", dest="train_pages", type=int)
     parser.add_argument("--heldout-pages", dest="heldout_pages", type=int)
-    parser.add_argument("--eval-limit", dest="eval_limit", type=int, help="evaluate at most this many records per split")
+    parser.add_argument("--eval-limit", dest="eval_limit", type=int,
+                        help="evaluate at most this many records per split")
     parser.add_argument("--serve-port", dest="serve_port", type=int)
     parser.add_argument("--no-serve", action="store_true", help="stop after the comparison")
     parser.add_argument("--force", action="store_true", help="redo every step")
@@ -437,7 +440,8 @@ def run_pipeline(cfg: SpeedrunConfig, args: argparse.Namespace, state: State, st
         steps.run("preprocess (Ray Data)", lambda: (cfg.root / "shards" / "stats.json").is_file(),
                   lambda: preprocess(cfg))
     for stage in cfg.stages:
-        result = steps.run(f"stage {stage} (Ray Train)", lambda s=stage: (stage_dir(cfg, s) / "model.safetensors").is_file(),
+        done = lambda s=stage: (stage_dir(cfg, s) / "model.safetensors").is_file()  # noqa: E731
+        result = steps.run(f"stage {stage} (Ray Train)", done,
                            lambda s=stage: train(cfg, s, parent, uri))
         if result is not None:
             state[f"stage{stage}_run_id"] = result.run_id

@@ -387,13 +387,6 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, context: int | None = None) -> float:
-        """Training FLOPs per token: 6 * matmul params + attention (nanochat's estimate)."""
-        cfg = self.config
-        n_matmul = sum(p.numel() for n, p in self.named_parameters() if "wte" not in n)
-        t = context or cfg.sequence_len
-        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * t
-
 
 # ----------------------------------------------------------------------------------------------
 # Decode fast path: one token for every KV-cache row per call, as fused kernels in a CUDA graph.
