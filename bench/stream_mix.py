@@ -27,21 +27,19 @@ import numpy as np  # noqa: E402
 
 
 def row_costs(table, cfg) -> list[dict]:
-    """Task, tokens, vision tokens, loss tokens and training FLOPs of each rendered shard row."""
-    from model.flops import gpt_train_flops, vision_flops
+    """Task, tokens, vision tokens, loss tokens and training FLOPs of each rendered shard row, read
+    as the trainer reads it (:func:`pipeline.train.row_to_sample`)."""
+    from model.flops import gpt_train_flops, image_flops
+    from pipeline.train import row_to_sample
 
     out = []
     for row in table.to_pylist():
-        tokens = len(row["input_ids"])
-        vision = 0.0
-        if row["global_shape"]:
-            vision = vision_flops(cfg, row["global_shape"][0])
-            tiles = row["tiles_shape"]
-            if tiles and tiles[0]:
-                vision += tiles[0] * vision_flops(cfg, tiles[1])
+        sample = row_to_sample(row)
+        tokens = len(sample.input_ids)
+        vision = 3 * sum(image_flops(cfg, im) for im in sample.images)
         out.append({"task": row["task"], "tokens": tokens, "vision_tokens": row["n_image_tokens"],
-                    "loss_tokens": int(sum(row["loss_mask"])),
-                    "flops": 3 * vision + gpt_train_flops(cfg, [tokens]), "vision_flops": 3 * vision})
+                    "loss_tokens": int(sample.loss_mask.sum()),
+                    "flops": vision + gpt_train_flops(cfg, [tokens]), "vision_flops": vision})
     return out
 
 
