@@ -42,13 +42,14 @@ def measure(task: str, crops: int, pages: int, mode: str, tokenizer_json: str, g
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="line,free", help="comma-separated stream tasks, each timed alone")
-    parser.add_argument("--crops", default="1,16", help="comma-separated crops_per_page values (line/word tasks)")
+    parser.add_argument("--crops", default="1,16", help="comma-separated crops_per_page values (crop tasks: line, word, block)")
     parser.add_argument("--pages", type=int, default=32)
     parser.add_argument("--mode", default="small")
     parser.add_argument("--no-glyphs", action="store_true", help="without the glyphs column")
-    parser.add_argument("--crop-scales", default="crop", help="comma-separated crop_scale values (line/word tasks)")
+    parser.add_argument("--crop-scales", default="crop", help="comma-separated crop_scale values (crop tasks: line, word, block)")
     args = parser.parse_args(argv)
     from model.tokenizer import Tokenizer
+    from pipeline.synth import CROP_TASKS
     from pipeline.synth_stream import SynthStreamConfig, stream_texts
 
     tokenizer = Tokenizer.train(stream_texts(SynthStreamConfig(profile="reading"), 40), 1024)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     measure("free", 1, 4, args.mode, tokenizer_json, False)  # warm-up: fonts, corpus and tokenizer caches
     results = []
     for task in args.tasks.split(","):
-        crop_task = task in ("line", "word")
+        crop_task = task in CROP_TASKS
         for crops in ([int(c) for c in args.crops.split(",")] if crop_task else [1]):
             for scale in (args.crop_scales.split(",") if crop_task else ["crop"]):
                 results.append(measure(task, crops, args.pages, args.mode, tokenizer_json, not args.no_glyphs, scale))
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| task | crops per page | crop scale | rows | pages/s | rows/s |")
     print("|---|---:|---|---:|---:|---:|")
     for r in results:
-        scale = r["crop_scale"] if r["task"] in ("line", "word") else ""
+        scale = r["crop_scale"] if r["task"] in CROP_TASKS else ""
         print(f"| {r['task']} | {r['crops']} | {scale} | {r['rows']} | {r['pages_per_s']:.2f} | {r['rows_per_s']:.2f} |")
     return 0
 

@@ -72,8 +72,8 @@ class SpeedrunConfig:
     eval_lines_on_page: bool = False
     stream_pages: int = 0  # > 0: stage 1 trains on this many pages rendered on the fly (Ray Data)
     stream_tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
-    stream_crops_per_page: int = 1  # line/word pages give up to this many crops (bench/stream.py: fewer CPUs needed)
-    # line/word crops of the stream: "crop", "page" (at the page's text size) or "zoom" (a size drawn
+    stream_crops_per_page: int = 1  # crop-task pages give up to this many crops (bench/stream.py: fewer CPUs needed)
+    # line/word/block crops of the stream: "crop", "page" (at the page's text size) or "zoom" (a size drawn
     # between the two): SynthStreamConfig.crop_scale
     stream_crop_scale: str = "crop"
     stages: list[int] = field(default_factory=lambda: [1, 2])  # [1]: stop after stage 1
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a stage-1 TrainConfig field, VALUE read as YAML (repeatable): "
                              "--stage1-set profile_at=100")
     parser.add_argument("--stream-crop-scale", dest="stream_crop_scale", choices=CROP_SCALES,
-                        help="stage 1 on the stream: line/word crops resized to the view (crop), at the page's "
+                        help="stage 1 on the stream: line/word/block crops resized to the view (crop), at the page's "
                              "text size (page) or at a size drawn between the two (zoom)")
     parser.add_argument("--train-pages", dest="train_pages", type=int)
     parser.add_argument("--heldout-pages", dest="heldout_pages", type=int)

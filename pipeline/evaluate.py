@@ -201,7 +201,7 @@ def tesseract_available(binary: str = "tesseract") -> bool:
     return shutil.which(binary) is not None
 
 
-_PSM = {"line": 7, "word": 8}  # single text line / single word; pages use automatic layout (3)
+_PSM = {"line": 7, "word": 8, "block": 6}  # one text line / one word / one block of text; pages: automatic (3)
 
 
 def parse_tesseract_tsv(tsv: str, width: int | None = None,

@@ -51,14 +51,14 @@ def page_glyphs(page: Any, view_size: int) -> np.ndarray:
 
 
 def crop_page(page: Any, task: str, piece: Any, crop_scale: str = "crop") -> SimpleNamespace:
-    """The page a ``line``/``word`` sample shows (:func:`pipeline.synth.piece_image`): the words
+    """The page a ``line``/``word``/``block`` sample shows (:func:`pipeline.synth.piece_image`): the words
     inside the crop's box (the one :func:`pipeline.synth.piece_crop` cuts), moved to where
     ``crop_scale`` puts the crop on its canvas (:func:`pipeline.synth.piece_layout`)."""
     from pipeline.synth import TextPiece, piece_crop_box, piece_layout
 
     cx1, cy1, _, _ = piece_crop_box(page.size, piece)
     inside = [piece]
-    if task == "line":
+    if task in ("line", "block"):
         x1, y1, x2, y2 = piece.box_px
         inside = [w for w in page.words if w.box_px[0] >= x1 - 1 and w.box_px[2] <= x2 + 1
                   and y1 <= (w.box_px[1] + w.box_px[3]) / 2 <= y2]

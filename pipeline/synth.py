@@ -46,8 +46,10 @@ from model.grounding import COORD_MAX, format_grounding
 PROMPT_GROUNDING = "<image>\n<|grounding|>Convert the document to markdown."
 PROMPT_FREE = "<image>\nFree OCR."
 LABELS = ("title", "text", "list", "table", "image")
-TASKS = ("markdown", "free", "line", "word")
-_TASK_ALIASES = {"lines": "line", "words": "word", "md": "markdown"}
+TASKS = ("markdown", "free", "line", "word", "block")
+CROP_TASKS = ("line", "word", "block")  # tasks that show one piece of a page (crop_pieces), read with the free prompt
+BLOCK_LABELS = ("text", "list")  # blocks a ``block`` crop shows: running text, where a reader must follow a wrap
+_TASK_ALIASES = {"lines": "line", "words": "word", "blocks": "block", "md": "markdown"}
 SPLITS = ("train", "heldout")
 BULLET = "\u2022"
 
@@ -116,7 +118,8 @@ class SynthConfig:
     tasks: tuple[str, ...] = ("markdown", "free")
     max_line_crops: int = 6  # per page, for task 'line'
     max_word_crops: int = 6  # per page, for task 'word'
-    # line/word crop files: "crop" (the piece alone; resized to the view its text is larger than the
+    max_block_crops: int = 4  # per page, for task 'block' (a paragraph or list of two or more lines)
+    # line/word/block crop files: "crop" (the piece alone; resized to the view its text is larger than the
     # page's), "page" (left where it was on an empty page-sized canvas, at the page's text size) or
     # "zoom" (a size drawn between the two): piece_layout
     crop_scale: str = "crop"
@@ -243,7 +246,7 @@ class SynthConfig:
 
 
 PROFILES = ("easy", "document", "reading")  # the SynthConfig constructors of that name
-CROP_SCALES = ("crop", "page", "zoom")  # how a line/word crop is shown (SynthConfig.crop_scale; piece_layout)
+CROP_SCALES = ("crop", "page", "zoom")  # how a crop task's piece is shown (SynthConfig.crop_scale; piece_layout)
 
 
 def normalise_tasks(tasks: Sequence[str] | str) -> tuple[str, ...]:
@@ -555,10 +558,11 @@ def _metrics(font: Any) -> tuple[int, int]:
 
 @dataclass
 class TextPiece:
-    """A word or line of text and its pixel box on the page."""
+    """A word, line or block of text and its pixel box on the page."""
 
     text: str
     box_px: tuple[int, int, int, int]
+    line_px: int = 0  # a block's line height (its crop's side padding follows it); 0: the box is one line
 
 
 @dataclass
@@ -1128,21 +1132,21 @@ def _degrade(image: Image.Image, cfg: SynthConfig, rng: random.Random, nrng: np.
 
 
 def piece_crop_box(size: tuple[int, int], piece: TextPiece) -> tuple[int, int, int, int]:
-    """The page-pixel box the ``line``/``word`` tasks crop: the ink with a little padding, less
-    vertically because lines sit close, clipped to the page (``size`` = (W, H))."""
+    """The page-pixel box the crop tasks cut: the ink with a little padding (a quarter of a line's
+    height at the sides), less vertically because lines sit close, clipped to the page (``size`` = (W, H))."""
     x1, y1, x2, y2 = piece.box_px
-    pad_x = max(2, (y2 - y1) // 4)
+    pad_x = max(2, (piece.line_px or y2 - y1) // 4)
     return max(0, x1 - pad_x), max(0, y1 - 2), min(size[0], x2 + pad_x), min(size[1], y2 + 2)
 
 
 def piece_crop(image: Image.Image, piece: TextPiece) -> Image.Image:
-    """The crop of one line or word, as the ``line``/``word`` tasks show it."""
+    """The crop of one line or word, as the ``line``/``word``/``block`` tasks show it."""
     return image.crop(piece_crop_box(image.size, piece))
 
 
 def piece_layout(size: tuple[int, int], piece: TextPiece, crop_scale: str = "crop",
                  key: str = "") -> tuple[tuple[int, int], tuple[int, int]]:
-    """(canvas size, where the crop's top-left corner lands on it) of a ``line``/``word`` sample of
+    """(canvas size, where the crop's top-left corner lands on it) of a ``line``/``word``/``block`` sample of
     ``piece`` on a page of ``size`` as ``crop_scale`` shows it (the one place that reads
     :data:`CROP_SCALES`' meaning):
 
@@ -1170,7 +1174,7 @@ def piece_layout(size: tuple[int, int], piece: TextPiece, crop_scale: str = "cro
 
 
 def piece_image(image: Image.Image, piece: TextPiece, crop_scale: str = "crop", key: str = "") -> Image.Image:
-    """What a ``line``/``word`` sample shows of ``piece`` (:func:`piece_layout`). The canvas around
+    """What a ``line``/``word``/``block`` sample shows of ``piece`` (:func:`piece_layout`). The canvas around
     the crop takes the paper's colour from the page's top rows (the median: degradation noise does
     not tint it)."""
     crop = piece_crop(image, piece)
@@ -1193,6 +1197,35 @@ def crop_record(page: SynthPage, task: str, k: int, text: str, image_rel: str, s
 def readable_pieces(pieces: Sequence[TextPiece]) -> list[TextPiece]:
     """Lines or words worth a crop task: those with a letter or digit (not a lone bullet)."""
     return [p for p in pieces if any(ch.isalnum() for ch in p.text)]
+
+
+def block_pieces(page: SynthPage) -> list[TextPiece]:
+    """The page's paragraphs and lists of two lines or more, each as one piece: its plain text (as
+    the ``free`` answer has it) over the union of its lines' boxes. Why a ``block`` task: a reader
+    trained on single lines loses its place where a paragraph wraps (``bench/RESULTS.md``, session
+    27); a block crop teaches the wrap with 3-10x a line's answer for the same view."""
+    out = []
+    for block in page.blocks:
+        if block.label not in BLOCK_LABELS or not any(ch.isalnum() for ch in block.text):
+            continue
+        bx1, by1, bx2, by2 = block.box_px
+        inside = [p.box_px for p in page.lines
+                  if bx1 <= (p.box_px[0] + p.box_px[2]) / 2 <= bx2 and by1 <= (p.box_px[1] + p.box_px[3]) / 2 <= by2]
+        if len(inside) < 2:
+            continue
+        heights = sorted(y2 - y1 for _, y1, _, y2 in inside)
+        out.append(TextPiece(block.text, tuple(int(v) for v in _union(inside)), heights[len(heights) // 2]))
+    return out
+
+
+def crop_pieces(page: SynthPage, task: str) -> list[TextPiece]:
+    """What a crop task of the stream may show of ``page``: its readable lines or words, or its
+    blocks (:func:`block_pieces`); nothing for the page tasks."""
+    if task == "block":
+        return block_pieces(page)
+    if task in ("line", "word"):
+        return readable_pieces(page.lines if task == "line" else page.words)
+    return []
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -1250,6 +1283,9 @@ def generate(out_dir: str | os.PathLike, n_pages: int, config: SynthConfig | Non
                                          cfg.crop_scale)
             if "word" in tasks:
                 records += _crop_records(page, out, "word", readable_pieces(page.words), cfg.max_word_crops,
+                                         crop_rng, split, cfg.crop_scale)
+            if "block" in tasks:
+                records += _crop_records(page, out, "block", block_pieces(page), cfg.max_block_crops,
                                          crop_rng, split, cfg.crop_scale)
             for r in records:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -1322,7 +1358,7 @@ def synth_main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=None, help=f"comma list from {','.join(TASKS)} (default: markdown,free)")
     p.add_argument("--text-records", type=int, default=0, help="also write this many text-only records to text.jsonl")
     p.add_argument("--crop-scale", choices=CROP_SCALES, default="crop",
-                   help="line/word crops alone ('crop'), on an empty page-sized canvas at the page's text size "
+                   help="line/word/block crops alone ('crop'), on an empty page-sized canvas at the page's text size "
                         "('page') or at a size drawn between the two ('zoom')")
     args = p.parse_args(argv)
     overrides: dict[str, Any] = {"seed": args.seed, "crop_scale": args.crop_scale}

@@ -7,7 +7,7 @@ workers train on what comes out: each page is drawn (:mod:`pipeline.synth`), put
 resolution mode's processor and tokenized into exactly the row a Parquet shard holds
 (:func:`pipeline.preprocess.shard_row`), so the trainer cannot tell the two sources apart.
 
-Each page gives one record (a ``line``/``word`` page up to ``crops_per_page``, shuffled within
+Each page gives one record (a ``line``/``word``/``block`` page up to ``crops_per_page``, shuffled within
 the block); its task is drawn per page from ``tasks`` (weights). Page ``i``
 of ``seed`` is always the same page, so a run is reproducible; a resumed run asks for
 another ``seed`` (:meth:`SynthStreamConfig.for_resume`) so that it sees fresh pages instead of
@@ -38,8 +38,8 @@ class SynthStreamConfig:
     tasks: dict[str, float] = field(default_factory=lambda: {"markdown": 0.5, "free": 0.5})
     overrides: dict[str, Any] = field(default_factory=dict)  # SynthConfig fields
     pages_per_task: int = 32  # pages one Ray task renders (a block of the stream)
-    crops_per_page: int = 1  # line/word pages: up to this many crops each (rendering a page costs more than a crop)
-    # line/word crops: "crop" resized to the view (larger text than the page's), "page" left where
+    crops_per_page: int = 1  # crop-task pages: up to this many crops each (rendering a page costs more than a crop)
+    # line/word/block crops: "crop" resized to the view (larger text than the page's), "page" left where
     # they were on a page-sized canvas, at the page's text size, "zoom" a size drawn between the two
     # (pipeline.synth.piece_layout)
     crop_scale: str = "crop"
@@ -94,13 +94,6 @@ def _draw(index: int, stream: SynthStreamConfig, synth) -> tuple[Any, str, rando
     return page, rng.choices(tasks, weights)[0], rng
 
 
-def _crop_pieces(page, task: str) -> list:
-    """The lines or words a ``line``/``word`` task may crop (none for the page tasks)."""
-    from pipeline.synth import readable_pieces
-
-    return readable_pieces(page.lines if task == "line" else page.words) if task in ("line", "word") else []
-
-
 def _crop_sample(page, task: str, k: int, piece, crop_scale: str = "crop") -> tuple[Any, dict]:
     """(image, record) of crop ``k`` of ``page`` as ``crop_scale`` shows it."""
     from pipeline.synth import crop_record, piece_image
@@ -111,16 +104,16 @@ def _crop_sample(page, task: str, k: int, piece, crop_scale: str = "crop") -> tu
 
 def _page_sample(page, task: str) -> tuple[Any, dict]:
     """(image, record) of the whole page; a crop task on a page without text (figures only) reads it whole."""
-    from pipeline.synth import page_records
+    from pipeline.synth import CROP_TASKS, page_records
 
-    task = "free" if task in ("line", "word") else task
+    task = "free" if task in CROP_TASKS else task
     return page.image, page_records(page, f"stream/{page.page_id}.png", (task,), SPLIT)[0]
 
 
 def render_sample(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, Any, dict]:
     """(page, image, record) of stream page ``index`` and the task drawn for it.
 
-    Page tasks show the whole page; ``line``/``word`` show one crop of it (a curriculum starts
+    Page tasks show the whole page; ``line``/``word``/``block`` show one crop of it (a curriculum starts
     there: one line of text is read without having to find it on the page first). The page
     itself comes along for callers that need its boxes (the recipe probes' cell targets).
     """
@@ -129,10 +122,12 @@ def render_sample(index: int, stream: SynthStreamConfig, synth=None) -> tuple[An
 
 
 def render_piece_sample(index: int, stream: SynthStreamConfig, synth=None) -> tuple[Any, Any, Any, dict]:
-    """(page, the cropped line or word or None, image, record) of stream page ``index``: what
+    """(page, the cropped line, word or block or None, image, record) of stream page ``index``: what
     :func:`render_sample` gives, with the piece a glyph target is computed from."""
+    from pipeline.synth import crop_pieces
+
     page, task, rng = _draw(index, stream, synth)
-    pieces = _crop_pieces(page, task)
+    pieces = crop_pieces(page, task)
     if pieces:
         k = rng.randrange(len(pieces))
         return (page, pieces[k], *_crop_sample(page, task, k, pieces[k], stream.crop_scale))
@@ -141,7 +136,7 @@ def render_piece_sample(index: int, stream: SynthStreamConfig, synth=None) -> tu
 
 def sample_glyphs(page, piece, task: str, view_size: int, crop_scale: str = "crop"):
     """The glyphs (:func:`pipeline.glyphs.page_glyphs`) of a stream sample's global view: of the
-    whole page, or of the crop of ``piece`` for a ``line``/``word`` sample as ``crop_scale`` shows it."""
+    whole page, or of the crop of ``piece`` for a ``line``/``word``/``block`` sample as ``crop_scale`` shows it."""
     from pipeline.glyphs import crop_page, page_glyphs
 
     shown = page if piece is None else crop_page(page, task, piece, crop_scale)
@@ -151,7 +146,7 @@ def sample_glyphs(page, piece, task: str, view_size: int, crop_scale: str = "cro
 def render_crops(index: int, stream: SynthStreamConfig, synth=None,
                  limit: int | None = None) -> tuple[Any, list[tuple[Any, dict]]]:
     """The page of :func:`render_sample` and every (image, record) it offers for its task: its
-    readable crops for ``line``/``word`` (at most ``limit``, drawn per page), the page itself
+    readable crops for ``line``/``word``/``block`` (at most ``limit``, drawn per page), the page itself
     otherwise. A consumer that can use many crops of one page renders it once, not once per crop."""
     page, samples = render_crop_pieces(index, stream, synth, limit)
     return page, [(image, record) for _, image, record in samples]
@@ -161,8 +156,10 @@ def render_crop_pieces(index: int, stream: SynthStreamConfig, synth=None,
                        limit: int | None = None) -> tuple[Any, list[tuple[Any, Any, dict]]]:
     """:func:`render_crops` with each sample's cropped piece (None for the page itself): what the
     glyph targets of a crop are computed from."""
+    from pipeline.synth import crop_pieces
+
     page, task, rng = _draw(index, stream, synth)
-    pieces = _crop_pieces(page, task)
+    pieces = crop_pieces(page, task)
     if not pieces:
         return page, [(None, *_page_sample(page, task))]
     ks = range(len(pieces))
@@ -173,7 +170,7 @@ def render_crop_pieces(index: int, stream: SynthStreamConfig, synth=None,
 
 def _block_samples(indices: list[int], stream: SynthStreamConfig, synth) -> list[tuple[Any, Any, Any, dict]]:
     """(page, piece, image, record) of a block of stream pages: one sample per page, or with
-    ``crops_per_page`` > 1 up to that many crops of each line/word page, shuffled across the
+    ``crops_per_page`` > 1 up to that many crops of each line/word/block page, shuffled across the
     block (seeded by its first page) so that one page's crops do not fill a packed row."""
     if stream.crops_per_page == 1:
         return [render_piece_sample(i, stream, synth) for i in indices]
@@ -192,7 +189,7 @@ def render_record(index: int, stream: SynthStreamConfig, synth=None) -> tuple[An
 
 def render_batch(batch: Mapping[str, np.ndarray], spec: _RenderSpec) -> pa.Table:
     """Ray Data UDF: page indices -> shard rows (records over ``max_seq_len`` are dropped; several
-    per line/word page with ``crops_per_page``), with a :data:`GLYPHS_COLUMN` when ``spec.glyphs``."""
+    per line/word/block page with ``crops_per_page``), with a :data:`GLYPHS_COLUMN` when ``spec.glyphs``."""
     from model.processor import ImageProcessor
     from pipeline.glyphs import encode_glyphs
     from pipeline.preprocess import rows_to_table, shard_row, worker_tokenizer

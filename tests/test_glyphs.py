@@ -15,7 +15,7 @@ from model.vlm import ImageViews, NanoDeepseekOCR
 from pipeline.glyph_loss import GlyphHeads, balanced_patch_loss, split_state
 from pipeline.glyphs import (CELL, N_CLASSES, PATCH, cell_targets, char_class, crop_page, decode_glyphs,
                              encode_glyphs, page_glyphs, patch_targets, patches_by_cell)
-from pipeline.synth import SynthConfig, TextPiece, make_page, readable_pieces
+from pipeline.synth import SynthConfig, TextPiece, block_pieces, make_page, readable_pieces
 
 
 def test_page_glyphs_follow_the_processors_square_padding():
@@ -131,6 +131,17 @@ def test_crop_page_keeps_the_lines_characters_inside_the_crop():
     assert len(glyphs) == sum(not c.isspace() for c in line.text)
     assert (glyphs[:, 1] >= 0).all() and (glyphs[:, 1] <= 512).all()
     assert glyphs[:, 1].tolist() == sorted(glyphs[:, 1].tolist())  # left to right, as the line reads
+
+
+def test_crop_page_of_a_block_keeps_every_line_of_it():
+    page = make_page(0, SynthConfig.from_profile("reading", seed=1), 1, "train")
+    paragraphs = [p for p in block_pieces(page) if "\n" not in p.text]  # a paragraph: no list markers
+    assert paragraphs
+    for piece in paragraphs:
+        glyphs = page_glyphs(crop_page(page, "block", piece, "zoom"), 512)
+        assert sorted(glyphs[:, 0].astype(int).tolist()) == sorted(char_class(c) for c in piece.text if not c.isspace())
+        assert (glyphs[:, 1:] >= 0).all() and (glyphs[:, 1:] <= 512).all()
+        assert len(set(np.round(glyphs[:, 2], 1).tolist())) >= 2  # on two rows or more
 
 
 def _tiny_model() -> NanoDeepseekOCR:

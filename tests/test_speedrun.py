@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -136,6 +137,19 @@ def test_glyph_recipe_configs_load(name):
     assert stage1.end_at_unix_s is None
     ending = speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"), stage1_end_at_unix_s=1.8e9)
     assert speedrun.stage_config(ending, 1).end_at_unix_s == 1.8e9  # --stage1-end-within
+
+
+def test_blocks_recipe_is_zoom_pages_c2_with_half_its_line_pages_on_blocks():
+    import speedrun
+
+    def stage1(name: str):
+        return speedrun.stage_config(speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml")), 1)
+
+    blocks, c2 = stage1("speedrun_tier2_zoom_blocks"), stage1("speedrun_tier2_zoom_pages_c2")
+    assert blocks.synth.tasks == {"line": 0.15, "block": 0.15, "free": 0.35, "markdown": 0.35}
+    assert dataclasses.replace(blocks.synth, tasks=c2.synth.tasks) == c2.synth
+    assert dataclasses.replace(blocks, synth=c2.synth, data=c2.data, tokenizer=c2.tokenizer, out=c2.out,
+                               export_dir=c2.export_dir) == c2  # the rest of the recipe is the same
 
 
 def test_synth_overrides_reach_the_pages_on_disk_and_the_stream(tmp_path):

@@ -18,15 +18,17 @@ from pipeline.synth import (
     PROMPT_FREE,
     PROMPT_GROUNDING,
     SynthConfig,
+    block_pieces,
     generate,
     load_corpus,
     make_page,
+    piece_crop_box,
     read_manifest,
     synth_main,
     text_records,
 )
 
-ALL_TASKS = ("markdown", "free", "line", "word")
+ALL_TASKS = ("markdown", "free", "line", "word", "block")
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +215,32 @@ def test_line_and_word_crops(doc_dir):
         if r["task"] == "word":
             assert " " not in r["response"]
         assert _dark(img).sum() > 5
+
+
+def test_block_crops_show_a_paragraph_or_list_whole(doc_dir):
+    """A block crop holds every line of one paragraph or list and nothing of the blocks around it,
+    and its answer is the block's text as the page's free answer has it."""
+    recs = [r for r in _records(doc_dir) if r["task"] == "block"]
+    assert recs
+    pages = {}
+    for r in recs:
+        if r["page"] not in pages:
+            split, seed, index = r["page"].split("-")
+            pages[r["page"]] = make_page(int(index), SynthConfig.document(tasks=ALL_TASKS, noise_prob=0.5),
+                                         int(seed[1:]), split)
+        page = pages[r["page"]]
+        k = int(r["id"].rsplit("block", 1)[1])
+        piece = block_pieces(page)[k]
+        assert r["response"] == piece.text and r["response"] in page.plain_text.split("\n\n")
+        x1, y1, x2, y2 = piece_crop_box(page.size, piece)
+        assert x1 == max(0, piece.box_px[0] - max(2, piece.line_px // 4))  # a line's side padding, not a block's
+        lines = [p.text for p in page.lines
+                 if x1 <= (p.box_px[0] + p.box_px[2]) / 2 <= x2 and y1 <= (p.box_px[1] + p.box_px[3]) / 2 <= y2]
+        said = " ".join(r["response"].split())
+        assert len(lines) >= 2 and all(" ".join(t.split()) in said for t in lines)  # its lines, and only its own
+        assert sum(len(t.split()) for t in lines) == len(said.split())
+        assert Image.open(doc_dir / r["image"]).size == (x2 - x1, y2 - y1)
+    assert {b.label for p in pages.values() for b in p.blocks if b.text in {r["response"] for r in recs}} <= {"text", "list"}
 
 
 def test_crop_files_at_page_scale_are_the_page_with_only_that_piece(tmp_path):

@@ -126,6 +126,23 @@ def test_stream_crop_tasks_show_one_line_or_word_of_the_page():
     assert tasks == {"line", "word"}
 
 
+def test_stream_block_task_shows_one_paragraph_or_list_of_the_page():
+    stream = SynthStreamConfig(**{**TINY_STREAM, "tasks": {"block": 1.0}, "crop_scale": "zoom"})
+    blocks = 0
+    for index in range(8):
+        page, piece, image, rec = render_piece_sample(index, stream)
+        if piece is None:  # a page with no paragraph or list of two lines is read whole
+            assert rec["task"] == "free" and image is page.image
+            continue
+        blocks += 1
+        assert rec["task"] == "block" and rec["prompt"] == "<image>\nFree OCR."
+        assert rec["response"] == piece.text and rec["response"] in page.plain_text.split("\n\n")
+        assert piece.box_px[3] - piece.box_px[1] > 1.5 * piece.line_px  # more than one line
+        x1, y1, x2, y2 = piece.box_px
+        assert x2 - x1 <= image.width <= page.size[0] and y2 - y1 <= image.height <= page.size[1]
+    assert blocks >= 4
+
+
 def test_page_scale_crops_keep_the_pages_text_size_and_place():
     """crop_scale "page": the line alone on a page-sized canvas, its glyphs where the page has them;
     "crop" shows the same line larger in the view."""
