@@ -5,7 +5,9 @@ SAM adds decomposed relative positions (MViTv2) to every score. The paths:
   CPU path);
 - ``fold``: the bias folded into wider dot products so one flash call runs it (head dim d + h + w;
   ``model.sam``'s CUDA path), also held to one SDPA kernel family (``fold-cudnn``, ``fold-flash``,
-  ``fold-efficient``);
+  ``fold-efficient``); ``fold-narrow-v`` leaves v at head dim d (P @ V and its gradients at d, not
+  d + h + w), which cuDNN (Hopper) and the efficient kernel take but flash does not
+  (``fold-narrow-v-cudnn``, ``fold-narrow-v-efficient``);
 - ``triton``: ``model.relpos_attention``'s flash kernel, which adds the tables tile by tile (head
   dim d; ``NANO_OCR_SAM_GLOBAL_ATTENTION=triton`` runs SAM's global blocks on it), also with other
   launch settings (``triton-m128``: 128 queries a program and 8 warps; ``triton-m64w8``);
@@ -22,7 +24,7 @@ took 38% of its step in session 26's profile. Each path is checked against the f
 bias) and timed forward and forward + backward.
 
     python bench/sam_attention.py
-    python bench/sam_attention.py --shapes tier2 --paths fold,triton,triton-m128,none
+    python bench/sam_attention.py --shapes tier2 --paths fold,fold-narrow-v,fold-narrow-v-cudnn,triton,none
     python bench/sam_attention.py --quick   # small shapes, still CUDA (FlexAttention has no CPU backward)
 """
 
@@ -114,7 +116,15 @@ def paths() -> dict:
             "triton-m64w8": with_launch(rel_pos_triton_attention, 64, 8),
             "fold-cudnn": with_backend(rel_pos_flash_attention, SDPBackend.CUDNN_ATTENTION),
             "fold-flash": with_backend(rel_pos_flash_attention, SDPBackend.FLASH_ATTENTION),
-            "fold-efficient": with_backend(rel_pos_flash_attention, SDPBackend.EFFICIENT_ATTENTION)}
+            "fold-efficient": with_backend(rel_pos_flash_attention, SDPBackend.EFFICIENT_ATTENTION),
+            "fold-narrow-v": narrow_v,
+            "fold-narrow-v-cudnn": with_backend(narrow_v, SDPBackend.CUDNN_ATTENTION),
+            "fold-narrow-v-efficient": with_backend(narrow_v, SDPBackend.EFFICIENT_ATTENTION)}
+
+
+def narrow_v(q, k, v, rph, rpw, size):
+    """The fold with v at its own head dim (``NANO_OCR_SAM_GLOBAL_ATTENTION=fold-narrow-v``)."""
+    return rel_pos_flash_attention(q, k, v, rph, rpw, size, narrow_v=True)
 
 
 def inputs(side: int, batch: int, heads: int, device, dtype, seed: int = 0) -> list[torch.Tensor]:

@@ -257,8 +257,8 @@ def main() -> None:
                    help="a differently packed batch every step (as in the trainer) instead of one repeated; the "
                         "FLOPs and tokens/s are still those of the first batch's layout")
     p.add_argument("--sam-global", default="", metavar="PATHS",
-                   help="run every job once per CUDA path of SAM's global-block attention (triton,fold); '' = "
-                        "the product's choice (model.sam.CUDA_REL_POS_PATH)")
+                   help="run every job once per CUDA path of SAM's global-block attention "
+                        "(model.sam.SAM_ATTENTION_PATHS); '' = the product's choice (model.sam.CUDA_REL_POS_PATH)")
     p.add_argument("--compile-chunk", type=int, default=0,
                    help="views per compiled vision chunk (0: one call per view size, the view count dynamic)")
     args = p.parse_args()
@@ -280,6 +280,9 @@ def main() -> None:
     fast_label = "varlen flash" if device.type == "cuda" and gpt_module._varlen_causal_fn() else "dense mask"
     default_global = sam_module.CUDA_REL_POS_PATH["global"]
     sam_paths = [x for x in args.sam_global.split(",") if x] or [default_global]
+    unknown = sorted(set(sam_paths) - set(sam_module.SAM_ATTENTION_PATHS))
+    if unknown:
+        raise SystemExit(f"--sam-global: unknown paths {unknown}; choose from {sam_module.SAM_ATTENTION_PATHS}")
     for name, n_rows, variant, sam_global in [(*job, path) for job in jobs for path in sam_paths]:
         sam_module.CUDA_REL_POS_PATH["global"] = sam_global
         dense = variant == "dense"

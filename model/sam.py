@@ -80,13 +80,18 @@ def query_rel_pos_tables(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: to
 
 
 def rel_pos_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
-                            rel_pos_w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+                            rel_pos_w: torch.Tensor, size: tuple[int, int], narrow_v: bool = False) -> torch.Tensor:
     """SDPA with the decomposed relative-position bias folded into the dot products (CUDA path).
 
     scale*q.k + Rh[q, kh] + Rw[q, kw] = [scale*q, Rh(q), Rw(q)] . [k, onehot(kh), onehot(kw)], so
     the attention runs as one unmasked SDPA call that can take a flash kernel, instead of
     materialising a [b, heads, N, N] bias (and its gradient) and using the slower masked kernel.
     Same function as the bias path; q, k, v are [b, heads, h*w, d].
+
+    By default v is zero-padded to the widened head, since flash kernels take one head dim for q, k
+    and v. ``narrow_v`` hands SDPA v at its own d instead (cuDNN on Hopper and the efficient kernel
+    take a narrower v, as DeepSeek's MLA does): P @ V, its gradients and the output then cost d, not
+    d + h + w (a third of them at 1024 px: 64 against 192).
     """
     b, n, _, d = q.shape
     h, w = size
@@ -97,6 +102,8 @@ def rel_pos_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     eye_w = torch.eye(w, device=q.device, dtype=q.dtype).repeat(h, 1)  # key (kh, kw) -> e_kw
     qa = F.pad(torch.cat([q * d ** -0.5, bias_h, bias_w], -1), (0, pad))
     ka = F.pad(torch.cat([k, eye_h.expand(b, n, -1, -1), eye_w.expand(b, n, -1, -1)], -1), (0, pad))
+    if narrow_v:
+        return F.scaled_dot_product_attention(qa, ka, v, scale=1.0)
     va = F.pad(v, (0, width + pad - d))
     return F.scaled_dot_product_attention(qa, ka, va, scale=1.0)[..., :d]
 
@@ -108,14 +115,17 @@ def rel_pos_triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return relpos_attention(q, k, v, *query_rel_pos_tables(q, rel_pos_h, rel_pos_w, size))
 
 
-# SAM's attention on CUDA (bf16/fp16), by kind of block: "fold" or "triton" (model.relpos_attention);
-# the CPU always takes the bias path. NANO_OCR_SAM_GLOBAL_ATTENTION=triton puts the global blocks on
-# the Triton kernel: on an H100 it is 1.38x faster than the fold at 1024 px alone and 4% on an eager
-# step, but a compiled step showed no gain yet (bench/RESULTS.md, session 20), so the fold stays the
-# default. bench/sam_attention.py and bench/train_step.py --sam-global compare them.
+# SAM's attention on CUDA (bf16/fp16), by kind of block: "fold", "fold-narrow-v" (the fold with v at
+# its own head dim) or "triton" (model.relpos_attention); the CPU always takes the bias path.
+# NANO_OCR_SAM_GLOBAL_ATTENTION=triton puts the global blocks on the Triton kernel: on an H100 it is
+# 1.38x faster than the fold at 1024 px alone and 4% on an eager step, but a compiled step showed no
+# gain yet (bench/RESULTS.md, session 20), so the fold stays the default. "fold-narrow-v" is not yet
+# measured on a GPU. bench/sam_attention.py and bench/train_step.py --sam-global compare them.
+SAM_ATTENTION_PATHS = ("fold", "fold-narrow-v", "triton")
 CUDA_REL_POS_PATH = {"global": os.environ.get("NANO_OCR_SAM_GLOBAL_ATTENTION", "fold"), "window": "fold"}
-if CUDA_REL_POS_PATH["global"] not in ("triton", "fold"):
-    raise ValueError(f"NANO_OCR_SAM_GLOBAL_ATTENTION={CUDA_REL_POS_PATH['global']!r}; expected 'triton' or 'fold'")
+if CUDA_REL_POS_PATH["global"] not in SAM_ATTENTION_PATHS:
+    raise ValueError(f"NANO_OCR_SAM_GLOBAL_ATTENTION={CUDA_REL_POS_PATH['global']!r}; "
+                     f"expected one of {', '.join(SAM_ATTENTION_PATHS)}")
 
 
 class LayerNorm2d(nn.Module):
@@ -169,7 +179,8 @@ class SAMAttention(nn.Module):
         if fast and path == "triton" and relpos_supported(q, w):
             out = rel_pos_triton_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w))
         elif fast and q.shape[-1] + h + w <= 256:  # the fold's widened head must fit flash's 256
-            out = rel_pos_flash_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w))
+            out = rel_pos_flash_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w),
+                                          narrow_v=path == "fold-narrow-v")
         else:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))

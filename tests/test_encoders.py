@@ -4,6 +4,10 @@ input validation, and the key/shape checks of load_into."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,8 @@ from model.clip import CLIPEncoder, resize_clip_pos
 from model.config import preset
 from model.sam import SAMEncoder, decomposed_rel_pos_bias, get_rel_pos, rel_pos_flash_attention, resize_abs_pos
 from model.weights import CheckpointError, LoadReport, load_into
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -124,24 +130,39 @@ def test_rel_pos_lookup_and_interpolation():
 def test_rel_pos_fold_matches_the_bias_path():
     """SAM's CUDA path folds the decomposed relative positions into wider dot products
     ([scale*q, Rh(q), Rw(q)] . [k, onehot(kh), onehot(kw)]); on a non-square grid it must give the
-    bias path's attention and gradients. Run here in fp32 on the CPU (the bf16 check on a GPU is
-    bench/sam_attention.py)."""
+    bias path's attention and gradients, with v padded to the wide head or left at its own
+    (``narrow_v``). Run here in fp32 on the CPU (the bf16 check on a GPU is bench/sam_attention.py)."""
     torch.manual_seed(0)
     h, w, d = 4, 6, 8
     inputs = [torch.randn(2, 3, h * w, d) for _ in range(3)] + [torch.randn(2 * h - 1, d) * 0.5,
                                                                  torch.randn(2 * w - 1, d) * 0.5]
     results = []
-    for fold in (False, True):
+    for fold in (False, True, "narrow-v"):
         q, k, v, rph, rpw = (x.clone().requires_grad_(True) for x in inputs)
         if fold:
-            out = rel_pos_flash_attention(q, k, v, rph, rpw, (h, w))
+            out = rel_pos_flash_attention(q, k, v, rph, rpw, (h, w), narrow_v=fold == "narrow-v")
         else:
             bias = decomposed_rel_pos_bias(q, rph, rpw, (h, w), (h, w))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             assert (F.scaled_dot_product_attention(q, k, v) - out).abs().max() > 0.1  # the positions matter here
         results.append([out, *torch.autograd.grad(out.square().sum(), [q, k, v, rph, rpw])])
-    for name, ref, got in zip(["out", "q", "k", "v", "rel_pos_h", "rel_pos_w"], *results):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=name)
+    for got_all in results[1:]:
+        for name, ref, got in zip(["out", "q", "k", "v", "rel_pos_h", "rel_pos_w"], results[0], got_all):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sam_global_attention_switch_is_checked_at_import():
+    """NANO_OCR_SAM_GLOBAL_ATTENTION picks the global blocks' CUDA path; a misspelt one must not
+    quietly run the default."""
+    def import_with(value: str) -> subprocess.CompletedProcess:
+        code = "import model.sam as s; print(s.CUDA_REL_POS_PATH['global'])"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "NANO_OCR_SAM_GLOBAL_ATTENTION": value})
+
+    ok = import_with("fold-narrow-v")
+    assert ok.returncode == 0 and ok.stdout.strip() == "fold-narrow-v"
+    bad = import_with("fold_narrow_v")
+    assert bad.returncode != 0 and "expected one of fold, fold-narrow-v, triton" in bad.stderr
 
 
 def test_sam_blocks_know_their_attention_kind():
