@@ -76,6 +76,7 @@ class SpeedrunConfig:
     # line/word/block crops of the stream: "crop", "page" (at the page's text size) or "zoom" (a size drawn
     # between the two): SynthStreamConfig.crop_scale
     stream_crop_scale: str = "crop"
+    stream_render_tasks: int | None = None  # at most this many render tasks at once: SynthStreamConfig.render_tasks
     stages: list[int] = field(default_factory=lambda: [1, 2])  # [1]: stop after stage 1
     serve_port: int = 8000
     demo_task: str = "markdown"
@@ -219,7 +220,8 @@ def stream_settings(cfg: SpeedrunConfig) -> dict:
     """Stage 1's ``synth:`` mapping (a pipeline.synth_stream.SynthStreamConfig) when it trains on the stream."""
     return {"profile": cfg.synth_profile, "pages": cfg.stream_pages, "seed": cfg.seed + 100, "mode": cfg.mode,
             "tasks": dict(cfg.stream_tasks), "crops_per_page": cfg.stream_crops_per_page,
-            "crop_scale": cfg.stream_crop_scale, "overrides": dict(cfg.synth_overrides)}
+            "crop_scale": cfg.stream_crop_scale, "render_tasks": cfg.stream_render_tasks,
+            "overrides": dict(cfg.synth_overrides)}
 
 
 def stage_dir(cfg: SpeedrunConfig, stage: int) -> Path:
@@ -372,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-crop-scale", dest="stream_crop_scale", choices=CROP_SCALES,
                         help="stage 1 on the stream: line/word/block crops resized to the view (crop), at the page's "
                              "text size (page) or at a size drawn between the two (zoom)")
+    parser.add_argument("--stream-render-tasks", dest="stream_render_tasks", type=int, metavar="N",
+                        help="stage 1 on the stream: at most N render tasks at once (default: one per free CPU); "
+                             "fewer leave CPUs to the trainer")
     parser.add_argument("--train-pages", dest="train_pages", type=int)
     parser.add_argument("--heldout-pages", dest="heldout_pages", type=int)
     parser.add_argument("--eval-limit", dest="eval_limit", type=int,
@@ -389,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                       stage1_end_at_unix_s=(None if args.stage1_end_within_s is None
                                             else started + args.stage1_end_within_s),
                       train_pages=args.train_pages, heldout_pages=args.heldout_pages, eval_limit=args.eval_limit,
-                      serve_port=args.serve_port, stream_crop_scale=args.stream_crop_scale)
+                      serve_port=args.serve_port, stream_crop_scale=args.stream_crop_scale,
+                      stream_render_tasks=args.stream_render_tasks)
     cfg.stage1_overrides.update(parse_settings(args.stage1_settings))
     cfg.out = str(Path(cfg.out).resolve())  # Ray workers and actors do not share our working directory
     cfg.root.mkdir(parents=True, exist_ok=True)

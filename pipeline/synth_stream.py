@@ -43,6 +43,10 @@ class SynthStreamConfig:
     # they were on a page-sized canvas, at the page's text size, "zoom" a size drawn between the two
     # (pipeline.synth.piece_layout)
     crop_scale: str = "crop"
+    # at most this many render tasks at once (None: Ray Data's choice, a task per free CPU). Fewer leave
+    # CPUs to the trainer's own threads: with all 16 of a GPU machine's CPUs rendering, a tier-2 step
+    # slowed ~8% while the stream's buffer was full (bench/RESULTS.md, session 27)
+    render_tasks: int | None = None
 
     def __post_init__(self) -> None:
         from model.config import MODES
@@ -54,6 +58,8 @@ class SynthStreamConfig:
             raise ValueError(f"synth.pages_per_task must be >= 1, got {self.pages_per_task}")
         if self.crops_per_page < 1:
             raise ValueError(f"synth.crops_per_page must be >= 1, got {self.crops_per_page}")
+        if self.render_tasks is not None and self.render_tasks < 1:
+            raise ValueError(f"synth.render_tasks must be >= 1 (or unset), got {self.render_tasks}")
         if self.crop_scale not in CROP_SCALES:
             raise ValueError(f"synth.crop_scale must be one of {', '.join(CROP_SCALES)}, got {self.crop_scale!r}")
         bad = [t for t in self.tasks if t not in TASKS]
@@ -219,8 +225,9 @@ def synth_dataset(stream: SynthStreamConfig, tokenizer_json: str, max_seq_len: i
 
     spec = _RenderSpec(stream, tokenizer_json, max_seq_len, glyphs)
     blocks = max(1, -(-stream.pages // stream.pages_per_task))
+    pool = ray.data.TaskPoolStrategy(size=stream.render_tasks)  # size None: no cap
     return ray.data.range(stream.pages, override_num_blocks=blocks).map_batches(
-        render_batch, fn_kwargs={"spec": spec}, batch_size=stream.pages_per_task, batch_format="numpy")
+        render_batch, fn_kwargs={"spec": spec}, batch_size=stream.pages_per_task, batch_format="numpy", compute=pool)
 
 
 def stream_texts(stream: SynthStreamConfig, n_pages: int) -> list[str]:

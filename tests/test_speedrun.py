@@ -152,6 +152,14 @@ def test_blocks_recipe_is_zoom_pages_c2_with_half_its_line_pages_on_blocks():
                                export_dir=c2.export_dir) == c2  # the rest of the recipe is the same
 
 
+def test_stream_render_tasks_reach_stage_one():
+    import speedrun
+
+    path = str(REPO / "jobs/configs/speedrun_tier2_zoom_pages_c2.yaml")
+    assert speedrun.stage_config(speedrun.load_config(path), 1).synth.render_tasks is None
+    assert speedrun.stage_config(speedrun.load_config(path, stream_render_tasks=12), 1).synth.render_tasks == 12
+
+
 def test_synth_overrides_reach_the_pages_on_disk_and_the_stream(tmp_path):
     import speedrun
 

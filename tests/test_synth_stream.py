@@ -4,6 +4,7 @@ MLflow on SQLite, tiny preset on CPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tempfile
 from pathlib import Path
@@ -248,6 +249,20 @@ def tokenizer_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok")
     Tokenizer.train(stream_texts(SynthStreamConfig(**TINY_STREAM), 12), 512).save(path)
     return path / "tokenizer.json"
+
+
+def test_stream_render_tasks_caps_the_render_pool_and_keeps_the_rows(ray_local, tokenizer_file):
+    stream = SynthStreamConfig(**{**TINY_STREAM, "pages": 6, "pages_per_task": 2, "tasks": {"free": 1.0}})
+    capped = dataclasses.replace(stream, render_tasks=1)
+    assert synth_dataset(stream, tokenizer_file.read_text(), 1024)._logical_plan.dag.compute.size is None
+    ds = synth_dataset(capped, tokenizer_file.read_text(), 1024)
+    assert ds._logical_plan.dag.compute.size == 1  # what Ray Data's executor schedules by
+    rows = sorted(ds.take_all(), key=lambda r: r["id"])
+    free = sorted(synth_dataset(stream, tokenizer_file.read_text(), 1024).take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == [r["id"] for r in free] and len(rows) == 6
+    assert all(list(a["input_ids"]) == list(b["input_ids"]) for a, b in zip(rows, free))
+    with pytest.raises(ValueError, match="render_tasks must be >= 1"):
+        dataclasses.replace(stream, render_tasks=0)
 
 
 def test_stream_rows_are_shard_rows(ray_local, tokenizer_file):
