@@ -1,4 +1,5 @@
 """The tier-2 glyph recipe's training step, eager against ``compile_vision`` (+ ``compile_gpt``): worth it?
+And what does compiling SAM's and CLIP's blocks one by one (``unit="block"``) save of the compile?
 
 The step is the trainer's with ``glyph_loss`` (``pipeline/train.py``): packed rows of line crops
 (one global view each, in a mode without tiles), bf16 autocast, the next-token loss plus the
@@ -9,6 +10,7 @@ after how many steps it pays off.
 
     python bench/glyph_step.py                         # small preset, small mode, on CUDA
     python bench/glyph_step.py --variants eager/read1,eager/read10   # the loss read every step or every 10th
+    python bench/glyph_step.py --mode base --variants compiled_gpt,blocks_gpt --warmup 1   # the compile's cost
     python bench/glyph_step.py --quick --device cpu    # tiny sizes: the code path
 """
 
@@ -48,7 +50,11 @@ def line_batch(cfg, mode: str, rows: int, seq_len: int, response: int, rng: np.r
     return collate(groups, seq_len)
 
 
-TOWERS = {"eager": "eager", "compiled": "compile_vision", "compiled_gpt": "compile_vision + compile_gpt"}
+# variant -> (what it compiles, as the table says it; compile_vision's unit; compile_gpt)
+TOWERS = {"eager": ("eager", None, False), "compiled": ("compile_vision", "tower", False),
+          "compiled_gpt": ("compile_vision + compile_gpt", "tower", True),
+          "blocks": ("compile_vision by block", "block", False),
+          "blocks_gpt": ("compile_vision by block + compile_gpt", "block", True)}
 
 
 def run(args, device: torch.device, towers: str, read_every: int) -> dict:
@@ -58,9 +64,10 @@ def run(args, device: torch.device, towers: str, read_every: int) -> dict:
     heads = GlyphHeads(model.config).to(device)
     setattr(model, ATTRIBUTE, heads)
     heads.attach(model)  # before compiling, as the trainer does: the hooks are traced into the graphs
-    if towers != "eager":
-        model.compile_vision(0)
-    if towers == "compiled_gpt":  # each GPT block too, as TrainConfig.compile_gpt does
+    _, unit, gpt = TOWERS[towers]
+    if unit:
+        model.compile_vision(0, unit=unit)
+    if gpt:  # each GPT block too, as TrainConfig.compile_gpt does
         model.gpt.compile_blocks()
     model.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)
     model.train()
@@ -105,8 +112,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="eager,compiled",
-                   help="eager, compiled (compile_vision) or compiled_gpt (compile_vision + compile_gpt), each "
-                        "optionally /readN: the loss read every N steps (default 1)")
+                   help="eager, compiled (compile_vision), compiled_gpt (compile_vision + compile_gpt), blocks or "
+                        "blocks_gpt (the same with compile_vision's unit 'block'), each optionally /readN: the loss "
+                        "read every N steps (default 1)")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.quick:
@@ -128,7 +136,7 @@ def main() -> None:
         gain = base["step_s"] - r["step_s"]
         extra = r["warm_s"] - base["warm_s"]
         pays = f"{extra / gain:.0f}" if r["compiled"] and not base["compiled"] and gain > 0 and extra > 0 else ""
-        rows.append([TOWERS[r["towers"]], r["read_every"], f"{args.rows} x {args.seq}",
+        rows.append([TOWERS[r["towers"]][0], r["read_every"], f"{args.rows} x {args.seq}",
                      r["views"], f"{r['warm_s']:.1f}", f"{r['step_s'] * 1e3:.0f}", f"{r['views'] / r['step_s']:.0f}",
                      f"{base['step_s'] / r['step_s']:.2f}x", pays, f"{r['peak_gib']:.1f}", f"{r['loss']:.3f}"])
     table = Table("Glyph-loss training step (bench/glyph_step.py)",

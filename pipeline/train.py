@@ -29,7 +29,7 @@ import torch
 
 from model.config import MODES, VLMConfig, from_yaml, preset as model_preset
 from model.flops import packed_train_flops
-from model.vlm import ImageViews, NanoDeepseekOCR
+from model.vlm import VISION_COMPILE_UNITS, ImageViews, NanoDeepseekOCR
 from pipeline.distributed import (any_rank, full_model_state, full_optimizer_state, full_value, is_sharded,
                                   shard_model, shard_optimizer_state, vision_on_every_rank)
 from pipeline.glyph_loss import ATTRIBUTE as GLYPH_HEADS, CELL_TARGETS
@@ -103,6 +103,9 @@ class TrainConfig:
     log_every: int = 10  # steps between reports (loss, throughput): the only steps that wait for the GPU
     compile: bool = False
     compile_vision: bool = False  # torch.compile SAM + CLIP (view count dynamic): minutes to compile, faster steps
+    # what compile_vision compiles as one graph: each "tower" whole, or each transformer "block" (far less
+    # to compile: NanoDeepseekOCR.compile_vision)
+    compile_vision_unit: str = "tower"
     compile_gpt: bool = False  # torch.compile each GPT block (GPT.compile_blocks): fused norms/RoPE/ReLU^2, less memory
     slot_centering: bool = False  # new models only: VLMConfig.slot_centering (encoders from random init)
     projector_input_norm: bool = False  # new models only: VLMConfig.projector_input_norm (likewise)
@@ -160,6 +163,9 @@ class TrainConfig:
                              f"got {self.skip_spikes}")
         if self.skip_spikes_patience < 1:
             raise ValueError(f"skip_spikes_patience must be >= 1, got {self.skip_spikes_patience}")
+        if self.compile_vision_unit not in VISION_COMPILE_UNITS:
+            raise ValueError(f"compile_vision_unit must be one of {', '.join(VISION_COMPILE_UNITS)}, "
+                             f"got {self.compile_vision_unit!r}")
         if self.max_row_megapixels is not None and self.max_row_megapixels <= 0:
             raise ValueError(f"max_row_megapixels must be > 0, got {self.max_row_megapixels}")
         if self.run_name is None:
@@ -538,7 +544,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if cfg.compile_vision:
         # one graph per view size for any number of views: on an H200 the full preset's vision towers
         # run 1.6x faster (a step 1.34x), after ~1.5-2 min of compiling per view size
-        inner.compile_vision(0)
+        inner.compile_vision(0, unit=cfg.compile_vision_unit)
     if cfg.compile_gpt:
         inner.gpt.compile_blocks()
     if cfg.compile:

@@ -242,10 +242,12 @@ def test_slot_health_reports_what_the_decoders_first_norm_is_handed(centering):
     assert float(parts["slot_rms_min"]) < float(parts["slot_rms_mean"])
 
 
-def test_glyph_heads_see_the_same_features_through_compiled_towers():
-    """compile_vision traces the heads' hooks into the towers' graphs: same loss, same gradients as
-    eager, for any view count, and nothing kept under no_grad. ``aot_eager`` runs dynamo and
-    AOTAutograd (where hooks are traced or lost) without inductor's code generation."""
+@pytest.mark.parametrize("unit", ["tower", "block"])
+def test_glyph_heads_see_the_same_features_through_compiled_towers(unit):
+    """compile_vision traces the heads' hooks into the towers' graphs (or, compiled by block, runs
+    them eagerly between the graphs): same loss, same gradients as eager, for any view count, and
+    nothing kept under no_grad. ``aot_eager`` runs dynamo and AOTAutograd (where hooks are traced or
+    lost) without inductor's code generation."""
     from torch._dynamo.utils import counters
 
     pages = [_page(s) for s in range(3)]
@@ -258,7 +260,7 @@ def test_glyph_heads_see_the_same_features_through_compiled_towers():
         heads.attach(model)
         if compiled:
             counters.clear()
-            model.compile_vision(0, backend="aot_eager")
+            model.compile_vision(0, backend="aot_eager", unit=unit)
         steps = []
         for n in (3, 2):
             model.encode_images(images[:n])

@@ -227,3 +227,5 @@ def test_compile_and_compile_gpt_together_are_refused():
     with pytest.raises(ValueError, match="compile already compiles the whole model"):
         TrainConfig(data="x", compile=True, compile_gpt=True)
     assert TrainConfig(data="x", compile_gpt=True, compile_vision=True).compile_gpt
+    with pytest.raises(ValueError, match="compile_vision_unit must be one of tower, block"):
+        TrainConfig(data="x", compile_vision=True, compile_vision_unit="layer")

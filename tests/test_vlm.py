@@ -86,6 +86,45 @@ def test_fixed_view_chunks_pad_without_changing_features():
         m.compile_vision(-1)
 
 
+def test_vision_compiled_by_block_matches_eager_and_compiles_each_kind_of_block_once():
+    """compile_vision(unit="block"): the same embeddings and gradients as eager, one graph per kind
+    of block (SAM's window and global blocks, CLIP's layer), none new for another view count.
+    ``aot_eager`` runs dynamo and AOTAutograd without inductor's code generation."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    def model() -> NanoDeepseekOCR:
+        cfg = preset("tiny")
+        cfg.sam = dataclasses.replace(cfg.sam, depth=3, global_attn_indexes=(1,))
+        torch.manual_seed(0)
+        m = NanoDeepseekOCR(cfg)
+        m.init_weights()
+        return m
+
+    images = [_views(512, seed=s) for s in range(4)]
+    eager, blocks = model(), model()
+    counters.clear()
+    blocks.compile_vision(0, backend="aot_eager", unit="block")
+    graphs = []
+    for n in (3, 2, 4):
+        losses = []
+        for m in (eager, blocks):
+            loss = sum(e.square().mean() for e in m.encode_images(images[:n]))
+            loss.backward()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(eager.named_parameters(), blocks.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        eager.zero_grad(set_to_none=True)
+        blocks.zero_grad(set_to_none=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [3, 3, 3] and not counters["graph_break"]
+    with pytest.raises(ValueError, match="unit must be one of"):
+        model().compile_vision(0, unit="layer")
+
+
 def test_slot_centering_shifts_each_view_to_a_zero_mean():
     """VLMConfig.slot_centering: every view's slots lose their common mean and nothing else (one
     shift per view, tiles and global alike), it survives config.json, and it is off by default
