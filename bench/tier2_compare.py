@@ -25,6 +25,7 @@ EVAL_COLUMNS = [
     ("held-out `markdown` CER", "heldout", "markdown/cer"),
     ("held-out blocks IoU >= 0.7", "heldout", "box_gt_iou70"),
     ("held-out `free` line 1 / 4+ CER", "heldout", ("free/line1_cer", "free/line4plus_cer")),
+    ("held-out `free` paragraphs kept whole", "heldout", "free/paragraphs_equal"),
     ("held-out lines alone", "heldout_lines", "cer"),
     ("held-out lines on the page", "heldout_lines_on_page", "cer"),
     ("train-dist. `free` CER", "train", "free/cer"),
@@ -49,7 +50,8 @@ def _value(scores: dict, split: str, metric) -> str:
     found = [scores.get(split, {}).get(m) for m in metrics]
     if any(v is None for v in found):
         return "-"
-    return " / ".join(f"{v:.1%}" if m.startswith("box_") else f"{v:.3f}" for m, v in zip(metrics, found))
+    return " / ".join(f"{v:.1%}" if m.startswith("box_") or m.endswith("_equal") else f"{v:.3f}"
+                      for m, v in zip(metrics, found))
 
 
 def _mix(recipe: dict) -> str:

@@ -37,7 +37,7 @@ RECIPE_PARAMS = ("train.preset", "mode", "train.steps", "train.batch_size", "tra
                  "train.synth.tasks.line", "train.synth.tasks.free", "train.synth.tasks.markdown",
                  "train.synth.crops_per_page")
 EVAL_KEYS = ("cer", "free/cer", "markdown/cer", "plain_cer", "free/line1_cer", "free/line2_cer", "free/line3_cer",
-             "free/line4plus_cer", "box_gt_iou70", "box_any_gt_iou70", "box_mean_iou", "box_f1", "box_too_many",
+             "free/line4plus_cer", "free/paragraphs_extra", "free/paragraphs_equal", "box_gt_iou70", "box_any_gt_iou70", "box_mean_iou", "box_f1", "box_too_many",
              "box_too_few", "n", "pages_per_s")
 
 

@@ -338,6 +338,7 @@ def score_record(record: Mapping, prediction: str) -> dict[str, float]:
     pred_md, ref_md = M.strip_grounding(prediction), M.strip_grounding(ref)
     scores = M.text_scores(pred_md, ref_md)
     scores.update(M.line_cers(pred_md, ref_md))
+    scores.update(M.paragraph_counts(pred_md, ref_md))
     scores.update(M.text_scores(M.plain_text(prediction), M.plain_text(ref), prefix="plain_"))
     if record.get("task") in GROUNDING_TASKS:
         pred_boxes = parse_grounding(prediction).boxes

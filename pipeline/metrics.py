@@ -185,6 +185,21 @@ def line_cers(pred: str, gt: str, first: int = 3) -> dict[str, float]:
     return out
 
 
+def paragraph_counts(pred: str, gt: str) -> dict[str, float]:
+    """How the prediction's paragraphs (blank-line separated) compare with the reference's:
+    ``paragraphs_extra`` (the prediction's count less the reference's) and ``paragraphs_equal``.
+
+    Why: a reading that ends a paragraph at every line wrap reads its later lines out of place, and
+    the line-pair CERs then blame the glyphs (session 27's held-out pages: 67 of 100 readings split
+    paragraphs that the training-distribution readings kept whole; bench/RESULTS.md, session 28).
+    """
+    def count(text: str) -> int:
+        return sum(1 for part in re.split(r"\n\s*\n", text) if part.strip())
+
+    extra = count(pred) - count(gt)
+    return {"paragraphs_extra": float(extra), "paragraphs_equal": float(extra == 0)}
+
+
 # --------------------------------------------------------------------------- text cleaning
 
 _HTML_TAG_RE = re.compile(r"<[^>]+>")

@@ -165,7 +165,7 @@ def test_evaluate_tiny_checkpoint_end_to_end(ray_local, tiny_checkpoint, synth_m
     assert res.metrics["n"] == 4.0 and res.metrics["errors"] == 0.0
     for key in ("edit_distance", "cer", "wer", "f1", "plain_edit_distance", "box_f1", "box_mean_iou",
                 "markdown/edit_distance", "free/edit_distance", "markdown/box_f1", "pages_per_s", "line1_cer",
-                "free/line1_cer"):
+                "free/line1_cer", "free/paragraphs_equal"):
         assert key in res.metrics, key
     assert "free/box_f1" not in res.metrics
     assert 0.0 <= res.metrics["edit_distance"] <= 1.0

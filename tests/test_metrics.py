@@ -78,6 +78,15 @@ def test_line_cers_pair_lines_by_position():
     assert drifted["line1_cer"] == drifted["line2_cer"] == 0.0 < drifted["line3_cer"] <= drifted["line4plus_cer"]
 
 
+def test_paragraph_counts_see_a_paragraph_split_at_its_wraps():
+    gt = "Title\n\nA paragraph that wraps over two lines of the page.\n\n\u2022 one\n\u2022 two"
+    assert M.paragraph_counts(gt, gt) == {"paragraphs_extra": 0.0, "paragraphs_equal": 1.0}
+    split = "Title\n\nA paragraph that wraps\n\nover two lines of the page.\n \n\u2022 one\n\u2022 two"
+    assert M.paragraph_counts(split, gt) == {"paragraphs_extra": 1.0, "paragraphs_equal": 0.0}
+    assert M.paragraph_counts("Title\n\n\n", gt)["paragraphs_extra"] == -2.0  # stopped after the title
+    assert M.paragraph_counts("", "") == {"paragraphs_extra": 0.0, "paragraphs_equal": 1.0}
+
+
 def test_fox_token_set_scores():
     s = M.fox_scores("the cat the dog", "the cat sat")  # sets {the,cat,dog} vs {the,cat,sat}
     assert (s.precision, s.recall, s.f1) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
