@@ -33,9 +33,11 @@ RECIPE_PARAMS = ("train.preset", "mode", "train.steps", "train.batch_size", "tra
                  "train.step_milestones", "train.glyph_loss", "train.glyph_cell", "train.slot_centering",
                  "train.projector_input_norm", "train.skip_spikes", "train.skip_spikes_patience",
                  "train.synth.profile", "train.synth.overrides.pseudo_word_prob",
-                 "train.synth.overrides.word_salad_prob", "train.synth.overrides.train_fonts", "train.synth.crop_scale",
-                 "train.synth.tasks.line", "train.synth.tasks.free", "train.synth.tasks.markdown",
-                 "train.synth.crops_per_page")
+                 "train.synth.overrides.word_salad_prob", "train.synth.overrides.train_fonts",
+                 "train.synth.overrides.train_line_spacing_range", "train.synth.crop_scale",
+                 "train.synth.tasks.line", "train.synth.tasks.block", "train.synth.tasks.free",
+                 "train.synth.tasks.markdown", "train.synth.crops_per_page", "train.synth.render_tasks",
+                 "train.compile_vision_unit")
 EVAL_KEYS = ("cer", "free/cer", "markdown/cer", "plain_cer", "free/line1_cer", "free/line2_cer", "free/line3_cer",
              "free/line4plus_cer", "free/paragraphs_extra", "free/paragraphs_equal", "box_gt_iou70", "box_any_gt_iou70", "box_mean_iou", "box_f1", "box_too_many",
              "box_too_few", "n", "pages_per_s")

@@ -152,6 +152,17 @@ def test_blocks_recipe_is_zoom_pages_c2_with_half_its_line_pages_on_blocks():
                                export_dir=c2.export_dir) == c2  # the rest of the recipe is the same
 
 
+def test_spaced_recipe_is_zoom_pages_c2_with_wider_line_spacing_on_training_pages():
+    import speedrun
+
+    spaced, c2 = (speedrun.load_config(str(REPO / f"jobs/configs/{name}.yaml"))
+                  for name in ("speedrun_tier2_spaced", "speedrun_tier2_zoom_pages_c2"))
+    assert spaced.synth_config().train_line_spacing_range == (1.1, 2.0)
+    assert spaced.synth_config().line_spacing_range == c2.synth_config().line_spacing_range  # held-out pages
+    overrides = {k: v for k, v in spaced.synth_overrides.items() if k != "train_line_spacing_range"}
+    assert dataclasses.replace(spaced, synth_overrides=overrides, out=c2.out) == c2
+
+
 def test_stream_render_tasks_reach_stage_one():
     import speedrun
 

@@ -87,6 +87,43 @@ def test_pseudo_word_prob_changes_the_training_text_and_not_the_heldout_pages():
         SynthConfig.reading(pseudo_word_prob=1.5).validate()
 
 
+def test_train_line_spacing_moves_training_lines_apart_and_leaves_heldout_pages():
+    plain, spaced = SynthConfig.reading(), SynthConfig.reading(train_line_spacing_range=(2.0, 2.0))
+
+    def pitches(page) -> list[float]:
+        """Distances between successive lines of each paragraph, in the paragraph's line heights."""
+        out = []
+        for block in (b for b in page.blocks if b.label == "text"):
+            x1, y1, x2, y2 = block.box_px
+            tops = sorted(p.box_px for p in page.lines if y1 <= (p.box_px[1] + p.box_px[3]) / 2 <= y2
+                          and x1 <= (p.box_px[0] + p.box_px[2]) / 2 <= x2)
+            out += [(b[1] - a[1]) / (a[3] - a[1]) for a, b in zip(tops, tops[1:])]
+        return out
+
+    def gaps(page) -> tuple[list[int], list[int]]:
+        """(blank pixels between a paragraph's lines, between one block's last line and the next's first)."""
+        rows = []
+        for block in page.blocks:
+            x1, y1, x2, y2 = block.box_px
+            rows.append(sorted(p.box_px[1::2] for p in page.lines if y1 <= (p.box_px[1] + p.box_px[3]) / 2 <= y2
+                               and x1 <= (p.box_px[0] + p.box_px[2]) / 2 <= x2))
+        inside = [b[0] - a[1] for block, lines in zip(page.blocks, rows) if block.label == "text"
+                  for a, b in zip(lines, lines[1:])]
+        between = [nxt[0][0] - prev[-1][1] for prev, nxt in zip(rows, rows[1:]) if prev and nxt]
+        return inside, between
+
+    before = [r for i in range(6) for r in pitches(make_page(i, plain, 0, "train"))]
+    after = [r for i in range(6) for r in pitches(make_page(i, spaced, 0, "train"))]
+    assert before and after and max(before) < min(after)  # every paragraph's lines farther apart
+    for i in range(6):  # and the blocks farther apart still: a wide line gap is not a paragraph's end
+        inside, between = gaps(make_page(i, spaced, 0, "train"))
+        assert not inside or not between or max(inside) < min(between)
+    for i in range(3):  # the evaluation pages stay the same
+        assert make_page(i, spaced, 1, "heldout").image.tobytes() == make_page(i, plain, 1, "heldout").image.tobytes()
+    with pytest.raises(ValueError, match="train_line_spacing_range"):
+        SynthConfig.reading(train_line_spacing_range=(2.0, 1.0)).validate()
+
+
 def test_stretch_scales_pixels_not_relative_boxes():
     plain = make_page(5, SynthConfig.reading(stretch_range=(1.0, 1.0)), 0, "train")
     wide = make_page(5, SynthConfig.reading(stretch_range=(1.25, 1.25)), 0, "train")
