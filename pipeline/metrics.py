@@ -190,8 +190,9 @@ def paragraph_counts(pred: str, gt: str) -> dict[str, float]:
     ``paragraphs_extra`` (the prediction's count less the reference's) and ``paragraphs_equal``.
 
     Why: a reading that ends a paragraph at every line wrap reads its later lines out of place, and
-    the line-pair CERs then blame the glyphs (session 27's held-out pages: 67 of 100 readings split
-    paragraphs that the training-distribution readings kept whole; bench/RESULTS.md, session 28).
+    the line-pair CERs then blame the glyphs (session 27's model: 71 of 100 held-out readings had
+    another paragraph count than the reference, 11 of 100 train-distribution ones; bench/RESULTS.md,
+    session 28).
     """
     def count(text: str) -> int:
         return sum(1 for part in re.split(r"\n\s*\n", text) if part.strip())
