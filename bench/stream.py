@@ -42,11 +42,13 @@ def measure(task: str, crops: int, pages: int, mode: str, tokenizer_json: str, g
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="line,free", help="comma-separated stream tasks, each timed alone")
-    parser.add_argument("--crops", default="1,16", help="comma-separated crops_per_page values (crop tasks: line, word, block)")
+    parser.add_argument("--crops", default="1,16",
+                        help="comma-separated crops_per_page values (crop tasks: line, word, block)")
     parser.add_argument("--pages", type=int, default=32)
     parser.add_argument("--mode", default="small")
     parser.add_argument("--no-glyphs", action="store_true", help="without the glyphs column")
-    parser.add_argument("--crop-scales", default="crop", help="comma-separated crop_scale values (crop tasks: line, word, block)")
+    parser.add_argument("--crop-scales", default="crop",
+                        help="comma-separated crop_scale values (crop tasks: line, word, block)")
     args = parser.parse_args(argv)
     from model.tokenizer import Tokenizer
     from pipeline.synth import CROP_TASKS

@@ -39,8 +39,8 @@ RECIPE_PARAMS = ("train.preset", "mode", "train.steps", "train.batch_size", "tra
                  "train.synth.tasks.markdown", "train.synth.crops_per_page", "train.synth.render_tasks",
                  "train.compile_vision_unit")
 EVAL_KEYS = ("cer", "free/cer", "markdown/cer", "plain_cer", "free/line1_cer", "free/line2_cer", "free/line3_cer",
-             "free/line4plus_cer", "free/paragraphs_extra", "free/paragraphs_equal", "box_gt_iou70", "box_any_gt_iou70", "box_mean_iou", "box_f1", "box_too_many",
-             "box_too_few", "n", "pages_per_s")
+             "free/line4plus_cer", "free/paragraphs_extra", "free/paragraphs_equal", "box_gt_iou70",
+             "box_any_gt_iou70", "box_mean_iou", "box_f1", "box_too_many", "box_too_few", "n", "pages_per_s")
 
 
 def summarise(comparison: tracking.Comparison, uri: str, eval_summary: Path | None, baselines: dict[str, Path],

@@ -240,7 +240,8 @@ def test_block_crops_show_a_paragraph_or_list_whole(doc_dir):
         assert len(lines) >= 2 and all(" ".join(t.split()) in said for t in lines)  # its lines, and only its own
         assert sum(len(t.split()) for t in lines) == len(said.split())
         assert Image.open(doc_dir / r["image"]).size == (x2 - x1, y2 - y1)
-    assert {b.label for p in pages.values() for b in p.blocks if b.text in {r["response"] for r in recs}} <= {"text", "list"}
+    answers = {r["response"] for r in recs}
+    assert {b.label for p in pages.values() for b in p.blocks if b.text in answers} <= {"text", "list"}
 
 
 def test_crop_files_at_page_scale_are_the_page_with_only_that_piece(tmp_path):
