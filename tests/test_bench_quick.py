@@ -207,3 +207,40 @@ def test_stream_mix_splits_a_steps_flops_and_loss_tokens_by_task(tmp_path):
     refused = subprocess.run([sys.executable, "stream_mix.py", "--config", str(no_stream)], cwd=BENCH,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "does not train on the stream" in refused.stderr
+
+
+def test_layout_shift_compares_the_splits_line_pitch_and_scores_readings_by_it(tmp_path):
+    """bench/layout_shift.py: both splits' line pitch and gaps, and readings grouped by pitch. A reading that
+    splits its page's paragraph at a wrap counts as a wrong paragraph count; an exact one does not."""
+    import json
+
+    sys.path.insert(0, str(BENCH))
+    import layout_shift
+    from pipeline.synth import SynthConfig, make_page
+
+    assert layout_shift.cap_heights_per_line_box("stix") > 2 > layout_shift.cap_heights_per_line_box("sans") > 1.5
+    records, scored, wrong = [], 0, 0
+    for index in range(6):  # the recipe's held-out pages: its overrides are all for training pages
+        page = make_page(index, SynthConfig.reading(), 1, "heldout")
+        lines = layout_shift.paragraph_lines(page)
+        assert all(a[1] < b[1] for para in lines for a, b in zip(para, para[1:]))  # top to bottom
+        split = page.plain_text.replace(" ", "\n\n", 1) if index % 2 else page.plain_text
+        records.append({"id": f"{page.page_id}-free", "task": "free", "reference": page.plain_text,
+                        "prediction": split})
+        if layout_shift.pitch_in_cap_heights(page) is not None:  # a paragraph of two lines: the page is scored
+            scored += 1
+            wrong += index % 2
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = str(BENCH.parent / "jobs/configs/speedrun_tier2_spaced.yaml")
+    proc = subprocess.run([sys.executable, "layout_shift.py", "--config", config, "--pages", "3", "--predictions",
+                           str(predictions), "--split", "heldout"], cwd=BENCH, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "| train | 3 |" in proc.stdout and "| heldout | 3 |" in proc.stdout
+    thirds = [line.split("|") for line in proc.stdout.splitlines() if "third |" in line]
+    assert sum(int(row[2]) for row in thirds) == scored >= 3 and wrong >= 1
+    assert round(sum(int(row[2]) * float(row[4].strip().rstrip("%")) / 100 for row in thirds)) == wrong
+    refused = subprocess.run([sys.executable, "layout_shift.py", "--config", config, "--split", "heldout"],
+                             cwd=BENCH, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "go together" in refused.stderr
