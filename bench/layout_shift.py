@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.metrics import cer, paragraph_counts, strip_grounding  # noqa: E402
-from pipeline.synth import get_font, make_page  # noqa: E402
+from pipeline.synth import block_lines, get_font, make_page  # noqa: E402
 
 SPLITS = ("train", "heldout")
 
@@ -43,15 +43,7 @@ def cap_heights_per_line_box(family: str) -> float:
 
 def paragraph_lines(page) -> list[list[tuple[int, int, int, int]]]:
     """Each text paragraph's line boxes, top to bottom."""
-    out = []
-    for block in page.blocks:
-        if block.label != "text":
-            continue
-        x1, y1, x2, y2 = block.box_px
-        boxes = [p.box_px for p in page.lines
-                 if x1 <= (p.box_px[0] + p.box_px[2]) / 2 <= x2 and y1 <= (p.box_px[1] + p.box_px[3]) / 2 <= y2]
-        out.append(sorted(boxes, key=lambda b: b[1]))
-    return out
+    return [[p.box_px for p in block_lines(page, block)] for block in page.blocks if block.label == "text"]
 
 
 def pitch_in_cap_heights(page) -> float | None:
@@ -66,11 +58,7 @@ def pitch_in_cap_heights(page) -> float | None:
 def gaps(page) -> tuple[list[int], list[int]]:
     """(blank pixels between a paragraph's line boxes, between a block's last line box and the next block's
     first), in reading order."""
-    rows = []
-    for block in page.blocks:
-        x1, y1, x2, y2 = block.box_px
-        rows.append(sorted((p.box_px for p in page.lines if x1 <= (p.box_px[0] + p.box_px[2]) / 2 <= x2
-                            and y1 <= (p.box_px[1] + p.box_px[3]) / 2 <= y2), key=lambda b: b[1]))
+    rows = [[p.box_px for p in block_lines(page, block)] for block in page.blocks]
     inside = [b[1] - a[3] for block, lines in zip(page.blocks, rows) if block.label == "text"
               for a, b in zip(lines, lines[1:])]
     between = [nxt[0][1] - prev[-1][3] for prev, nxt in zip(rows, rows[1:]) if prev and nxt]

@@ -25,7 +25,7 @@ EVAL_COLUMNS = [
     ("held-out `markdown` CER", "heldout", "markdown/cer"),
     ("held-out blocks IoU >= 0.7", "heldout", "box_gt_iou70"),
     ("held-out `free` line 1 / 4+ CER", "heldout", ("free/line1_cer", "free/line4plus_cer")),
-    ("held-out `free` paragraphs kept whole", "heldout", "free/paragraphs_equal"),
+    ("held-out `free` paragraph count right", "heldout", "free/paragraphs_equal"),
     ("held-out lines alone", "heldout_lines", "cer"),
     ("held-out lines on the page", "heldout_lines_on_page", "cer"),
     ("train-dist. `free` CER", "train", "free/cer"),

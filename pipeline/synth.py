@@ -93,8 +93,8 @@ class SynthConfig:
     line_spacing_range: tuple[float, float] = (1.1, 1.45)
     # train split only: line spacing drawn from this range instead (held-out pages keep line_spacing_range).
     # Spacing multiplies a font's ascent + descent, which is 1.4-1.65 cap heights in the training fonts and
-    # 2.26 in STIX: held-out STIX lines sit farther apart than any trained page's, as far as a trained
-    # page's paragraphs, and readings end a paragraph at each wrap (bench/RESULTS.md, session 28)
+    # 2.26 in STIX: held-out STIX lines sit farther apart, relative to their letters, than any trained page's,
+    # and readings end a paragraph at each wrap (bench/RESULTS.md, session 28)
     train_line_spacing_range: tuple[float, float] | None = None
     block_weights: dict[str, float] = field(
         default_factory=lambda: {"text": 0.45, "title": 0.12, "list": 0.18, "table": 0.15, "image": 0.10}
@@ -1152,7 +1152,7 @@ def piece_crop_box(size: tuple[int, int], piece: TextPiece) -> tuple[int, int, i
 
 
 def piece_crop(image: Image.Image, piece: TextPiece) -> Image.Image:
-    """The crop of one line or word, as the ``line``/``word``/``block`` tasks show it."""
+    """The crop of one piece, as the ``line``/``word``/``block`` tasks show it."""
     return image.crop(piece_crop_box(image.size, piece))
 
 
@@ -1211,18 +1211,25 @@ def readable_pieces(pieces: Sequence[TextPiece]) -> list[TextPiece]:
     return [p for p in pieces if any(ch.isalnum() for ch in p.text)]
 
 
+def block_lines(page: SynthPage, block: SynthBlock) -> list[TextPiece]:
+    """The page's lines whose centre lies in ``block``'s box, top to bottom."""
+    x1, y1, x2, y2 = block.box_px
+    return sorted((p for p in page.lines
+                   if x1 <= (p.box_px[0] + p.box_px[2]) / 2 <= x2 and y1 <= (p.box_px[1] + p.box_px[3]) / 2 <= y2),
+                  key=lambda p: p.box_px[1])
+
+
 def block_pieces(page: SynthPage) -> list[TextPiece]:
     """The page's paragraphs and lists of two lines or more, each as one piece: its plain text (as
     the ``free`` answer has it) over the union of its lines' boxes. Why a ``block`` task: a reader
     trained on single lines loses its place where a paragraph wraps (``bench/RESULTS.md``, session
-    27); a block crop teaches the wrap with 3-10x a line's answer for the same view."""
+    27); a block crop teaches the wrap with ~3x a line's answer tokens for the same view
+    (``bench/stream_mix.py``)."""
     out = []
     for block in page.blocks:
         if block.label not in BLOCK_LABELS or not any(ch.isalnum() for ch in block.text):
             continue
-        bx1, by1, bx2, by2 = block.box_px
-        inside = [p.box_px for p in page.lines
-                  if bx1 <= (p.box_px[0] + p.box_px[2]) / 2 <= bx2 and by1 <= (p.box_px[1] + p.box_px[3]) / 2 <= by2]
+        inside = [p.box_px for p in block_lines(page, block)]
         if len(inside) < 2:
             continue
         heights = sorted(y2 - y1 for _, y1, _, y2 in inside)
